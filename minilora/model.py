@@ -68,6 +68,11 @@ def load_model(
     model = LlamaForCausalLM.from_pretrained(
         name_or_dir, dtype=compute_dtype, device_map={"": device}, attn_implementation="sdpa", **kwargs
     )
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bnb would repack 4-bit weights at the first CPU eval forward and then compute in bf16; keeping
+            # the standard path makes eval and train numerics identical and the weights readable for merging.
+            module.support_avx512bf16_for_cpu = False
     return model, load_tokenizer(tokenizer or name_or_dir)
 
 

@@ -38,3 +38,19 @@ def tokenizer(tok_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def base_dir(tok_dir, tmp_path_factory):
+    """A tiny random LLaMA-2-shaped checkpoint (fp32) with the test tokenizer beside it."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from minilora.tiny import tiny_config
+
+    torch.manual_seed(1234)
+    out = tmp_path_factory.mktemp("base")
+    LlamaForCausalLM(tiny_config(vocab_size=512)).save_pretrained(out)
+    shutil.copy(os.path.join(tok_dir, "tokenizer.model"), out)
+    return str(out)

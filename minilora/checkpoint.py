@@ -1,0 +1,137 @@
+"""Adapter files in PEFT's format, and training checkpoints that are written atomically and load safely.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with keys such as
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so PEFT loads it and minilora loads PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .lora import add_lora, lora_layers, lora_state_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_config(model: torch.nn.Module) -> dict:
+    """The PEFT `LoraConfig` fields that describe the model's LoRA layers."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save; call minilora.add_lora(model, ...) first")
+    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for m in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one adapter config")
+    (r, alpha, dropout), = settings
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str) -> str:
+    """Write the LoRA weights and config in PEFT's format into `out_dir` (atomically); returns out_dir."""
+    config = adapter_config(model)
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+
+    def write(tmp):
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2)
+
+    atomic_dir(out_dir, write)
+    return out_dir
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
+    """Load an adapter saved by minilora or PEFT. Adds the LoRA layers first if the model has none.
+
+    Raises on missing, unexpected or mis-shaped keys: a silently half-loaded adapter is the base model.
+    """
+    config_path, weights_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist; an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        state = load_file(weights_path)
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise ValueError(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
+    _check_supported(config, adapter_dir)
+    if not lora_layers(model):
+        targets = config["target_modules"]
+        add_lora(model, targets=[targets] if isinstance(targets, str) else targets,
+                 r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0))
+    layers = lora_layers(model)
+    if {m.scaling for m in layers.values()} != {config["lora_alpha"] / config["r"]}:
+        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = {config['lora_alpha']}/{config['r']}")
+
+    own = lora_state_dict(model)
+    state = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in state.items()}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"the adapter in {adapter_dir} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}; "
+            "load it onto the base model it was trained on"
+        )
+    with torch.no_grad():
+        for k, param in own.items():
+            param.copy_(state[k])
+    return model
+
+
+def _check_supported(config: dict, where: str):
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type={config.get('peft_type')!r}")
+    for key in ("use_rslora", "use_dora"):
+        if config.get(key):
+            problems.append(f"{key}=true")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']}")
+    if problems or "r" not in config or "lora_alpha" not in config or "target_modules" not in config:
+        raise ValueError(f"unsupported adapter config in {where}: {problems or 'missing r, lora_alpha or target_modules'}; "
+                         "minilora loads plain LoRA adapters (bias 'none', no rsLoRA/DoRA, no modules_to_save)")
+
+
+def atomic_dir(out_dir: str, write) -> None:
+    """Call `write(tmp_dir)`, then move tmp_dir to out_dir, so a crash never leaves a half-written out_dir."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        if os.path.exists(out_dir):  # replace an existing dir: move it aside, move the new one in, delete the old
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

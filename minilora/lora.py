@@ -1,0 +1,178 @@
+"""minilora's LoRA layer and the functions that put it into a model, pick its parameters and merge it away.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685) learns a low-rank update of a frozen weight W:
+    y = x W^T + (alpha / r) * x A^T B^T,    A: (r, in),  B: (out, r)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+try:
+    import bitsandbytes as bnb
+except ImportError:  # quant=None still works without bitsandbytes
+    bnb = None
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear (`nn.Linear` or bitsandbytes `Linear4bit`) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype | None = None):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r={r} must be a positive integer, e.g. r=8 or r=64")
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        in_f, out_f = base.in_features, base.out_features
+        dtype = dtype or _compute_dtype(base)
+        device = base.weight.device
+        self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)  # (r, in)
+        self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        # A as nn.Linear's default init (Kaiming-uniform, a=sqrt(5)) and B = 0, as in the LoRA paper's reference
+        # code and PEFT: the update starts at exactly zero, so step 0 is the base model.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        h = self.dropout(x).to(self.lora_A.weight.dtype)  # a no-op for matching dtypes; autocast recasts anyway
+        return self.base(x) + (self.scaling * self.lora_B(self.lora_A(h))).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) * B @ A in fp32, shape (out, in)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """Fold the update into a plain (dequantized) linear, mark this layer merged and return the linear.
+
+        Idempotent: merging again returns the same linear. The linear has the compute dtype (bf16 for a
+        4-bit base), since a 4-bit weight cannot hold the update.
+        """
+        if not self.merged:
+            self.base = plain_linear(self.base, extra=self.delta_weight())
+            self.merged = True
+        return self.base
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    if _is_4bit(base):
+        return base.compute_dtype or torch.float32
+    return base.weight.dtype
+
+
+def dequantized_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as an fp32 tensor (out, in)."""
+    if not _is_4bit(base):
+        return base.weight.float()
+    w = base.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        # On CPUs with AVX512-BF16, bnb repacks a 4-bit weight for its inference kernel at the first eval
+        # forward (load_model turns that off); dequantize_4bit cannot read that layout, so restore it first.
+        w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+
+
+@torch.no_grad()
+def plain_linear(base: nn.Module, extra: torch.Tensor | None = None) -> nn.Linear:
+    """An `nn.Linear` in the base's compute dtype holding its (dequantized) weight, plus `extra` if given."""
+    w = dequantized_weight(base)
+    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                    dtype=_compute_dtype(base), device=w.device)
+    out.weight.copy_(w if extra is None else w + extra)
+    if base.bias is not None:
+        out.bias.copy_(base.bias)
+    return out.requires_grad_(False)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_4bit(module)
+
+
+def add_lora(
+    model: nn.Module,
+    targets=("q_proj", "v_proj"),
+    r: int = 64,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Replace every linear whose name ends with one of `targets` by a `LoRALinear`; return the replaced names.
+
+    dtype: the LoRA weights' dtype (default: the base's compute dtype). fp16 training needs torch.float32.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    if r <= 0:
+        raise ValueError(f"LoRA rank r={r} must be a positive integer, e.g. r=8 or r=64")
+    linears = [n for n, m in model.named_modules() if _is_linear(m) and not n.endswith(("lora_A", "lora_B"))]
+    names = [n for n in linears if n.split(".")[-1] in targets and not n.endswith("lm_head")]
+    if not names:
+        existing = sorted({n.split(".")[-1] for n in linears})
+        raise ValueError(f"no linear layer matches targets={list(targets)}; the model's linear names are {existing}")
+    for name in names:
+        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype))
+    mark_only_lora_trainable(model)
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
+    """Freeze every parameter except the LoRA A and B matrices."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in lora_layers(model).values():
+        if not layer.merged:
+            layer.lora_A.weight.requires_grad_(True)
+            layer.lora_B.weight.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights by module name: {"model.layers.0.self_attn.q_proj.lora_A.weight": tensor, ...}."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        out[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    return out
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight and leave a plain model: no LoRA, no 4-bit layer.
+
+    Every linear ends up an `nn.Linear` in the compute dtype (4-bit ones are dequantized too), so
+    `model.save_pretrained(dir)` writes an ordinary checkpoint that `LlamaForCausalLM.from_pretrained` loads.
+    Idempotent: merging a merged model changes nothing.
+    """
+    for name, layer in lora_layers(model).items():
+        _replace(model, name, layer.merge())
+    for name, module in list(model.named_modules()):
+        if _is_4bit(module):
+            _replace(model, name, plain_linear(module))
+    if getattr(model, "hf_quantizer", None) is not None:  # the config must not claim 4-bit weights any more
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
