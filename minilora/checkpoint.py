@@ -50,16 +50,16 @@ def adapter_config(model: torch.nn.Module) -> dict:
 
 def save_adapter(model: torch.nn.Module, out_dir: str) -> str:
     """Write the LoRA weights and config in PEFT's format into `out_dir` (atomically); returns out_dir."""
+    atomic_dir(out_dir, lambda tmp: _write_adapter(model, tmp))
+    return out_dir
+
+
+def _write_adapter(model, out_dir: str):
     config = adapter_config(model)
     tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-
-    def write(tmp):
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2)
-
-    atomic_dir(out_dir, write)
-    return out_dir
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
@@ -135,3 +135,64 @@ def atomic_dir(out_dir: str, write) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+STATE_NAME = "training_state.pt"
+
+
+def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, scaler, keep_last: int = 2) -> str:
+    """Write output_dir/checkpoint-STEP/: the adapter plus everything needed to resume bit-exactly.
+
+    The directory appears only when complete (atomic_dir), so a crash mid-save leaves the previous one.
+    """
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+    def write(tmp):
+        _write_adapter(model, tmp)
+        torch.save(state, os.path.join(tmp, STATE_NAME))
+
+    atomic_dir(path, write)
+    for old in _checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_training_state(model, path: str, optimizer, scheduler, scaler) -> int:
+    """Restore the adapter, optimizer, schedule, scaler and RNGs from a checkpoint dir; return its step.
+
+    torch.load(weights_only=True) reads tensors and plain containers only, so a checkpoint from elsewhere
+    cannot run code.
+    """
+    if not os.path.isfile(os.path.join(path, STATE_NAME)):
+        raise FileNotFoundError(f"{path} is not a minilora checkpoint (no {STATE_NAME}); pass a checkpoint-STEP dir")
+    load_adapter(model, path)
+    state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"]
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint-STEP dir in output_dir, or None."""
+    found = _checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir)
+             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]  # skips .tmp-/.old- leftovers
+    return [os.path.join(output_dir, f"checkpoint-{s}") for s in sorted(steps)]

@@ -40,3 +40,39 @@ def tiny_config(vocab_size: int = 512, **overrides) -> LlamaConfig:
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+_WORDS = ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish", "star", "rain", "wind",
+          "apple", "bread", "house", "road", "book", "lamp", "ship", "cloud"]
+_OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"),
+              ("old", "new"), ("light", "dark"), ("open", "closed"), ("early", "late"), ("full", "empty")]
+
+
+def instruction_rows(n: int, seed: int = 0) -> list[str]:
+    """`n` synthetic instruction rows in guanaco-llama2-1k's `text` format, some of them multi-turn.
+
+    The tasks can be learned by a tiny model from the prompt alone: copy, count, compare, opposites.
+    """
+    import random
+
+    rng = random.Random(seed)
+
+    def task():
+        kind = rng.randrange(4)
+        if kind == 0:
+            words = " ".join(rng.sample(_WORDS, 3))
+            return f"Repeat after me: {words}", f"Sure! {words}."
+        if kind == 1:
+            a, b = rng.sample(range(10), 2)
+            return f"Which is bigger, {a} or {b}?", f"{max(a, b)} is bigger than {min(a, b)}."
+        if kind == 2:
+            w, o = rng.choice(_OPPOSITES)[:: rng.choice((1, -1))]
+            return f"What is the opposite of {w}?", f"The opposite of {w} is {o}."
+        word = rng.choice(_WORDS)
+        return f"How many letters are in the word {word}?", f"The word {word} has {len(word)} letters."
+
+    rows = []
+    for _ in range(n):
+        turns = [task() for _ in range(1 + (rng.random() < 0.3))]
+        rows.append("".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns))
+    return rows

@@ -1,0 +1,419 @@
+"""minilora.data: template and parsing, ids and labels, truncation, padded and packed collation, batching,
+loading, and the inspect CLI.
+
+The expected ids are rebuilt here from the template's definition (BOS id, "[INST] ... [/INST]" encoded, the
+answer encoded on its own, EOS id), independently of data.py's helpers.
+"""
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
+
+from minilora.data import (
+    IGNORE, Collator, MalformedRow, SkipExample, batches, encode_chat, encode_prompt, encode_rows, load_rows, main,
+    parse_text, render_chat, split_eval,
+)
+from minilora.tiny import tiny_config
+
+SYSTEM = "You are a helpful assistant."
+CONVERSATIONS = {
+    "single": [("What is the capital of France?", "Paris.")],
+    "multi": [("Write a haiku about the sea.", "Waves fold into foam,\nsalt wind carries gull voices."),
+              ("Now one about a fox.", "The quick brown fox\njumps over the lazy dog."),
+              ("Thanks!", "You are welcome.")],
+    "non_latin": [("Привет! Как дела?", "Я изучаю машинное обучение 🤖."),
+                  ("你好，世界。", "我们正在训练一个小的语言模型。🌊 ok")],
+}
+
+
+def messages(pairs, system=None):
+    turns = [{"role": "system", "content": system}] if system else []
+    for user, assistant in pairs:
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return turns
+
+
+def expected(tok, turns):
+    """(ids, labels, answers) straight from the template: the reference the encoder must match."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False, split_special_tokens=True)  # noqa: E731
+    system = turns[0]["content"].strip() if turns[0]["role"] == "system" else ""
+    rest = turns[1:] if turns[0]["role"] == "system" else turns
+    ids, labels, answers = [], [], []
+    for k in range(0, len(rest), 2):
+        user, answer = rest[k]["content"].strip(), rest[k + 1]["content"].strip()
+        sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if k == 0 and system else ""
+        prompt = [tok.bos_token_id] + enc(f"[INST] {sys_block}{user} [/INST]")
+        target = enc(answer) + [tok.eos_token_id]
+        ids += prompt + target
+        labels += [IGNORE] * len(prompt) + target
+        answers.append(answer)
+    return ids, labels, answers
+
+
+def check_example(tok, turns, ex):
+    ids, labels, answers = expected(tok, turns)
+    assert ex["input_ids"] == ids  # so every user/system position is where the template puts it ...
+    assert ex["labels"] == labels  # ... and carries -100
+    assert ex["input_ids"].count(tok.bos_token_id) == len(answers)
+    assert ex["input_ids"].count(tok.eos_token_id) == len(answers)  # no EOS injected by user text
+    supervised = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE]
+    assert supervised == [label for label in ex["labels"] if label != IGNORE]  # label = id where supervised
+    assert supervised[-1] == tok.eos_token_id
+    chunks, cur = [], []
+    for i in supervised:
+        if i == tok.eos_token_id:
+            chunks.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    assert [tok.decode(c) for c in chunks] == answers
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_masking_and_roundtrip(tokenizer, name, system):
+    turns = messages(CONVERSATIONS[name], system)
+    ex = encode_chat(turns, tokenizer)
+    check_example(tokenizer, turns, ex)
+    assert not ex["truncated"]
+    pieces = "".join(tokenizer.convert_ids_to_tokens(ex["input_ids"]))
+    assert pieces.count("<s>") == pieces.count("</s>") == len(CONVERSATIONS[name])  # literal ones would add
+    text = render_chat(turns)
+    assert text.startswith("<s>[INST] ") and text.endswith(" </s>")
+    assert parse_text(text) == turns
+    for row in (text, {"text": text}, {"messages": turns}, text.replace("<s>", "")):  # <s> may be absent
+        assert encode_chat(row, tokenizer) == ex
+
+
+def test_parse_is_lenient_about_whitespace():
+    text = "  [INST]<<SYS>>\n sys \n<</SYS>>\nq1[/INST]a1</s>\n<s> [INST]\tq2 [/INST]\n a2\n</s>  "
+    assert parse_text(text) == [{"role": "system", "content": "sys"}] + messages([("q1", "a1"), ("q2", "a2")])
+
+
+def test_encode_prompt_ends_with_inst(tokenizer):
+    turns = messages(CONVERSATIONS["multi"], SYSTEM)
+    full = encode_chat(turns, tokenizer)["input_ids"]
+    prompt = encode_prompt(turns[:-1], tokenizer)
+    answer = tokenizer.encode(turns[-1]["content"], add_special_tokens=False)
+    assert prompt + answer + [tokenizer.eos_token_id] == full
+    assert tokenizer.decode(prompt).endswith("Thanks! [/INST]")
+    assert encode_prompt(render_chat(turns[:-1]), tokenizer) == prompt  # "... </s><s>[INST] Thanks! [/INST]"
+    with pytest.raises(MalformedRow, match="last turn is an answer"):
+        encode_prompt(turns, tokenizer)
+
+
+# Random content: any character but surrogates and "▁" (sentencepiece's space symbol, which decodes to " "
+# in every LLaMA tokenizer), mixed with strings that look like markers or special tokens.
+TRICKY = ["[INST]", "[/INST]", "<s>", "</s>", "<<SYS>>", "<</SYS>>", "<unk>", " ", "\n", "\t", "  \n ", "😀", "中文"]
+content = st.lists(st.one_of(st.text(st.characters(exclude_characters="\u2581", exclude_categories=["Cs"]),
+                                     min_size=1, max_size=8), st.sampled_from(TRICKY)),
+                   min_size=1, max_size=5).map("".join).filter(lambda s: s.strip())
+conversation = st.tuples(st.one_of(st.none(), content), st.lists(st.tuples(content, content), min_size=1, max_size=3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(conversation)
+def test_masking_property(tokenizer, conv):
+    system, pairs = conv
+    turns = messages(pairs, system)
+    ex = encode_chat(turns, tokenizer, max_len=10**6)
+    check_example(tokenizer, turns, ex)
+    if not any(m in t["content"] for t in turns for m in TRICKY[:6]):  # markers in content can't round-trip
+        stripped = [{"role": t["role"], "content": t["content"].strip()} for t in turns]
+        assert parse_text(render_chat(turns)) == stripped
+        assert encode_chat(render_chat(turns), tokenizer, max_len=10**6) == ex
+
+
+def test_split_special_tokens_is_needed(tokenizer):
+    """The trap the encoder avoids: by default HF turns a literal "</s>" in text into the EOS id."""
+    assert tokenizer.eos_token_id in tokenizer.encode("a </s> b", add_special_tokens=False)
+    ex = encode_chat(messages([("say </s><s> now", "ok </s>")]), tokenizer)
+    assert ex["input_ids"].count(tokenizer.eos_token_id) == 1 and ex["input_ids"].count(tokenizer.bos_token_id) == 1
+
+
+# ---------------------------------------------------------------- collation
+
+def test_pad_equal_to_eos_keeps_eos_labels(tokenizer):
+    eos = tokenizer.eos_token_id
+    examples = [encode_chat(messages(p), tokenizer) for p in CONVERSATIONS.values()]
+    batch = Collator(pad_id=eos, pad_to_multiple_of=8)(examples)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] >= max(lengths)
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    for b, (ex, n) in enumerate(zip(examples, lengths)):
+        assert batch["input_ids"][b, :n].tolist() == ex["input_ids"]
+        assert batch["labels"][b, :n].tolist() == ex["labels"]
+        assert batch["labels"][b, n - 1] == eos  # the real EOS is supervised although pad == eos
+        assert (batch["labels"][b, n:] == IGNORE).all() and (batch["input_ids"][b, n:] == eos).all()
+        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert (batch["attention_mask"] == 0).any()  # some row was padded, so the checks above bit
+
+
+# ---------------------------------------------------------------- truncation
+
+LONG_Q = " ".join(["The quick brown fox jumps over the lazy dog, said the teacher."] * 8)
+
+
+def test_long_prompt_keeps_whole_answer(tokenizer):
+    ex = encode_chat(messages([(LONG_Q, "Paris.")]), tokenizer, max_len=32)
+    assert ex["truncated"] and len(ex["input_ids"]) == 32 and ex["input_ids"][0] == tokenizer.bos_token_id
+    answer = tokenizer.encode("Paris.", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert ex["input_ids"][-len(answer):] == ex["labels"][-len(answer):] == answer
+    assert sum(label != IGNORE for label in ex["labels"]) == len(answer)
+    assert tokenizer.decode(ex["input_ids"][1:-len(answer)]).endswith("teacher. [/INST]")  # the prompt's tail
+
+
+def test_long_answer_is_cut_after_a_quarter_of_prompt(tokenizer):
+    ex = encode_chat(messages([(LONG_Q, LONG_Q)]), tokenizer, max_len=64)
+    assert len(ex["input_ids"]) == 64 and ex["labels"].count(IGNORE) == 16  # BOS + 15 prompt tokens
+    assert tokenizer.eos_token_id not in ex["input_ids"]  # the answer's tail, EOS included, is gone
+    assert tokenizer.decode(ex["input_ids"][1:16]).endswith("[/INST]")
+    assert tokenizer.decode(ex["input_ids"][16:]) == tokenizer.decode(
+        tokenizer.encode(LONG_Q, add_special_tokens=False)[:48])
+
+
+def test_multi_turn_drops_earliest_turns_first(tokenizer):
+    pairs = CONVERSATIONS["multi"]
+    turns = messages(pairs, SYSTEM)
+    full = encode_chat(turns, tokenizer)
+    last_two = encode_chat(messages(pairs[1:], SYSTEM), tokenizer)  # the system prompt moves along
+    assert len(last_two["input_ids"]) < len(full["input_ids"])
+    ex = encode_chat(turns, tokenizer, max_len=len(last_two["input_ids"]))
+    assert ex["truncated"] and ex["input_ids"] == last_two["input_ids"] and ex["labels"] == last_two["labels"]
+    assert ex["input_ids"].count(tokenizer.bos_token_id) == 2
+
+
+def test_no_room_for_an_answer_is_skipped_and_counted(tokenizer):
+    rows = [render_chat(messages(p)) for p in CONVERSATIONS.values()]
+    with pytest.raises(SkipExample, match="no room for an answer"):
+        encode_chat(rows[0], tokenizer, max_len=1)
+    with pytest.raises(ValueError, match=r"no example left out of 3 rows .*no room for an answer': 3"):
+        encode_rows(rows, tokenizer, max_len=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(vocab_size=len(tokenizer), attn_implementation="sdpa")).float().eval()
+    assert model.config._attn_implementation == "sdpa"
+    return model
+
+
+def test_survivors_train_with_finite_loss(tokenizer, tiny_model):
+    rows = [render_chat(messages([(LONG_Q, "Paris.")])), {"messages": messages(CONVERSATIONS["multi"], SYSTEM)},
+            "[INST] no answer here", {"text": render_chat(messages(CONVERSATIONS["non_latin"]))}]
+    examples, stats = encode_rows(rows, tokenizer, max_len=40, skip_malformed=True)
+    assert stats.rows == 4 and len(examples) == 3 and stats.skipped == {"no [/INST]": 1}
+    assert stats.truncated == 3 and stats.tokens == sum(len(ex["input_ids"]) for ex in examples)
+    assert stats.turns == sum(ex["input_ids"].count(tokenizer.bos_token_id) for ex in examples) >= 3
+    assert stats.supervised == sum(sum(label != IGNORE for label in ex["labels"]) for ex in examples) > 0
+    with torch.no_grad():
+        loss = tiny_model(**Collator(pad_id=tokenizer.pad_token_id)(examples)).loss
+    assert torch.isfinite(loss) and loss > 1.0  # a random model on 512 tokens: about ln(512) = 6.2
+
+
+def test_encode_rows_takes_a_datasets_dataset(tokenizer):
+    import datasets
+
+    texts = [render_chat(messages(p)) for p in CONVERSATIONS.values()]
+    ds = datasets.Dataset.from_list([{"text": t, "id": i} for i, t in enumerate(texts)])
+    assert encode_rows(ds, tokenizer)[0] == encode_rows(texts, tokenizer)[0]
+
+
+# ---------------------------------------------------------------- packing
+
+def test_packing_matches_one_by_one(tokenizer, tiny_model):
+    convs = [messages(p, s) for p in CONVERSATIONS.values() for s in (None, SYSTEM)]
+    examples = [encode_chat(t, tokenizer) for t in convs]
+    max_len = max(len(ex["input_ids"]) for ex in examples) + 20
+    batch = Collator(pad_id=tokenizer.pad_token_id, pack=True, max_len=max_len, pad_to_multiple_of=16)(examples)
+    B, T = batch["input_ids"].shape
+    assert B < len(examples) and T % 16 == 0 and batch["attention_mask"].shape == (B, 1, T, T)
+    assert batch["attention_mask"].dtype == torch.bool
+
+    with torch.no_grad():
+        packed = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
+        alone = [tiny_model(torch.tensor([ex["input_ids"]])).logits[0] for ex in examples]  # [(n, V)]
+        # The same rows without the block mask and position reset: the check below must be able to fail.
+        naive = tiny_model(batch["input_ids"], attention_mask=(batch["input_ids"] != -1).long()).logits
+    assert torch.isfinite(packed).all()  # padding queries attend to themselves: no NaN
+
+    # Find each example in the packed rows: it starts with BOS at position 0 (padding has position 0 too).
+    found, worst, naive_gap = set(), 0.0, 0.0
+    for b in range(B):
+        for t in (batch["position_ids"][b] == 0).nonzero().flatten().tolist():
+            if batch["input_ids"][b, t] != tokenizer.bos_token_id:
+                continue
+            k = next(k for k, ex in enumerate(examples)
+                     if batch["input_ids"][b, t:t + len(ex["input_ids"])].tolist() == ex["input_ids"])
+            n = len(examples[k]["input_ids"])
+            worst = max(worst, (packed[b, t:t + n] - alone[k]).abs().max().item())
+            naive_gap = max(naive_gap, (naive[b, t:t + n] - alone[k]).abs().max().item())
+            assert batch["labels"][b, t] == IGNORE  # no label crosses into the next example after the shift
+            found.add(k)
+    assert found == set(range(len(examples)))
+    assert batch["attention_mask"].any(-1).all()  # every query, padding too, sees some key
+    assert worst <= 1e-5, worst  # fp32, same math on different shapes: only rounding differs
+    assert naive_gap > 1e-2  # attention across examples would change the logits a lot
+
+    def token_loss_sum(logits, labels):  # (n, V), (n,): unshifted, as HF does
+        return F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum")
+
+    n_sup = sum(sum(label != IGNORE for label in ex["labels"][1:]) for ex in examples)
+    packed_loss = sum(token_loss_sum(packed[b], batch["labels"][b]) for b in range(B)) / n_sup
+    alone_loss = sum(token_loss_sum(a, torch.tensor(ex["labels"])) for a, ex in zip(alone, examples)) / n_sup
+    assert n_sup == (batch["labels"][:, 1:] != IGNORE).sum()
+    assert abs(packed_loss - alone_loss) <= 1e-5 * alone_loss, (packed_loss, alone_loss)
+
+
+def test_packed_mask_is_block_diagonal_and_causal():
+    ex = lambda n: {"input_ids": [1] + [5] * (n - 1), "labels": [IGNORE] + [5] * (n - 1)}  # noqa: E731
+    batch = Collator(pad_id=0, pack=True, max_len=8)([ex(3), ex(6), ex(4), ex(2)])
+    assert batch["input_ids"].tolist() == [[1, 5, 5, 1, 5, 5, 5, 0], [1, 5, 5, 5, 5, 5, 1, 5]]  # first fit
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
+    mask = batch["attention_mask"][0, 0].int()
+    assert mask.tolist() == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0],
+                             [0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0],
+                             [0, 0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]
+    assert batch["labels"][0, 7] == IGNORE
+
+
+# ---------------------------------------------------------------- malformed rows
+
+GOOD = "<s>[INST] q [/INST] a </s>"
+MALFORMED = [
+    ("hello there", "no \\[/INST\\]"),
+    ("<s>[INST] q [/INST] a </s> and more", "text after the last </s>"),
+    ("<s>[INST] q [/INST] a </s> x <s>[INST] q [/INST] a </s>", "text between </s> and the next turn"),
+    ("junk [INST] q [/INST] a </s>", "text before the first \\[INST\\]"),
+    ("<s> junk [INST] q [/INST] a </s>", "text between <s> and \\[INST\\]"),
+    ("<s>[INST] q [INST] r [/INST] a </s>", "unbalanced markers: expected \\[/INST\\] after the question"),
+    ("<s>[INST] q [/INST] a [/INST] b </s>", "unbalanced markers: expected </s> after the answer, found \\[/INST\\]"),
+    ("<s>[INST] q [/INST] a", "unbalanced markers: expected </s> after the answer, found the end"),
+    ("<s>[INST] q [/INST] a </s></s>", "unbalanced markers: expected \\[INST\\] to open a turn, found </s>"),
+    ("<s>[INST]   [/INST] a </s>", "empty user turn"),
+    ("<s>[INST] q [/INST] \n </s>", "empty assistant turn"),
+    ("<s>[INST] <<SYS>>\nbe nice\n[/INST] a </s>", "<<SYS>> without <</SYS>>"),
+    ("<s>[INST] q [/INST]", "the last question has no answer"),
+    ([{"role": "assistant", "content": "a"}], "roles out of order: message 0 is 'assistant', expected 'user'"),
+    ([{"role": "user", "content": "q"}, {"role": "user", "content": "q"}], "roles out of order: message 1"),
+    (messages([("q", "a")]) + [{"role": "assistant", "content": "b"}], "roles out of order: message 2"),
+    (messages([("q", "a")]) + [{"role": "system", "content": "s"}], "roles out of order: message 2 is 'system'"),
+    ([{"role": "bot", "content": "q"}], "message 0 is not a"),
+    ([{"role": "user", "content": None}], "message 0 is not a"),
+    ([{"role": "system", "content": "s"}], "no user message"),
+    ({"prompt": "q"}, "expected a guanaco string"),
+    (42, "expected a guanaco string"),
+]
+
+
+@pytest.mark.parametrize("row,match", MALFORMED)
+def test_malformed_rows(tokenizer, row, match):
+    with pytest.raises(MalformedRow, match=match):
+        encode_chat(row, tokenizer)
+    with pytest.raises(MalformedRow, match="malformed row 1: " + match) as err:
+        encode_rows([GOOD, row, GOOD], tokenizer)
+    assert repr(row)[:40] in str(err.value)  # the message shows the row
+    examples, stats = encode_rows([GOOD, row, GOOD], tokenizer, skip_malformed=True)
+    assert len(examples) == 2 and stats.rows == 3 and sum(stats.skipped.values()) == 1
+    assert list(stats.skipped)[0] == err.value.reason
+
+
+# ---------------------------------------------------------------- loading
+
+ROWS = [GOOD, 'hello, "world"\n[INST] x [/INST] y', "Привет 😀", "a;b\tc"]
+
+
+def test_load_rows_from_every_file_type(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"id": i, "text": t} for i, t in enumerate(ROWS)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, ["id", "text"])
+        w.writeheader()
+        w.writerows(records)
+    for ext in ("jsonl", "json", "parquet", "csv"):
+        assert load_rows(str(tmp_path / f"d.{ext}")) == ROWS, ext
+
+    convs = [messages(p) for p in CONVERSATIONS.values()]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs), encoding="utf-8")
+    assert load_rows(str(tmp_path / "m.jsonl")) == convs
+    (tmp_path / "p.jsonl").write_text(json.dumps({"q": GOOD, "chat": convs[0]}) + "\n", encoding="utf-8")
+    assert load_rows(str(tmp_path / "p.jsonl"), text_field="q") == [GOOD]
+    assert load_rows(str(tmp_path / "p.jsonl"), messages_field="chat") == [convs[0]]
+
+
+def test_load_rows_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*owner/name"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "f.jsonl").write_text(json.dumps({"prompt": "q", "answer": "a"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"neither 'text' nor 'messages'; its fields are \['prompt', 'answer'\]"):
+        load_rows(str(tmp_path / "f.jsonl"))
+    (tmp_path / "e.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no rows"):
+        load_rows(str(tmp_path / "e.jsonl"))
+    (tmp_path / "e.json").write_text("[]", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no rows"):
+        load_rows(str(tmp_path / "e.json"))
+
+
+def test_split_eval():
+    rows = [f"row {i}" for i in range(40)]
+    train, held = split_eval(rows, 0.1, seed=3)
+    assert len(held) == 4 and sorted(train + held) == sorted(rows) and not set(train) & set(held)
+    assert split_eval(rows, 0.1, seed=3) == (train, held) and split_eval(rows, 0.1, seed=4)[1] != held
+    assert len(split_eval(rows, 7)[1]) == 7
+    with pytest.raises(ValueError, match="both parts"):
+        split_eval(rows, 40)
+
+
+# ---------------------------------------------------------------- batching
+
+def test_batches_deterministic_per_seed_and_epoch():
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": [0] * n, "id": i}
+                for i, n in enumerate(torch.randint(5, 500, (1000,), generator=gen).tolist())]
+    ids = lambda bs: [[ex["id"] for ex in b] for b in bs]  # noqa: E731
+    for group in (False, True):
+        epoch0 = ids(batches(examples, 8, seed=1, group_by_length=group))
+        assert epoch0 == ids(batches(examples, 8, seed=1, group_by_length=group))
+        assert epoch0 != ids(batches(examples, 8, seed=1, group_by_length=group, epoch=1))
+        assert epoch0 != ids(batches(examples, 8, seed=2, group_by_length=group))
+        assert sorted(i for b in epoch0 for i in b) == list(range(1000))
+        assert [len(b) for b in epoch0] == [8] * 125
+
+    def spread(bs):  # mean max-min length within a batch
+        bs = list(bs)
+        return sum(max(len(e["input_ids"]) for e in b) - min(len(e["input_ids"]) for e in b) for b in bs) / len(bs)
+
+    plain, grouped = spread(batches(examples, 8, seed=1)), spread(batches(examples, 8, seed=1, group_by_length=True))
+    assert grouped < plain / 5, (grouped, plain)
+    longest = [max(len(e["input_ids"]) for e in b) for b in batches(examples, 8, seed=1, group_by_length=True)]
+    assert longest[:50] != sorted(longest[:50], reverse=True)  # the batch order is shuffled after sorting
+    assert ids(batches(examples[:5], 2, shuffle=False)) == [[0, 1], [2, 3], [4]]
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_inspect_cli(tmp_path, tok_dir, capsys):
+    rows = [{"text": render_chat(messages(p, SYSTEM))} for p in CONVERSATIONS.values()]
+    rows += [{"text": render_chat(messages([(LONG_Q, "Paris.")]))}, {"text": "not a chat row"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    main(["inspect", str(path), "--tokenizer", tok_dir, "--max-len", "64", "--n", "2", "--skip-malformed"])
+    out = capsys.readouterr().out
+    assert out.count("--- example") == 2 and "«Paris.</s>»" in out
+    assert "rows: 5\n" in out and "turns: " in out and "truncated rows: " in out
+    assert "skipped rows: 1\n" in out and "1  no [/INST]" in out
+    assert "token lengths:" in out and "#" in out

@@ -1,0 +1,182 @@
+"""The training loop on a tiny NF4 LLaMA: loss goes down, accumulation, resume, crashes, NaN, precision."""
+
+import importlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minilora as ml
+from minilora.tiny import instruction_rows
+
+train_module = importlib.import_module("minilora.train")  # `minilora.train` is also the function
+checkpoint_module = importlib.import_module("minilora.checkpoint")
+ROWS = instruction_rows(16, seed=3)  # 16 rows, 4 micro-batches of 4 per epoch
+
+
+def run(base_dir, out, dtype=torch.float32, quant="nf4", **overrides):
+    model, tok = ml.load_model(base_dir, quant=quant, compute_dtype=dtype, device="cpu")
+    kw = dict(output_dir=str(out), max_steps=6, batch_size=4, lr=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1,
+              precision="fp32", log_every=1, max_len=128, progress=False, seed=7, keep_last=10)
+    kw.update(overrides)
+    return model, tok, ml.train(model, tok, ROWS, ml.TrainConfig(**kw))
+
+
+def adapter(path):
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def losses(history):
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_loss_falls_and_metrics_are_logged(base_dir, tmp_path):
+    _, _, history = run(base_dir, tmp_path, max_steps=30, schedule="constant", lora_dropout=0.0, lr=3e-2)
+    first, last = losses(history)[:3], losses(history)[-3:]
+    # a random 4-bit base with LoRA on q and v only: measured about -10% over 30 steps
+    assert sum(last) < 0.95 * sum(first)
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for r in steps:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib"} <= r.keys()
+    assert steps[-1]["epoch"] == pytest.approx(30 / 4)  # one micro-batch a step, 4 micro-batches an epoch
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert os.path.isfile(tmp_path / "checkpoint-30" / "training_state.pt")
+
+
+def test_accumulation_equals_big_batch(base_dir, tmp_path):
+    # Rows have different lengths, so a per-micro-batch mean would weight them differently.
+    common = dict(max_steps=1, lora_dropout=0.0, group_by_length=False)
+    _, _, big = run(base_dir, tmp_path / "big", batch_size=4, grad_accum=1, **common)
+    _, _, acc = run(base_dir, tmp_path / "acc", batch_size=1, grad_accum=4, **common)
+    assert losses(big)[0] == pytest.approx(losses(acc)[0], rel=1e-5)
+    # the grad norm before clipping is scale-sensitive; Adam's first update alone would hide a wrong scale
+    g_big, g_acc = (next(h["grad_norm"] for h in hist if "grad_norm" in h) for hist in (big, acc))
+    assert g_big == pytest.approx(g_acc, rel=1e-5)
+    a, b = adapter(tmp_path / "big" / "adapter"), adapter(tmp_path / "acc" / "adapter")
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+
+
+def test_resume_is_bit_exact(base_dir, tmp_path):
+    # 10 steps straight, checkpoints at 3 (mid first epoch) and 6 (mid second epoch: 4 micro-batches/epoch)
+    run(base_dir, tmp_path / "straight", max_steps=10, save_every=3)
+    final = adapter(tmp_path / "straight" / "adapter")
+    for ckpt in ("checkpoint-3", "checkpoint-6"):
+        out = tmp_path / f"from-{ckpt}"
+        shutil.copytree(tmp_path / "straight" / ckpt, out / ckpt)
+        _, _, history = run(base_dir, out, max_steps=10, save_every=3, resume="latest")
+        resumed = adapter(out / "adapter")
+        assert all(torch.equal(final[k], resumed[k]) for k in final), ckpt
+        assert [h["step"] for h in history if "loss" in h][-1] == 10
+
+
+def test_sampling_does_not_change_training(base_dir, tmp_path):
+    run(base_dir, tmp_path / "plain", max_steps=4)
+    _, _, history = run(base_dir, tmp_path / "sampled", max_steps=4, sample_every=2,
+                        sample_prompts=("Which is bigger, 3 or 8?",), sample_max_new_tokens=5)
+    assert [h["step"] for h in history if "sample" in h] == [0, 2, 4]
+    a, b = adapter(tmp_path / "plain" / "adapter"), adapter(tmp_path / "sampled" / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_during_checkpoint_write_keeps_previous(base_dir, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def failing_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint dies half-written
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(base_dir, tmp_path, max_steps=6, save_every=2)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "metrics.jsonl", "train_config.json"]
+    assert ml.checkpoint.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    _, _, history = run(base_dir, tmp_path, max_steps=6, save_every=2, resume="latest")
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoint(base_dir, tmp_path, monkeypatch):
+    real_loss, calls = train_module.causal_lm_loss, []
+
+    def poisoned(model, batch, chunk):
+        calls.append(1)
+        loss, n = real_loss(model, batch, chunk)
+        return (loss * float("nan") if len(calls) == 3 else loss), n
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 3.*checkpoint-2"):
+        run(base_dir, tmp_path, max_steps=6, save_every=2)
+    assert [d for d in os.listdir(tmp_path) if d.startswith("checkpoint")] == ["checkpoint-2"]
+    state = adapter(tmp_path / "checkpoint-2")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_ctrl_c_saves_and_returns(base_dir, tmp_path, monkeypatch):
+    real_loss, calls = train_module.causal_lm_loss, []
+
+    def interrupted(model, batch, chunk):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_loss(model, batch, chunk)
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", interrupted)
+    _, _, history = run(base_dir, tmp_path, max_steps=6)
+    assert losses(history) and [h["step"] for h in history if "loss" in h][-1] == 3
+    assert ml.checkpoint.latest_checkpoint(str(tmp_path)).endswith("checkpoint-3")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpointing_matches_plain_backward(base_dir, offload):
+    from minilora.data import Collator, encode_rows
+    from minilora.loss import causal_lm_loss
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+        ml.add_lora(model, r=8, alpha=16, dropout=0.1)  # dropout: the recompute must replay the same mask
+        with torch.no_grad():
+            for p in ml.lora_state_dict(model).values():
+                p.normal_(0, 0.1)
+        ml.prepare_for_training(model, gradient_checkpointing=checkpointing, offload=offload)
+        model.train()
+        examples, _ = encode_rows(ROWS[:4], tok, 128)
+        torch.manual_seed(1)
+        loss, n = causal_lm_loss(model, Collator(tok.pad_token_id)(examples))
+        (loss / n).backward()
+        results.append((loss.detach(), {k: p.grad for k, p in ml.lora_state_dict(model).items()}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5)
+    for k in g0:
+        assert (g0[k] - g1[k]).norm() <= 1e-5 * g0[k].norm(), k
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precisions_train(base_dir, tmp_path, precision, dtype):
+    model, _, history = run(base_dir, tmp_path, dtype=dtype, precision=precision, max_steps=20,
+                            schedule="constant", lora_dropout=0.0, lr=3e-2)
+    steps = losses(history)
+    assert all(map(torch.isfinite, map(torch.tensor, steps)))
+    assert sum(steps[-3:]) < 0.95 * sum(steps[:3])
+    lora_dtypes = {p.dtype for p in ml.lora_state_dict(model).values()}
+    assert lora_dtypes == ({torch.float32} if precision == "fp16" else {torch.bfloat16})
+
+
+def test_config_errors(base_dir, tmp_path):
+    for bad, match in [(dict(precision="fp8"), "precision='fp8'"), (dict(schedule="linear"), "schedule='linear'"),
+                       (dict(batch_size=0), "batch_size=0"), (dict(optimizer="sgd"), "optimizer='sgd'")]:
+        with pytest.raises(ValueError, match=match):
+            run(base_dir, tmp_path, **bad)
+    model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float16, device="cpu")
+    ml.add_lora(model, r=4, alpha=8)  # fp16 LoRA weights
+    with pytest.raises(ValueError, match="fp16 needs fp32 LoRA weights"):
+        ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(tmp_path), precision="fp16", progress=False))
