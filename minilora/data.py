@@ -199,7 +199,7 @@ def encode_chat(turns_or_text: list[Turn] | str | dict, tokenizer, max_len: int 
     if total > max_len:  # one turn left, too long
         prompt, answer = segs[0]
         # A quarter of max_len stays with the question: an answer cut loose from its question teaches nothing.
-        floor = 1
+        floor = min(len(prompt), max(1, max_len // 4))
         n_prompt = max(floor, max_len - len(answer))
         segs = [(prompt[:1] + prompt[len(prompt) - n_prompt + 1:], answer[:max(0, max_len - n_prompt)])]
         if not segs[0][1]:
