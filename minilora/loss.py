@@ -25,17 +25,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for i in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[i : i + chunk_size].to(weight.dtype), targets[i : i + chunk_size]
             logits = (h @ weight.T).float()  # (n, V): the only logits alive, one chunk at a time
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
+            top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            probs = logits.sub_(top).exp_()  # in place: exp(logit - max), no second (n, V) buffer
+            norm = probs.sum(dim=-1, keepdim=True)  # (n, 1)
+            total += (top.squeeze(1) + norm.log().squeeze(1) - target_logit).sum()  # logsumexp - target
             if need_grad_h or need_grad_w:
-                # d CE / d logits = softmax - onehot, computed in place over the chunk's logits
-                d = logits.sub_(lse[:, None]).exp_()
+                # d CE / d logits = softmax - onehot
+                d = probs.div_(norm)
                 d[torch.arange(len(y), device=d.device), y] -= 1
                 d = d.to(weight.dtype)
                 if need_grad_h:
                     grad_h[i : i + chunk_size] = d @ weight
                 if need_grad_w:
                     grad_w += (d.T @ h).float()
+                del d
+            del logits, probs  # free this chunk's (n, V) buffers before the next chunk allocates its own
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

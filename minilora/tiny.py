@@ -76,3 +76,59 @@ def instruction_rows(n: int, seed: int = 0) -> list[str]:
         turns = [task() for _ in range(1 + (rng.random() < 0.3))]
         rows.append("".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns))
     return rows
+
+
+def _plain_sentences(n: int, seed: int) -> list[str]:
+    """Ordinary sentences over the demo's words, with no chat markup: what the tiny base is pretrained on."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(_WORDS, 2)
+        x, y = rng.sample(range(10), 2)
+        w, o = rng.choice(_OPPOSITES)
+        out.append(rng.choice([
+            f"The {a} saw the {b}. The {b} saw the {a} too.",
+            f"{max(x, y)} is bigger than {min(x, y)}, and {min(x, y)} is smaller than {max(x, y)}.",
+            f"The opposite of {w} is {o}. The opposite of {o} is {w}.",
+            f"The word {a} has {len(a)} letters. The word {b} has {len(b)} letters.",
+            f"{a} {b} {a} {b}. Say it again: {a} {b}.",
+        ]))
+    return out
+
+
+def build_base(out_dir: str, steps: int = 500, seed: int = 0, **config) -> str:
+    """Write a tiny pretrained LLaMA-2-architecture base with its tokenizer to `out_dir`; returns out_dir.
+
+    A random model is a poor base to fine-tune, so this one is first trained in full fp32 for a few hundred
+    steps on plain sentences over the same words as the instruction rows. It then knows the words and facts
+    but not the [INST] chat format, which is what the LoRA fine-tune teaches.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .model import load_tokenizer
+
+    sentences = _plain_sentences(4000, seed)
+    train_tokenizer(sentences + instruction_rows(500, seed), out_dir, vocab_size=1000)
+    tok = load_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tok), hidden_size=192, intermediate_size=384, num_hidden_layers=3,
+               num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=512)
+    model = LlamaForCausalLM(tiny_config(**{**cfg, **config}))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    # documents: BOS + sentence + EOS, packed into rows of 64 tokens
+    stream = [i for s in sentences for i in [tok.bos_token_id, *tok.encode(s, add_special_tokens=False), tok.eos_token_id]]
+    rows = torch.tensor(stream[: len(stream) // 64 * 64]).view(-1, 64)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        batch = rows[torch.randint(len(rows), (16,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        for g in opt.param_groups:  # linear decay: a few hundred steps need no warmup at this size
+            g["lr"] = 3e-3 * (1 - step / steps)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.save_pretrained(out_dir)
+    return out_dir

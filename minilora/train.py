@@ -113,6 +113,10 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
 
+    def log_eval():
+        loss = evaluate(model, evals, collate, cfg)
+        log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
+
     def micro_batches(start):  # the data stream is a pure function of (seed, position): resumable mid-epoch
         k = start
         while True:
@@ -127,6 +131,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     if not step:
         log({"step": 0, "train_rows": stats.rows, "examples": len(examples), "skipped_rows": dict(stats.skipped),
              "truncated_rows": stats.truncated, "supervised_tokens": stats.supervised})
+        if evals:  # the baseline the eval curve is read against
+            log_eval()
         _sample(model, tokenizer, cfg, step, log)
     model.train()
     tokens_seen, t0 = 0, time.perf_counter()
@@ -170,8 +176,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                      "peak_mem_gib": _peak_gib(device)})
                 tokens_seen, t0 = 0, time.perf_counter()
             if evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                loss_e = evaluate(model, evals, collate, cfg)
-                log({"step": step, "eval_loss": loss_e, "eval_ppl": math.exp(min(loss_e, 50))})
+                log_eval()
             if cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps:
                 _sample(model, tokenizer, cfg, step, log)
             if step == total_steps or (cfg.save_every and step % cfg.save_every == 0):

@@ -1,0 +1,65 @@
+"""Talk to a LLaMA-2 base model plus a LoRA adapter (minilora's or PEFT's) with the LLaMA-2 chat template.
+
+    python examples/chat.py --model out/tiny/base --adapter out/tiny/adapter --prompt "Which is bigger, 3 or 8?"
+    python examples/chat.py --model NousResearch/Llama-2-7b-chat-hf --adapter out/guanaco/adapter   # interactive
+"""
+
+import argparse
+import sys
+
+import torch
+
+import minilora as ml
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub id or local dir of the base model")
+    p.add_argument("--adapter", help="adapter dir (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
+    p.add_argument("--system", help="system prompt for the conversation")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the (dequantized) weights first")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    model, tok = ml.load_model(args.model, quant=None if args.quant == "none" else args.quant,
+                               compute_dtype=dtype, device=device)
+    if args.adapter:
+        ml.load_adapter(model, args.adapter)
+        if args.merge:
+            ml.merge_lora(model)
+    model.eval()
+
+    turns = [{"role": "system", "content": args.system}] if args.system else []
+
+    def answer(message: str) -> str:
+        turns.append({"role": "user", "content": message})
+        reply = ml.generate(model, tok, turns, args.max_new_tokens, precision)
+        if reply:
+            turns.append({"role": "assistant", "content": reply})
+        else:  # the template has no empty answers: forget the exchange
+            turns.pop()
+        return reply
+
+    if args.prompt:
+        print(answer(args.prompt))
+        return 0
+    print("chatting; an empty line or Ctrl-D ends")
+    while True:
+        try:
+            message = input("you> ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        print(f"bot> {answer(message)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
