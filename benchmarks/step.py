@@ -1,0 +1,425 @@
+#!/usr/bin/env python
+"""One training step, timed and measured: minilora (plain and with each speed option) against PEFT, same run.
+
+    python benchmarks/step.py --shape llama2-7b --cases standard --out benchmarks/results/h100.json
+    python benchmarks/step.py --shape tiny --cases qv-r8-2x64 --steps 2 --warmup 1      # a CPU smoke run
+
+A step is forward (bf16 autocast), backward, AdamW (lr 2e-4) and zero_grad(set_to_none=True) on random tokens
+that are all supervised (labels = input_ids), the same tokens for every implementation. Each (case, impl) runs
+in its own subprocess, so no implementation can patch, warm up or fragment memory for another. The model
+(random weights of the chosen shape) is written once to a temporary directory, reused by every case and, if
+it is still there, by the next invocation. stdout: one JSON line per case as it finishes, then a table; the
+workers' own output and progress go to stderr.
+
+Cases are named `{targets}-r{r}[-a{alpha}][-d{dropout}]-{batch}x{seq}`, targets qv | qkvo | all (the seven
+projections), e.g. qv-r64-4x512; alpha defaults to 16. `--cases standard` is STANDARD below.
+Impls: `peft`, `minilora` and `minilora+opt[+opt...]`, where each opt is a keyword of
+`minilora.prepare_for_training` switched on (offload, fused, compile, ...). A variant whose keyword the
+installed `prepare_for_training` does not accept is reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+SHAPES = {  # LlamaConfig fields; "tiny" is minilora.tiny.tiny_config
+    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
+    "tiny": dict(max_position_embeddings=4096),
+}
+TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+           "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+STANDARD = ["qv-r64-4x512", "qv-r64-2x2048", "all-r16-2x2048", "qv-r64-d0.1-4x512"]  # the last: the seed config
+VARIANTS = ["minilora+offload", "minilora+fused", "minilora+compile", "minilora+fused+compile"]
+CASE_RE = re.compile(r"^(?P<t>[a-z]+)-r(?P<r>\d+)(?:-a(?P<a>[\d.]+))?(?:-d(?P<d>[\d.]+))?-(?P<b>\d+)x(?P<s>\d+)$")
+RESULT = "@@result "  # a worker's result line; everything else it prints is passed on to stderr
+PEFT_RECIPE = ("AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant, "
+               "bf16 compute), dtype=bf16, sdpa) -> peft.prepare_model_for_kbit_training(model, "
+               "use_gradient_checkpointing=True, gradient_checkpointing_kwargs={'use_reentrant': False}) "
+               "(the standard QLoRA recipe: it also casts embeddings, norms and lm_head to fp32) -> "
+               "get_peft_model(LoraConfig(r, alpha, dropout, targets, bias='none', task_type='CAUSAL_LM')); "
+               "loss = model(input_ids, labels=input_ids).loss (HF loss, fp32 logits)")
+MINILORA_RECIPE = ("ml.load_model(dir, quant='nf4', double_quant=True, compute_dtype=bf16) -> ml.add_lora -> "
+                   "ml.prepare_for_training(model, gradient_checkpointing=True, **variant) ; "
+                   "loss_sum, n = minilora.loss.causal_lm_loss(model, batch); loss = loss_sum / n")
+LOOP = ("model.train(); per step: bf16 autocast forward; loss.backward(); torch.optim.AdamW(trainable, lr=2e-4)"
+        ".step(); zero_grad(set_to_none=True). Step time: median over timed steps after warm-up, measured with "
+        "synchronize + perf_counter. Peaks: max_memory_allocated/reserved since reset_peak_memory_stats just "
+        "before the first (warm-up) step; *_timed: since a reset after warm-up")
+GiB = 2**30
+
+
+def parse_case(name: str, scale: float = 1.0) -> dict:
+    m = CASE_RE.match(name)
+    if not m or m["t"] not in TARGETS:
+        raise SystemExit(f"bad case {name!r}: use {{{'|'.join(TARGETS)}}}-r<r>[-a<alpha>][-d<dropout>]-<B>x<T>, "
+                         f"e.g. qv-r64-4x512, or 'standard'")
+    seq = max(2, round(int(m["s"]) * scale))
+    return dict(name=name, targets=TARGETS[m["t"]], r=int(m["r"]), alpha=float(m["a"] or 16),
+                dropout=float(m["d"] or 0), batch=int(m["b"]), seq=seq,
+                lora=f"r{m['r']} {m['t']}" + (f" d{m['d']}" if m["d"] else ""))
+
+
+def variant_kwargs(impl: str) -> dict:
+    """'minilora+fused+compile' -> {'fused': True, 'compile': True}."""
+    return {opt: True for opt in impl.split("+")[1:]}
+
+
+# ----------------------------------------------------------------------------------------------- subprocesses
+
+
+def model_config(shape: str):
+    from transformers import LlamaConfig
+
+    if shape == "tiny":
+        from minilora.tiny import tiny_config
+
+        return tiny_config(**SHAPES["tiny"])
+    return LlamaConfig(**SHAPES[shape])
+
+
+def write_tokenizer(out: str):
+    """A small byte-level tokenizer (tokenizer.json) beside the weights: ml.load_model loads one, and the GPU
+    machine may lack sentencepiece. The benchmark's token ids are random, so its vocabulary does not matter."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.ByteFallback()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+
+
+def prepare(spec: dict) -> dict:
+    """Write the random-weight model once (bf16, built on the device) and report the environment."""
+    import inspect
+    import platform
+
+    import torch
+    import transformers
+
+    out = spec["model_dir"]
+    device = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = model_config(spec["shape"])
+    marker, want = os.path.join(out, "bench-model.json"), {"shape": spec["shape"], "config": config.to_dict()}
+    build_s = None
+    try:
+        reuse = json.load(open(marker)) == json.loads(json.dumps(want))
+    except (OSError, ValueError):
+        reuse = False
+    if not reuse:
+        from transformers import LlamaForCausalLM
+
+        t0 = time.perf_counter()
+        os.makedirs(out, exist_ok=True)
+        torch.manual_seed(0)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: 13.5 GB for 7B instead of 27 GB
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+        torch.set_default_dtype(prev)
+        model.save_pretrained(out)
+        del model
+        write_tokenizer(out)
+        json.dump(want, open(marker, "w"))
+        build_s = time.perf_counter() - t0
+        print(f"built {spec['shape']} with random weights in {out} in {build_s:.1f}s", file=sys.stderr, flush=True)
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "transformers": transformers.__version__}
+    for mod in ("peft", "bitsandbytes"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - report, don't fail: the impls that need it will say why
+            versions[mod] = f"unavailable: {e}"
+    try:
+        from minilora.model import prepare_for_training
+
+        kwargs = sorted(inspect.signature(prepare_for_training).parameters)
+    except Exception as e:  # noqa: BLE001
+        kwargs, versions["minilora"] = [], f"unavailable: {e}"
+    card = driver = None
+    if device.startswith("cuda"):
+        card = torch.cuda.get_device_name()
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip() or None
+        except (OSError, subprocess.SubprocessError):
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                driver = pynvml.nvmlSystemGetDriverVersion()
+            except Exception:  # noqa: BLE001
+                driver = None
+    else:
+        card = platform.processor() or platform.machine()
+    return {"device": device, "versions": versions, "prepare_kwargs": kwargs, "card": card, "driver": driver, "build_s": build_s,
+            "reused_model": reuse, "config": config.to_dict()}
+
+
+def load_peft(spec):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": spec["device"]}, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(spec["seed"])
+    model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
+                                             target_modules=list(spec["targets"]), bias="none", task_type="CAUSAL_LM"))
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, loss_fn
+
+
+def load_minilora(spec):
+    import torch
+
+    import minilora as ml
+    from minilora.loss import causal_lm_loss
+
+    model, _ = ml.load_model(spec["model_dir"], quant="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+                             device=spec["device"])
+    torch.manual_seed(spec["seed"])
+    ml.add_lora(model, targets=spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"])
+    ml.prepare_for_training(model, gradient_checkpointing=True, **variant_kwargs(spec["impl"]))
+
+    def loss_fn(ids):
+        loss_sum, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        return loss_sum / n
+
+    return model, loss_fn
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if spec["impl"] == "peft":  # imports are not part of the load time
+        import peft  # noqa: F401
+    else:
+        import minilora  # noqa: F401
+    import transformers  # noqa: F401
+
+    t0 = time.perf_counter()
+    model, loss_fn = (load_peft if spec["impl"] == "peft" else load_minilora)(spec)
+    model.train()  # HF checkpointing and LoRA dropout act only in training mode
+    sync()
+    load_s = time.perf_counter() - t0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=2e-4)
+    B, T, V = spec["batch"], spec["seq"], model.config.vocab_size
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(spec["seed"])).to(device)
+    res = {"load_s": load_s, "trainable_params": sum(p.numel() for p in trainable),
+           "ids_checksum": int(ids.sum()), "alloc_after_load_gib": torch.cuda.memory_allocated() / GiB if cuda else None}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses, warm_peaks = [], [], (0, 0)
+    n = spec["warmup"] + spec["steps"]
+    for i in range(n):
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+        print(f"  {spec['impl']} {spec['name']} step {i + 1}/{n}{' (warm-up)' if i < spec['warmup'] else ''}: "
+              f"{times[-1]:.3f}s loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        if cuda and i == spec["warmup"] - 1:
+            warm_peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
+    timed = times[spec["warmup"]:]
+    step_s = statistics.median(timed)
+    res.update(step_s=step_s, tokens_per_s=B * T / step_s, step_times=timed, warmup_times=times[:spec["warmup"]],
+               loss_first=losses[0], loss_last=losses[-1], finite=all(x == x and abs(x) != float("inf") for x in losses))
+    if cuda:
+        alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        res.update(peak_alloc_gib=max(alloc, warm_peaks[0]) / GiB, peak_reserved_gib=max(reserved, warm_peaks[1]) / GiB,
+                   peak_alloc_timed_gib=alloc / GiB, peak_reserved_timed_gib=reserved / GiB,
+                   alloc_steady_gib=torch.cuda.memory_allocated() / GiB, device_name=torch.cuda.get_device_name())
+    else:
+        res.update(peak_alloc_gib=None, peak_reserved_gib=None)
+    if spec["impl"] != "peft":  # the planner models minilora's step, not PEFT's fp32 upcasts and logits
+        from minilora.plan import plan_memory
+
+        plan = plan_memory(model.config, B, T, lora_r=spec["r"], lora_targets=spec["targets"],
+                           offload=variant_kwargs(spec["impl"]).get("offload", False), lora_dropout=spec["dropout"])
+        res.update(predicted_gib=plan["total"] / GiB, plan_phase=plan["phase"],
+                   plan_phases_gib={k: round(v / GiB, 4) for k, v in plan["phases"].items()},
+                   plan_gib={k: round(v / GiB, 4) for k, v in plan["breakdown"].items()})
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+
+
+def run_child(mode: str, spec: dict, timeout: float | None) -> tuple[dict | None, str, float]:
+    """Run this script as `--_{mode} SPEC` in a fresh process (own session, so a timeout kills its compile
+    workers too); pass its output on to stderr; return (result, error text, seconds)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no network: never wait on the hub
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), f"--_{mode}", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    def kill():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this call started: the child and its compile workers
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout, kill) if timeout else None
+    if timer:
+        timer.start()
+    result, tail = None, []
+    for line in proc.stdout:
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT):])
+        else:
+            tail = (tail + [line.rstrip()])[-15:]
+            print("  | " + line.rstrip(), file=sys.stderr, flush=True)
+    rc = proc.wait()
+    if timer:
+        timer.cancel()
+    secs = time.perf_counter() - t0
+    if result is None:
+        why = f"timed out after {timeout:.0f}s" if rc == -signal.SIGKILL and timeout and secs >= timeout else f"exit {rc}"
+        return None, f"{why}: " + " / ".join(tail[-6:]), secs
+    return result, "", secs
+
+
+def fmt(x, spec="{:.2f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def text_table(cases: list[dict]) -> str:
+    head = ["impl", "lora", "batch×seq", "step s", "tok/s", "×peft", "peak alloc GiB", "peak resv GiB",
+            "predicted GiB", "load s", "status"]
+    peft = {c["case"]: c.get("tokens_per_s") for c in cases if c["impl"] == "peft"}
+    rows = [head]
+    for c in cases:
+        ratio = c["tokens_per_s"] / peft[c["case"]] if c.get("tokens_per_s") and peft.get(c["case"]) else None
+        rows.append([c["impl"], c["lora"], f"{c['batch']}×{c['seq']}", fmt(c.get("step_s"), "{:.3f}"),
+                     fmt(c.get("tokens_per_s"), "{:,.0f}"), fmt(ratio), fmt(c.get("peak_alloc_gib")),
+                     fmt(c.get("peak_reserved_gib")), fmt(c.get("predicted_gib")), fmt(c.get("load_s"), "{:.1f}"),
+                     c["status"].split(":")[0]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
+    ap.add_argument("--cases", default="standard", help="'standard' or comma-separated case names, e.g. qv-r64-4x512")
+    ap.add_argument("--impls", default=None, help="comma-separated; default: peft,minilora and every available "
+                    f"variant of {VARIANTS}")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per case")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them (compile happens here)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every sequence length (CPU dry runs)")
+    ap.add_argument("--device", default=None, help="default: cuda if torch sees a GPU, else cpu")
+    ap.add_argument("--model-dir", default=None, help="where the random model is written; default "
+                    "$TMPDIR/minilora-bench-<shape>, reused when it holds the same config")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--case-timeout", type=float, default=300, help="seconds before a case's process is killed")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run: a case that would "
+                    "likely overrun it (judged by the previous cases) is skipped, not started")
+    ap.add_argument("--out", default=None, help="write the results (metadata + every case) here, after each case")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    cases = [parse_case(n, args.scale) for n in (STANDARD if args.cases == "standard" else args.cases.split(","))]
+    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"minilora-bench-{args.shape}")
+    print(f"preparing {args.shape} in {model_dir} ...", file=sys.stderr, flush=True)
+    env, err, _ = run_child("prepare", {"shape": args.shape, "model_dir": model_dir, "device": args.device}, 600)
+    if env is None:
+        raise SystemExit(f"could not prepare the model: {err}")
+    args.device = env["device"]  # the parent never initialises CUDA: the prepare process chose
+    impls = args.impls.split(",") if args.impls else ["peft", "minilora"] + [
+        v for v in VARIANTS if set(variant_kwargs(v)) <= set(env["prepare_kwargs"])]
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "card": env["card"], "driver": env["driver"], "versions": env["versions"],
+            "command": shlex.join([os.path.basename(sys.executable)] + sys.argv), "shape": args.shape,
+            "config": env["config"], "device": args.device, "steps": args.steps, "warmup": args.warmup,
+            "scale": args.scale, "seed": args.seed, "build_s": env["build_s"], "reused_model": env["reused_model"],
+            "prepare_for_training_kwargs": env["prepare_kwargs"], "peft_recipe": PEFT_RECIPE,
+            "minilora_recipe": MINILORA_RECIPE, "loop": LOOP,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cases": []}
+    durations = []
+    for case in cases:
+        for impl in impls:
+            spec = dict(case, impl=impl, case=case["name"], model_dir=model_dir, device=args.device, seed=args.seed,
+                        steps=args.steps, warmup=args.warmup)
+            row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq")}
+            missing = set(variant_kwargs(impl)) - set(env["prepare_kwargs"]) if impl != "peft" else set()
+            elapsed, guess = time.perf_counter() - t_start, (statistics.mean(durations) if durations else 0)
+            if impl != "peft" and not impl.startswith("minilora"):
+                row["status"] = f"unknown impl {impl!r}: use peft, minilora or minilora+<prepare_for_training flag>"
+            elif missing:
+                row["status"] = f"unavailable: prepare_for_training has no {sorted(missing)}"
+            elif args.budget and elapsed + guess > args.budget:
+                row["status"] = f"skipped: {elapsed:.0f}s used, a case takes ~{guess:.0f}s, budget {args.budget:.0f}s"
+            else:
+                print(f"[{elapsed:6.0f}s] {impl} {case['name']} ({case['batch']}x{case['seq']}) ...", file=sys.stderr, flush=True)
+                left = args.budget - elapsed if args.budget else float("inf")  # always finish inside the budget
+                res, err, secs = run_child("worker", spec, max(30.0, min(args.case_timeout, left)))
+                durations.append(secs)
+                row.update(res or {}, status="ok" if res else f"error: {err}", wall_s=secs)
+            print(json.dumps(row), flush=True)
+            meta["cases"].append(row)
+            if args.out:
+                _write(args.out, meta)
+    meta["total_s"] = time.perf_counter() - t_start
+    if args.out:
+        _write(args.out, meta)
+    print(f"\n{args.shape} on {env['card']} ({args.device}), {args.steps} timed steps after {args.warmup} warm-up, "
+          f"total {meta['total_s']:.0f}s", flush=True)
+    print(text_table(meta["cases"]), flush=True)
+
+
+def _write(path: str, meta: dict):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] in ("--_prepare", "--_worker"):
+        fn = prepare if sys.argv[1] == "--_prepare" else worker
+        print(RESULT + json.dumps(fn(json.loads(sys.argv[2]))), flush=True)
+    else:
+        main()

@@ -1,0 +1,78 @@
+"""benchmarks/step.py end to end on the CPU with the tiny shape: both implementations run and report.
+
+No test asserts a speed: CPU timings of a tiny model say nothing about the GPU.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ("case", "impl", "lora", "batch", "seq", "status", "step_s", "tokens_per_s", "peak_alloc_gib",
+          "peak_reserved_gib", "load_s", "trainable_params", "ids_checksum", "loss_first", "loss_last")
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "result.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--shape", "tiny", "--steps", "2", "--warmup", "1",
+           "--impls", "minilora,peft,minilora+no_such_option", "--cases", "qv-r4-2x32", "--device", "cpu",
+           "--model-dir", str(tmp / "model"), "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_json_lines_for_both_impls(run):
+    proc, _ = run
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"minilora", "peft", "minilora+no_such_option"}
+    for impl in ("minilora", "peft"):
+        r = by_impl[impl]
+        assert r["status"] == "ok", r["status"]
+        assert all(f in r for f in FIELDS), [f for f in FIELDS if f not in r]
+        assert r["batch"] == 2 and r["seq"] == 32 and r["finite"] and r["step_s"] > 0
+        assert r["peak_alloc_gib"] is None  # CPU: no CUDA peak memory
+    # same tokens, same trainable parameters, same starting loss (B = 0: both start at the base model)
+    m, p = by_impl["minilora"], by_impl["peft"]
+    assert m["ids_checksum"] == p["ids_checksum"] and m["trainable_params"] == p["trainable_params"]
+    assert abs(m["loss_first"] - p["loss_first"]) < 1e-2  # bf16 autocast; the logits path differs slightly
+    assert m["predicted_gib"] > 0 and "predicted_gib" not in p
+    assert by_impl["minilora+no_such_option"]["status"].startswith("unavailable")
+    assert "tok/s" in proc.stdout and "×peft" in proc.stdout  # the closing table
+
+
+def test_result_file_and_readme_table(run):
+    _, result = run
+    for key in ("date", "card", "driver", "versions", "command", "peft_recipe", "cases"):
+        assert key in result
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(result["versions"])
+    assert len(result["cases"]) == 3
+    md = _module("table").markdown_table(result)
+    assert "| r4 qv | 2 × 32 | minilora |" in md and "PEFT tok/s" in md
+
+
+def test_case_names_and_variants():
+    step = _module("step")
+    case = step.parse_case("all-r16-a32-d0.05-2x2048", scale=0.5)
+    assert case["targets"][-1] == "down_proj" and case["r"] == 16 and case["alpha"] == 32
+    assert case["dropout"] == 0.05 and (case["batch"], case["seq"]) == (2, 1024)
+    assert step.variant_kwargs("minilora+fused+compile") == {"fused": True, "compile": True}
+    assert [step.parse_case(n)["name"] for n in step.STANDARD] == step.STANDARD
+    with pytest.raises(SystemExit):
+        step.parse_case("qv-64-4x512")
