@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .kernels import fused_lora_linear
+
 try:
     import bitsandbytes as bnb
 except ImportError:  # quant=None still works without bitsandbytes
@@ -33,6 +35,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.fused = False  # training forward through one autograd function (prepare_for_training(fused=True))
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
@@ -44,6 +47,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.fused and self.training and not torch.compiler.is_compiling():
+            # the same formula as one autograd function (minilora/kernels/lora4bit.py). Under torch.compile the
+            # plain formula is traced instead: inductor fuses it itself, and the fused function traced on CUDA
+            # gave zero LoRA gradients (benchmarks/check_fastpaths.py, torch 2.11).
+            return fused_lora_linear(x, self.base, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
         h = self.dropout(x).to(self.lora_A.weight.dtype)  # a no-op for matching dtypes; autocast recasts anyway
         return self.base(x) + (self.scaling * self.lora_B(self.lora_A(h))).to(x.dtype)
 

@@ -76,22 +76,32 @@ def load_model(
     return model, load_tokenizer(tokenizer or name_or_dir)
 
 
-def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool = True, offload: bool = False):
+def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool = True, offload: bool = False,
+                         fused: bool = False, compile: bool = False):
     """Freeze everything but LoRA and checkpoint each decoder layer (non-reentrant); returns the model.
 
     Embeddings and lm_head keep their dtype: upcasting them to fp32 costs memory and buys nothing.
     Non-reentrant checkpointing needs no `requires_grad` on the layer inputs, so a frozen embedding needs no
     input-grad hook (the reentrant form does, and has been measured 2x slower).
     offload: keep each layer's saved input in pinned CPU memory instead of on the GPU.
+    fused: train every LoRA layer through one autograd function (minilora/kernels/lora4bit.py); same numbers.
+    compile: torch.compile each decoder layer's forward. The checkpoint wraps the compiled forward, so its
+    recompute replays the very graph that ran forward, and its hooks and RNG bookkeeping stay in eager code.
+    Compiled layers trace the plain LoRA formula even with fused=True (see LoRALinear.forward).
     """
-    from .lora import mark_only_lora_trainable
+    from .lora import lora_layers, mark_only_lora_trainable
 
     mark_only_lora_trainable(model)
     model.config.use_cache = False  # a KV cache is useless in training and would be rebuilt on recompute
+    for lora in lora_layers(model).values():
+        lora.fused = fused
     for layer in model.model.layers:
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward
+        forward = torch.compile(layer.forward) if compile else layer.forward
         if gradient_checkpointing:
-            layer.forward = functools.partial(_checkpointed, layer.forward, offload)
+            forward = functools.partial(_checkpointed, forward, offload)
+        if compile or gradient_checkpointing:
+            layer.forward = forward
     return model
 
 

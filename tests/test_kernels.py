@@ -1,0 +1,201 @@
+"""The speed options of prepare_for_training (fused LoRA autograd, torch.compile) against the plain path.
+
+Tolerances:
+- fp32, one layer: both paths multiply the same fp32 values (the same dequantized NF4 weight); only the order of
+  the additions differs (the fused path adds the LoRA term inside a GEMM), so outputs agree to float32
+  round-off: <= 1e-5 max-abs on O(1) values, gradients <= 1e-4 relative (norm of the difference / norm);
+  measured: 5e-7 and 4e-7.
+- bf16: each path rounds its products and sums to bf16 (2^-8 ~ 0.4% relative) at different points, and under
+  autocast the plain path keeps the 4-bit base in fp32 on the CPU: <= 1e-2 relative; measured 2e-3 to 4e-3.
+- whole model, fp32: the same round-off through 2 layers and the loss: <= 1e-5 on the loss and relative on
+  every LoRA gradient; measured 0 and 1.2e-6. Under torch.compile inductor also fuses and reorders fp32
+  reductions (RMSNorm, softmax): <= 1e-5 on the loss, 1e-4 relative on the gradients; measured 1.4e-6, 6e-6.
+"""
+
+import shutil
+
+import pytest
+import torch
+import torch._inductor.config
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.checkpoint import checkpoint
+
+import minilora as ml
+from minilora.lora import LoRALinear, lora_layers
+
+bnb = pytest.importorskip("bitsandbytes")
+
+ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def nf4(linear: nn.Linear) -> nn.Module:
+    """A real NF4 Linear4bit holding `linear`'s weight and bias; `.to("cpu")` quantizes it."""
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=linear.weight.dtype, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return q.to("cpu")
+
+
+def make_layer(kind: str, dtype=torch.float32, bias=False, dropout=0.0) -> LoRALinear:
+    linear = nn.Linear(128, 96, bias=bias, dtype=dtype)
+    layer = LoRALinear(nf4(linear) if kind == "nf4" else linear, r=6, alpha=10, dropout=dropout)  # s = 5/3
+    nn.init.normal_(layer.lora_B.weight, 0, 0.2)  # B = 0 at init would hide the LoRA branch
+    return layer
+
+
+def run(layer: LoRALinear, x, dy, fused: bool, seed=0):
+    """(y, grad x, grad A, grad B) of one forward and backward with upstream gradient dy."""
+    layer.fused = fused
+    torch.manual_seed(seed)  # the same dropout mask for both paths
+    y = layer(x)
+    return (y, *torch.autograd.grad(y, (x, layer.lora_A.weight, layer.lora_B.weight), dy))
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("shape", [(5, 128), (3, 7, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_layer_fused_matches_plain_fp32(kind, bias, shape, dropout):
+    layer = make_layer(kind, bias=bias, dropout=dropout)
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(*shape[:-1], 96)
+    (y, *grads), (y_ref, *grads_ref) = run(layer, x, dy, fused=True), run(layer, x, dy, fused=False)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert (y - y_ref).abs().max() <= 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel(g, g_ref) <= 1e-4
+    if dropout:  # the mask really was applied: without it the output differs
+        assert (y - layer.eval()(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_layer_fused_matches_plain_bf16(kind, autocast):
+    # autocast: fp32 weights (and fp32 LoRA weights, as fp16 training needs), bf16 compute; else all bf16
+    dtype = torch.float32 if autocast else torch.bfloat16
+    layer = make_layer(kind, dtype)
+    x = torch.randn(3, 7, 128, dtype=dtype, requires_grad=True)
+    dy = torch.randn(3, 7, 96, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        (y, *grads), (y_ref, *grads_ref) = run(layer, x, dy, fused=True), run(layer, x, dy, fused=False)
+    assert y.dtype == y_ref.dtype
+    assert [g.dtype for g in grads] == [dtype] * 3  # autograd casts the bf16 grads back to the fp32 weights
+    assert rel(y, y_ref) <= 1e-2
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel(g, g_ref) <= 1e-2
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bnb repacks weights only on AVX512-BF16 CPUs")
+def test_fused_restores_a_weight_packed_for_cpu_inference():
+    layer = make_layer("nf4")
+    layer.base.support_avx512bf16_for_cpu = True
+    with torch.no_grad():
+        layer.eval()(torch.randn(2, 128))  # bnb repacks the weight for its inference kernel here
+    assert layer.base.weight.quant_state.packing_format_for_cpu
+    layer.train()
+    x, dy = torch.randn(3, 7, 128, requires_grad=True), torch.randn(3, 7, 96)
+    y, *grads = run(layer, x, dy, fused=True)
+    assert not layer.base.weight.quant_state.packing_format_for_cpu  # back to the layout training reads
+    y_ref, *grads_ref = run(layer, x, dy, fused=False)
+    assert (y - y_ref).abs().max() <= 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel(g, g_ref) <= 1e-4
+
+
+def dequantizations(fn):
+    """fn's result and how many whole 4-bit weights bitsandbytes dequantized while it ran.
+
+    Counted at bitsandbytes' `dequantize_4bit` op, which both `bnb.functional.dequantize_4bit` and, on the CPU,
+    the `gemm_4bit` op of bnb's forward (dequantize, then matmul) go through; patching the Python function alone
+    would miss the latter.
+    """
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.name == "bitsandbytes::dequantize_4bit" for e in prof.events())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dequantizations_per_step(fused):
+    layer = make_layer("nf4")
+    layer.fused = fused
+    x = torch.randn(3, 7, 128, requires_grad=True)
+
+    def step(forward, x):
+        y, n_forward = dequantizations(lambda: forward(x))
+        _, n_backward = dequantizations(lambda: y.backward(torch.randn_like(y)))
+        return n_forward, n_backward
+
+    # One to compute the output, one for the input gradient; W is never kept between them.
+    assert step(layer, x) == (1, 1)
+    # Non-reentrant checkpointing runs the forward again in the backward, which needs W for the output the
+    # rest of a decoder layer consumes: 3 per step, on both paths.
+    assert step(lambda x: checkpoint(layer, x, use_reentrant=False), x) == (1, 2)
+    # An input that needs no gradient (the first layer's projections): nothing to dequantize in the backward.
+    assert step(layer, x.detach()) == (1, 0)
+
+
+def load(base_dir):
+    model, _ = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ml.add_lora(model, targets=ALL_SEVEN, r=4, alpha=12, dropout=0.1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.2)
+    return model.train()
+
+
+def model_step(model, x, seed=0):
+    torch.manual_seed(seed)  # the same dropout masks in every configuration
+    model.zero_grad(set_to_none=True)
+    loss = model(x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in ml.lora_state_dict(model).items()}
+
+
+def assert_same_step(got, ref, loss_bound, grad_bound):
+    assert (got[0] - ref[0]).abs() <= loss_bound
+    assert got[1].keys() == ref[1].keys()
+    for k in ref[1]:
+        assert rel(got[1][k], ref[1][k]) <= grad_bound, k
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_model_fused_matches_plain(base_dir, gradient_checkpointing):
+    model = load(base_dir)
+    x = torch.randint(3, 512, (2, 24))
+    ref = model_step(ml.prepare_for_training(model, gradient_checkpointing=False), x)
+    got = model_step(ml.prepare_for_training(model, gradient_checkpointing, fused=True), x)
+    assert_same_step(got, ref, 1e-5, 1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU backend compiles C++")
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_layers_match_eager(base_dir, fused):
+    # Inductor draws dropout masks with its own generator unless told to use eager's ops; with them, both
+    # paths see the same masks. A fresh dynamo cache keeps other tests' graphs out of the count below.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._inductor.config.patch(fallback_random=True):
+        model = load(base_dir)
+        xs = [torch.randint(3, 512, (2, t)) for t in (24, 17)]  # a new length: a dynamic-shape recompile
+        refs = [model_step(ml.prepare_for_training(model), x) for x in xs]
+        ml.prepare_for_training(model, fused=fused, compile=True)
+        for x, ref in zip(xs, refs):
+            assert_same_step(model_step(model, x), ref, 1e-5, 1e-4)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
+
+        # Traced by AOTAutograd, the fused function must still keep no dequantized W for the backward (merging
+        # the forward's and backward's dequantizations would). Checkpointing off, so that the hooks see the saves.
+        ml.prepare_for_training(model, gradient_checkpointing=False, fused=fused, compile=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            model(xs[0], labels=xs[0])
+        weights = {tuple(m.weight.quant_state.shape) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+        kept = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in weights]
+        assert saved and not kept, f"dequantized weights saved for the backward: {kept}"
