@@ -52,6 +52,8 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16" autocast, "fp16" autocast + GradScaler + fp32 LoRA weights, or "fp32"
     gradient_checkpointing: bool = True  # recompute each decoder layer in backward instead of storing it
     offload_activations: bool = False  # keep the checkpointed layer inputs in CPU memory
+    fused: bool = False  # LoRA layers as one autograd function (minilora/kernels): faster, same numbers
+    compile: bool = False  # torch.compile each decoder layer: fastest on a GPU after ~10 s of compiling
     loss_chunk: int = 4096  # supervised tokens per chunk of the vocabulary projection
     # --- logging, evaluation, samples, checkpoints
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -79,7 +81,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         # fp16 keeps fp32 LoRA weights: fp16 Adam updates would underflow, and the GradScaler refuses fp16 grads
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                  dtype=torch.float32 if cfg.precision == "fp16" else None)
-    prepare_for_training(model, cfg.gradient_checkpointing, cfg.offload_activations)
+    prepare_for_training(model, cfg.gradient_checkpointing, cfg.offload_activations, cfg.fused, cfg.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in params):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
