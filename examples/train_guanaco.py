@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+from transformers import AutoConfig
 
 import minilora as ml
 from minilora.data import split_eval
@@ -30,6 +31,7 @@ GUANACO_PROMPTS = ("What is a large language model?", "Escribe un poema corto so
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny"], help="tiny: the offline CPU demo")
+    p.add_argument("--pretrain-steps", type=int, default=500, help="--preset tiny: steps that pretrain the base")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local dir of a LLaMA-2 checkpoint")
     p.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id, or a .jsonl/.json/.parquet/.csv file")
     p.add_argument("--output-dir", default="out/guanaco")
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--pack", action="store_true", help="pack several examples into each row")
     p.add_argument("--offload", action="store_true", help="keep checkpointed activations in CPU memory")
+    p.add_argument("--fused", action="store_true", help="fused LoRA autograd function (faster, same numbers)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fastest on a GPU)")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit or paged_adamw")
     args = p.parse_args(argv)
     if args.preset == "tiny":  # preset values, unless the flag was given on the command line
@@ -79,7 +83,8 @@ def load(args, device):
 
         base = os.path.join(args.output_dir, "base")
         print(f"building a tiny pretrained LLaMA-2 in {base} ...")
-        build_base(base, seed=args.seed)
+        build_base(base, steps=args.pretrain_steps, seed=args.seed)
+        show_plan(AutoConfig.from_pretrained(base), args, quant, compute_dtype)
         model, tok = ml.load_model(base, quant=quant, compute_dtype=compute_dtype, device=device)
         train_rows = instruction_rows(800, seed=args.seed)
         seen = set(train_rows)
@@ -90,11 +95,27 @@ def load(args, device):
     except Exception as e:  # missing files, network and hub errors: one clear message, no stack trace
         fail(f"dataset {args.dataset!r}", e)
     try:
+        show_plan(AutoConfig.from_pretrained(args.model), args, quant, compute_dtype)
         model, tok = ml.load_model(args.model, quant=quant, compute_dtype=compute_dtype, device=device)
     except Exception as e:
         fail(f"model {args.model!r}", e)
     train_rows, eval_rows = split_eval(rows, args.eval_size, seed=args.seed)
     return model, tok, train_rows, eval_rows, GUANACO_PROMPTS
+
+
+def show_plan(config, args, quant, compute_dtype):
+    """Print the predicted peak GPU memory of a step at full length, and warn when the card has less free."""
+    plan = ml.plan_memory(config, args.batch_size, args.max_len, lora_r=args.lora_r,
+                          lora_targets=args.targets.split(","), quant=quant, compute_dtype=compute_dtype,
+                          offload=args.offload, lora_dropout=args.lora_dropout)
+    need = (plan["total"] + plan["cuda_context"]) / 2**30
+    print(f"predicted peak GPU memory at batch {args.batch_size} x {args.max_len} tokens: {need:.2f} GiB")
+    print(ml.format_plan(plan))
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0] / 2**30
+        if need > free:
+            print(f"warning: the GPU has {free:.2f} GiB free, less than the predicted {need:.2f} GiB; lower "
+                  "--batch-size or --max-len, or pass --offload", file=sys.stderr)
 
 
 def main(argv=None):
@@ -110,6 +131,7 @@ def main(argv=None):
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=tuple(args.targets.split(",")),
         precision=args.precision, seed=args.seed, resume=args.resume, eval_every=args.eval_every,
         save_every=args.save_every, log_every=args.log_every, pack=args.pack, offload_activations=args.offload,
+        fused=args.fused, compile=args.compile,
         optimizer=args.optimizer, sample_prompts=prompts,
     )
     history = ml.train(model, tok, train_rows, cfg, eval_rows=eval_rows)
