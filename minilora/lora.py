@@ -11,12 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .kernels import fused_lora_linear
-
-try:
-    import bitsandbytes as bnb
-except ImportError:  # quant=None still works without bitsandbytes
-    bnb = None
+from .kernels.lora4bit import dequantize, fused_lora_linear, is_4bit
 
 
 class LoRALinear(nn.Module):
@@ -75,32 +70,16 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def _is_4bit(module: nn.Module) -> bool:
-    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
-
-
 def _compute_dtype(base: nn.Module) -> torch.dtype:
-    if _is_4bit(base):
+    if is_4bit(base):
         return base.compute_dtype or torch.float32
     return base.weight.dtype
-
-
-def dequantized_weight(base: nn.Module) -> torch.Tensor:
-    """The base weight as an fp32 tensor (out, in)."""
-    if not _is_4bit(base):
-        return base.weight.float()
-    w = base.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
-        # On CPUs with AVX512-BF16, bnb repacks a 4-bit weight for its inference kernel at the first eval
-        # forward (load_model turns that off); dequantize_4bit cannot read that layout, so restore it first.
-        w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-    return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
 
 
 @torch.no_grad()
 def plain_linear(base: nn.Module, extra: torch.Tensor | None = None) -> nn.Linear:
     """An `nn.Linear` in the base's compute dtype holding its (dequantized) weight, plus `extra` if given."""
-    w = dequantized_weight(base)
+    w = dequantize(base, torch.float32)  # (out, in)
     out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                     dtype=_compute_dtype(base), device=w.device)
     out.weight.copy_(w if extra is None else w + extra)
@@ -110,7 +89,7 @@ def plain_linear(base: nn.Module, extra: torch.Tensor | None = None) -> nn.Linea
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_4bit(module)
+    return isinstance(module, nn.Linear) or is_4bit(module)
 
 
 def add_lora(
@@ -179,7 +158,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         _replace(model, name, layer.merge())
     for name, module in list(model.named_modules()):
-        if _is_4bit(module):
+        if is_4bit(module):
             _replace(model, name, plain_linear(module))
     if getattr(model, "hf_quantizer", None) is not None:  # the config must not claim 4-bit weights any more
         model.hf_quantizer.remove_quantization_config(model)

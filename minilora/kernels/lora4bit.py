@@ -30,28 +30,33 @@ except ImportError:  # plain nn.Linear bases work without bitsandbytes
     bnb = None
 
 
-def _is_4bit(base: nn.Module) -> bool:
-    return bnb is not None and isinstance(base, bnb.nn.Linear4bit)
+def is_4bit(module: nn.Module) -> bool:
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _standard_layout(w):
+    """The 4-bit weight in bnb's standard layout. On CPUs with AVX512-BF16, bnb repacks it for its
+    inference-only kernel at the first eval forward (load_model turns that off); dequantize_4bit reads only
+    the standard layout, so restore it, once, in place."""
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return w
+
+
+def dequantize(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W (out, in) in `dtype`: a fresh dequantized copy for a 4-bit base, the (cast) parameter otherwise."""
+    if not is_4bit(base):
+        return base.weight.to(dtype)
+    w = _standard_layout(base.weight)
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)  # a no-op cast in the usual case
 
 
 def _base_forward(x: torch.Tensor, base: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b, (N, in) -> (N, out), in x's dtype; a 4-bit W is dequantized into a temporary only."""
-    if not _is_4bit(base):
+    if not is_4bit(base):
         return F.linear(x, base.weight.to(x.dtype), bias)
-    w = base.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
-        # bnb repacks CPU weights for its inference-only kernel at an eval forward (load_model turns that off);
-        # the backward's dequantize_4bit reads only the standard layout, so restore it, once, in place.
-        w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    w = _standard_layout(base.weight)
     return bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state, bias=bias)  # x @ W^T; grad is off in here
-
-
-def _weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W (out, in) in `dtype`: a fresh dequantized copy for a 4-bit base, the parameter itself otherwise."""
-    if not _is_4bit(base):
-        return base.weight.to(dtype)
-    w = base.weight
-    return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)  # a no-op cast in the usual case
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -81,7 +86,7 @@ class LoRALinearFunction(torch.autograd.Function):
         grad_bias = dy.sum(0) if need_bias else None
         grad_x = grad_xd = None
         if need_x:
-            W = _weight(ctx.base, dy.dtype)  # (out, in)
+            W = dequantize(ctx.base, dy.dtype)  # (out, in)
             grad_x = torch.mm(dy, W)  # (N, in)
             del W  # freed at once, before anything else is allocated
             if ctx.shared_input:
