@@ -133,6 +133,9 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     if not step:
         log({"step": 0, "train_rows": stats.rows, "examples": len(examples), "skipped_rows": dict(stats.skipped),
              "truncated_rows": stats.truncated, "supervised_tokens": stats.supervised})
+        if cfg.progress:
+            print(f"{len(examples)} examples from {stats.rows} rows, {stats.supervised} supervised tokens; "
+                  f"{stats.truncated} truncated to {cfg.max_len} tokens; skipped: {dict(stats.skipped) or 'none'}")
         if evals:  # the baseline the eval curve is read against
             log_eval()
         _sample(model, tokenizer, cfg, step, log)
