@@ -4,7 +4,7 @@ Ids are built segment by segment (BOS id, prompt, answer, EOS id), never by toke
 sentencepiece pieces depend on what precedes them, the literal text "<s>" is not BOS, and HF turns a literal
 "</s>" inside user text into a real EOS id unless told not to.
 
-Inspect a dataset:  python -m minilora.data inspect rows.jsonl --tokenizer path/to/tokenizer [--max-len 1024]
+Inspect a dataset:  python -m minilora inspect rows.jsonl --tokenizer path/to/tokenizer [--max-len 1024]
 """
 
 from __future__ import annotations
@@ -415,7 +415,7 @@ def _show(ex: dict, tok, color: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minilora.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minilora", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show encoded examples, supervised tokens marked, and dataset totals")
     p.add_argument("source", help="a .jsonl/.json/.parquet/.csv file or a hub dataset id")
