@@ -140,7 +140,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             log_eval()
         _sample(model, tokenizer, cfg, step, log)
     model.train()
-    tokens_seen, t0 = 0, time.perf_counter()
+    tokens_seen, loss_seen, t0 = 0, 0.0, time.perf_counter()  # since the last log line
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -159,7 +159,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                 loss_sum += loss.detach()
             scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            loss_value = loss_sum.item() / n_step
+            loss_total = loss_sum.item()
+            loss_value = loss_total / n_step
             if not math.isfinite(loss_value) or (not math.isfinite(grad_norm) and not scaler.is_enabled()):
                 # with a GradScaler an inf grad norm is an overflow: scaler.step() skips it and lowers the scale
                 raise FloatingPointError(
@@ -170,16 +171,17 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += n_step
+            tokens_seen, loss_seen = tokens_seen + n_step, loss_seen + loss_total
             rate = tokens_seen / (time.perf_counter() - t0)  # supervised tokens per second since the last log
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}",
                             refresh=False)
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
-                log({"step": step, "epoch": round(step * cfg.grad_accum / per_epoch, 4), "loss": loss_value,
-                     "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": rate,
+                # the token-weighted mean over the steps since the last line, not the last step's alone
+                log({"step": step, "epoch": round(step * cfg.grad_accum / per_epoch, 4),
+                     "loss": loss_seen / tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": rate,
                      "peak_mem_gib": _peak_gib(device)})
-                tokens_seen, t0 = 0, time.perf_counter()
+                tokens_seen, loss_seen, t0 = 0, 0.0, time.perf_counter()
             if evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 log_eval()
             if cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps:
