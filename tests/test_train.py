@@ -180,3 +180,12 @@ def test_config_errors(base_dir, tmp_path):
     ml.add_lora(model, r=4, alpha=8)  # fp16 LoRA weights
     with pytest.raises(ValueError, match="fp16 needs fp32 LoRA weights"):
         ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(tmp_path), precision="fp16", progress=False))
+
+
+@pytest.mark.parametrize("overrides", [dict(pack=True, max_len=96), dict(optimizer="adamw_8bit"),
+                                       dict(grad_accum=2, group_by_length=True)])
+def test_loop_options_train(base_dir, tmp_path, overrides):
+    _, _, history = run(base_dir, tmp_path, max_steps=20, schedule="constant", lora_dropout=0.0, lr=3e-2, **overrides)
+    steps = losses(history)
+    assert all(map(torch.isfinite, map(torch.tensor, steps)))
+    assert sum(steps[-3:]) < 0.95 * sum(steps[:3])
