@@ -82,8 +82,9 @@ def load(args, device):
         from minilora.tiny import build_base, instruction_rows
 
         base = os.path.join(args.output_dir, "base")
-        print(f"building a tiny pretrained LLaMA-2 in {base} ...")
-        build_base(base, steps=args.pretrain_steps, seed=args.seed)
+        if not os.path.isfile(os.path.join(base, "config.json")):  # a resumed run keeps the base it started on
+            print(f"building a tiny pretrained LLaMA-2 in {base} ...")
+            build_base(base, steps=args.pretrain_steps, seed=args.seed)
         show_plan(AutoConfig.from_pretrained(base), args, quant, compute_dtype)
         model, tok = ml.load_model(base, quant=quant, compute_dtype=compute_dtype, device=device)
         train_rows = instruction_rows(800, seed=args.seed)

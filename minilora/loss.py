@@ -64,7 +64,7 @@ def supervised_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     keep = targets != IGNORE
     rows = hidden[:, :-1][keep]  # (N, H): only supervised positions reach the vocabulary projection
     y = targets[keep]  # (N,)
-    if (y < 0).any() or (y >= weight.shape[0]).any():
+    if not ((y >= 0) & (y < weight.shape[0])).all():  # one host sync; a bad id would index out of range
         raise ValueError(f"labels must be -100 or token ids below the vocabulary size {weight.shape[0]}")
     return ChunkedCrossEntropy.apply(rows, weight, y, chunk_size), y.numel()
 
