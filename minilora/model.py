@@ -97,20 +97,23 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool = 
         lora.fused = fused
     for layer in model.model.layers:
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward
-        forward = torch.compile(layer.forward) if compile else layer.forward
-        if gradient_checkpointing:
-            forward = functools.partial(_checkpointed, forward, offload)
-        if compile or gradient_checkpointing:
-            layer.forward = forward
+        if gradient_checkpointing or compile:
+            train_forward = torch.compile(layer.forward) if compile else layer.forward
+            layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, gradient_checkpointing,
+                                              offload)
     return model
 
 
-def _checkpointed(forward, offload: bool, *args, **kwargs):
-    """Run one decoder layer, keeping only its inputs for the backward pass, which recomputes the rest."""
+def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *args, **kwargs):
+    """One decoder layer. With grads on: the (compiled) forward, checkpointed so that only its inputs are kept
+    and the backward recomputes the rest. Without grads (evaluation, generation with a KV cache): eager, which
+    needs no recompiles for the cache's changing shapes and keeps nothing anyway."""
     if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
+        return eager(*args, **kwargs)
+    if not checkpointing:
+        return train_forward(*args, **kwargs)
     # The inputs are saved through autograd's saved-tensor hooks, so save_on_cpu moves just them; the
     # layer's inner activations are never saved at all.
     pin = offload and torch.cuda.is_available()
     with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(train_forward, *args, use_reentrant=False, **kwargs)
