@@ -140,11 +140,12 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             log_eval()
         _sample(model, tokenizer, cfg, step, log)
     model.train()
-    tokens_seen, loss_seen, t0 = 0, 0.0, time.perf_counter()  # since the last log line
+    tokens_seen, loss_seen, seconds = 0, 0.0, 0.0  # since the last log line; seconds of training steps only
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         while step < total_steps:
+            t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             # Normalise by the supervised tokens of the whole optimizer step, so that batch 4 x accumulation 1
             # and batch 1 x accumulation 4 give the same gradient (a per-micro-batch mean would weight short
@@ -172,16 +173,17 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             opt.zero_grad(set_to_none=True)
             step += 1
             tokens_seen, loss_seen = tokens_seen + n_step, loss_seen + loss_total
-            rate = tokens_seen / (time.perf_counter() - t0)  # supervised tokens per second since the last log
+            seconds += time.perf_counter() - t0  # the optimizer's queued GPU work lands in the next step's wait
+            rate = tokens_seen / seconds  # supervised tokens per second of training, evals and saves excluded
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}",
                             refresh=False)
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
                 # the token-weighted mean over the steps since the last line, not the last step's alone
                 log({"step": step, "epoch": round(step * cfg.grad_accum / per_epoch, 4),
-                     "loss": loss_seen / tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": rate,
-                     "peak_mem_gib": _peak_gib(device)})
-                tokens_seen, loss_seen, t0 = 0, 0.0, time.perf_counter()
+                     "loss": loss_seen / tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                     "tokens_per_s": rate, "peak_mem_gib": _peak_gib(device)})
+                tokens_seen, loss_seen, seconds = 0, 0.0, 0.0
             if evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 log_eval()
             if cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps:
