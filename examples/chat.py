@@ -10,6 +10,7 @@ import sys
 import torch
 
 import minilora as ml
+from minilora.train import PRECISIONS
 
 
 def main(argv=None):
@@ -20,13 +21,13 @@ def main(argv=None):
     p.add_argument("--system", help="system prompt for the conversation")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the (dequantized) weights first")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--precision", choices=list(PRECISIONS), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--max-new-tokens", type=int, default=256)
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    precision = args.precision or ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = PRECISIONS[precision]
     model, tok = ml.load_model(args.model, quant=None if args.quant == "none" else args.quant,
                                compute_dtype=dtype, device=device)
     if args.adapter:

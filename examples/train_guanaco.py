@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 import minilora as ml
 from minilora.data import split_eval
+from minilora.train import PRECISIONS
 
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated linear names")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--precision", choices=list(PRECISIONS), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", help="a checkpoint dir, or 'latest'")
     p.add_argument("--eval-every", type=int, help="steps between evaluations on the held-out split")
@@ -76,7 +77,7 @@ def fail(what: str, error: Exception):
 
 def load(args, device):
     """(model, tokenizer, train_rows, eval_rows, sample prompts) for the preset or the given model and data."""
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    compute_dtype = PRECISIONS[args.precision]
     quant = None if args.quant == "none" else args.quant
     if args.preset == "tiny":
         from minilora.tiny import build_base, instruction_rows
