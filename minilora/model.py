@@ -20,8 +20,11 @@ def load_tokenizer(name_or_dir: str):
     """
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir)
-    except ImportError as e:  # a bare tokenizer.model is converted through protobuf
-        raise ImportError(f"loading the tokenizer from {name_or_dir!r} needs {e}; pip install protobuf sentencepiece") from e
+    except (ImportError, ValueError, OSError) as e:  # transformers' own message can blame an unrelated format
+        raise ValueError(
+            f"could not load a tokenizer from {name_or_dir!r}: {str(e).splitlines()[0]}; a LLaMA tokenizer is a dir "
+            "or hub id with tokenizer.json, or with a sentencepiece tokenizer.model (needs sentencepiece and protobuf)"
+        ) from e
     probe = tok.encode("hello world", add_special_tokens=False)
     if len(tok) <= 3 or not probe:
         raise ValueError(
