@@ -115,27 +115,8 @@ def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *ar
         return eager(*args, **kwargs)
     if not checkpointing:
         return train_forward(*args, **kwargs)
-    # The inputs are saved through autograd's saved-tensor hooks, so offloading hooks move just them; the
+    # The inputs are saved through autograd's saved-tensor hooks, so save_on_cpu moves just them; the
     # layer's inner activations are never saved at all.
-    with _offloaded() if offload else contextlib.nullcontext():
+    pin = offload and torch.cuda.is_available()
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
         return checkpoint(train_forward, *args, use_reentrant=False, **kwargs)
-
-
-def _offloaded():
-    """Saved-tensor hooks that keep CUDA tensors in pinned CPU memory until the backward needs them.
-
-    Both copies are queued on the current stream without waiting (non_blocking): stream order already puts
-    the copy out before any reuse of the GPU memory and the copy back after the copy out, so the host never
-    stalls (torch's save_on_cpu waits for every copy out)."""
-    def pack(t):
-        if t.device.type != "cuda":
-            return None, t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return t.device, host
-
-    def unpack(packed):
-        device, t = packed
-        return t if device is None else t.to(device, non_blocking=True)
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
