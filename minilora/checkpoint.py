@@ -112,11 +112,12 @@ def _check_supported(config: dict, where: str):
             problems.append(f"{key}=true")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r}")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save={config['modules_to_save']}")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if config.get(key):  # per-layer ranks, scalings or layer subsets: one (r, alpha) cannot describe them
+            problems.append(f"{key}={config[key]}")
     if problems or "r" not in config or "lora_alpha" not in config or "target_modules" not in config:
         raise ValueError(f"unsupported adapter config in {where}: {problems or 'missing r, lora_alpha or target_modules'}; "
-                         "minilora loads plain LoRA adapters (bias 'none', no rsLoRA/DoRA, no modules_to_save)")
+                         "minilora loads plain LoRA adapters (bias 'none', one r and alpha, no rsLoRA/DoRA, no modules_to_save)")
 
 
 def atomic_dir(out_dir: str, write) -> None:

@@ -214,6 +214,15 @@ def test_bad_inputs(base_dir, tmp_path):
     ml.add_lora(other, targets=ALL_SEVEN, r=8, alpha=16)  # more layers than the file has
     with pytest.raises(ValueError, match="missing keys"):
         ml.load_adapter(other, tmp_path / "a")
+    import json
+
+    config_path = tmp_path / "a" / "adapter_config.json"
+    good_config = config_path.read_text()
+    config_path.write_text(json.dumps({**json.loads(good_config), "rank_pattern": {"q_proj": 4}}))
+    with pytest.raises(ValueError, match="unsupported adapter config.*rank_pattern"):
+        ml.load_adapter(load(base_dir, None), tmp_path / "a")
+    config_path.write_text(good_config)
+
     wider = load(base_dir, None)
     ml.add_lora(wider, r=16, alpha=32)  # same scaling, other shapes
     with pytest.raises(ValueError, match="shape mismatches"):
