@@ -106,8 +106,6 @@ def add_lora(
     """
     if isinstance(targets, str):
         targets = (targets,)
-    if r <= 0:
-        raise ValueError(f"LoRA rank r={r} must be a positive integer, e.g. r=8 or r=64")
     linears = [n for n, m in model.named_modules() if _is_linear(m) and not n.endswith(("lora_A", "lora_B"))]
     names = [n for n in linears if n.split(".")[-1] in targets and not n.endswith("lm_head")]
     if not names:
