@@ -75,7 +75,6 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     """
     _check(cfg)
     device = next(model.parameters()).device
-    dtype = PRECISIONS[cfg.precision]
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
         # fp16 keeps fp32 LoRA weights: fp16 Adam updates would underflow, and the GradScaler refuses fp16 grads
@@ -154,7 +153,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             loss_sum = torch.zeros((), device=device)
             for b in micro:
                 b = {k: v.to(device) for k, v in b.items()}
-                with torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != "fp32"):
+                with _autocast(device, cfg.precision):
                     loss, _ = causal_lm_loss(model, b, cfg.loss_chunk)
                 scaler.scale(loss / n_step).backward()
                 loss_sum += loss.detach()
@@ -210,10 +209,9 @@ def evaluate(model, examples, collate, cfg: TrainConfig) -> float:
     was_training = model.training
     model.eval()
     device, total, n = next(model.parameters()).device, 0.0, 0
-    dtype = PRECISIONS[cfg.precision]
     for i in range(0, len(examples), cfg.batch_size):
         b = {k: v.to(device) for k, v in collate(examples[i : i + cfg.batch_size]).items()}
-        with torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != "fp32"):
+        with _autocast(device, cfg.precision):
             loss, count = causal_lm_loss(model, b, cfg.loss_chunk)
         total, n = total + loss.item(), n + count
     model.train(was_training)
@@ -226,7 +224,7 @@ def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str 
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     device = next(model.parameters()).device
     ids = torch.tensor([encode_prompt(turns, tokenizer)], device=device)
-    with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+    with _autocast(device, precision):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
@@ -252,6 +250,11 @@ def _sample(model, tokenizer, cfg, step, log):
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _autocast(device: torch.device, precision: str):
+    """Mixed precision for "bf16" and "fp16"; plain fp32 compute for "fp32"."""
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 
 def _check(cfg: TrainConfig):
