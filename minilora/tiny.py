@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import os
+import random
 
 from transformers import LlamaConfig
+
+from .data import render_chat
 
 
 def train_tokenizer(texts, out_dir: str, vocab_size: int = 512) -> str:
@@ -53,8 +56,6 @@ def instruction_rows(n: int, seed: int = 0) -> list[str]:
 
     The tasks can be learned by a tiny model from the prompt alone: copy, count, compare, opposites.
     """
-    import random
-
     rng = random.Random(seed)
 
     def task():
@@ -73,15 +74,14 @@ def instruction_rows(n: int, seed: int = 0) -> list[str]:
 
     rows = []
     for _ in range(n):
-        turns = [task() for _ in range(1 + (rng.random() < 0.3))]
-        rows.append("".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns))
+        pairs = [task() for _ in range(1 + (rng.random() < 0.3))]
+        rows.append(render_chat([{"role": role, "content": text} for q, a in pairs
+                                 for role, text in (("user", q), ("assistant", a))]))
     return rows
 
 
 def _plain_sentences(n: int, seed: int) -> list[str]:
     """Ordinary sentences over the demo's words, with no chat markup: what the tiny base is pretrained on."""
-    import random
-
     rng = random.Random(seed)
     out = []
     for _ in range(n):
