@@ -10,7 +10,7 @@ import sys
 import torch
 
 import minilora as ml
-from minilora.train import PRECISIONS
+from minilora.train import PRECISIONS, default_precision
 
 
 def main(argv=None):
@@ -21,13 +21,13 @@ def main(argv=None):
     p.add_argument("--system", help="system prompt for the conversation")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the (dequantized) weights first")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
-    p.add_argument("--precision", choices=list(PRECISIONS), help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="default: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on a CPU")
     p.add_argument("--max-new-tokens", type=int, default=256)
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = args.precision or ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    dtype = PRECISIONS[precision]
+    dtype = PRECISIONS[args.precision or default_precision(device)]
     model, tok = ml.load_model(args.model, quant=None if args.quant == "none" else args.quant,
                                compute_dtype=dtype, device=device)
     if args.adapter:
@@ -40,11 +40,8 @@ def main(argv=None):
 
     def answer(message: str) -> str:
         turns.append({"role": "user", "content": message})
-        reply = ml.generate(model, tok, turns, args.max_new_tokens, precision)
-        if reply:
-            turns.append({"role": "assistant", "content": reply})
-        else:  # the template has no empty answers: forget the exchange
-            turns.pop()
+        reply = ml.generate(model, tok, turns, args.max_new_tokens)  # in the model's compute dtype
+        turns.append({"role": "assistant", "content": reply})  # an empty reply is a turn too
         return reply
 
     if args.prompt:

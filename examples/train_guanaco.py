@@ -4,7 +4,9 @@
     python examples/train_guanaco.py --preset tiny       # offline demo on the CPU, about two minutes
     python examples/train_guanaco.py --model DIR --dataset rows.jsonl --max-steps 100
 
-The adapter lands in OUTPUT_DIR/adapter/ in PEFT's format; `examples/chat.py` talks to it.
+The rows are read, checked and encoded before the model loads, so a bad dataset fails in seconds. Malformed
+rows are skipped and counted (--strict stops at the first). The adapter lands in OUTPUT_DIR/adapter/ in PEFT's
+format; `examples/chat.py` talks to it.
 """
 
 import argparse
@@ -12,11 +14,11 @@ import os
 import sys
 
 import torch
-from transformers import AutoConfig
 
 import minilora as ml
-from minilora.data import split_eval
-from minilora.train import PRECISIONS
+from minilora.data import check_eval_size
+from minilora.model import load_config
+from minilora.train import PRECISIONS, default_precision
 
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
@@ -47,11 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated linear names")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
-    p.add_argument("--precision", choices=list(PRECISIONS), help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="default: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on a CPU")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", help="a checkpoint dir, or 'latest'")
     p.add_argument("--eval-every", type=int, help="steps between evaluations on the held-out split")
-    p.add_argument("--eval-size", type=float, default=0.05, help="held-out fraction (or count) of the rows")
+    p.add_argument("--eval-size", type=eval_size, default=0.05,
+                   help="held-out rows: a fraction below 1 (0.05), a whole number (50), or 0 for no evaluation")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping it")
     p.add_argument("--save-every", type=int)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--pack", action="store_true", help="pack several examples into each row")
@@ -68,41 +73,74 @@ def parse_args(argv=None):
     return args
 
 
-def fail(what: str, error: Exception):
-    print(f"error: could not load {what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
-          "Without a network, run the offline demo:  python examples/train_guanaco.py --preset tiny\n"
-          "or point at local files:  --model /path/to/llama-2-dir --dataset rows.jsonl", file=sys.stderr)
+def eval_size(text: str) -> float | int:
+    """--eval-size: "0.05" reads as a fraction and "50" as a number of rows; split_eval's rule checks both."""
+    try:
+        return check_eval_size(int(text) if text.isdigit() else float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def fail(message: str, offline_hint: bool = False):
+    print(f"error: {message}", file=sys.stderr)
+    if offline_hint:
+        print("Without a network, run the offline demo:  python examples/train_guanaco.py --preset tiny\n"
+              "or point at local files:  --model /path/to/llama-2-dir --dataset rows.jsonl", file=sys.stderr)
     sys.exit(2)
 
 
-def load(args, device):
-    """(model, tokenizer, train_rows, eval_rows, sample prompts) for the preset or the given model and data."""
-    compute_dtype = PRECISIONS[args.precision]
-    quant = None if args.quant == "none" else args.quant
+def attempt(what: str, load):
+    """load(), or exit with one clear message: missing files, network and hub errors, a non-LLaMA model."""
+    try:
+        return load()
+    except Exception as e:
+        fail(f"could not load {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+             offline_hint=isinstance(e, OSError))
+
+
+def load_data(args, cfg):
+    """(model source, its config, tokenizer, train data, eval data or None): the rows read, split and encoded,
+    and the model's config checked, before any weight loads."""
     if args.preset == "tiny":
         from minilora.tiny import build_base, instruction_rows
 
-        base = os.path.join(args.output_dir, "base")
-        if not os.path.isfile(os.path.join(base, "config.json")):  # a resumed run keeps the base it started on
-            print(f"building a tiny pretrained LLaMA-2 in {base} ...")
-            build_base(base, steps=args.pretrain_steps, seed=args.seed)
-        show_plan(AutoConfig.from_pretrained(base), args, quant, compute_dtype)
-        model, tok = ml.load_model(base, quant=quant, compute_dtype=compute_dtype, device=device)
-        train_rows = instruction_rows(800, seed=args.seed)
-        seen = set(train_rows)
-        eval_rows = [r for r in instruction_rows(80, seed=args.seed + 1) if r not in seen]  # held out
-        return model, tok, train_rows, eval_rows, TINY_PROMPTS
+        source = os.path.join(args.output_dir, "base")
+        if not os.path.isfile(os.path.join(source, "config.json")):  # a resumed run keeps the base it started on
+            print(f"building a tiny pretrained LLaMA-2 in {source} ...")
+            build_base(source, steps=args.pretrain_steps, seed=args.seed)
+        rows = instruction_rows(800, seed=args.seed)
+        seen = set(rows)
+        held_out = [r for r in instruction_rows(80, seed=args.seed + 1) if r not in seen] if args.eval_size else []
+        parts = [range(len(rows)), range(len(rows), len(rows) + len(held_out))]
+        rows += held_out
+    else:
+        source = args.model
+        rows = attempt(f"dataset {args.dataset!r}", lambda: ml.load_rows(args.dataset))
+        try:
+            parts = ml.split_eval(range(len(rows)), args.eval_size, seed=args.seed)
+        except ValueError as e:
+            fail(str(e))
+    config = attempt(f"model {source!r}", lambda: load_config(source))
+    tok = attempt(f"tokenizer of {source!r}", lambda: ml.load_tokenizer(source))
+    train_data, eval_data = (encode(rows, index, tok, cfg, args.strict) if index else None for index in parts)
+    malformed = sorted(m for data in (train_data, eval_data) if data for m in data[1].malformed)
+    if malformed:
+        shown = ", ".join(f"{i} ({reason})" for i, reason in malformed[:5]) + (" ..." if len(malformed) > 5 else "")
+        print(f"skipped {len(malformed)} malformed rows of {len(rows)}: {shown}; --strict stops at the first")
+    return source, config, tok, train_data, eval_data
+
+
+def encode(rows, index, tok, cfg, strict: bool):
+    """encode_rows over rows[i] for i in index; a malformed row is named by its place in the whole dataset."""
     try:
-        rows = ml.load_rows(args.dataset)
-    except Exception as e:  # missing files, network and hub errors: one clear message, no stack trace
-        fail(f"dataset {args.dataset!r}", e)
-    try:
-        show_plan(AutoConfig.from_pretrained(args.model), args, quant, compute_dtype)
-        model, tok = ml.load_model(args.model, quant=quant, compute_dtype=compute_dtype, device=device)
-    except Exception as e:
-        fail(f"model {args.model!r}", e)
-    train_rows, eval_rows = split_eval(rows, args.eval_size, seed=args.seed)
-    return model, tok, train_rows, eval_rows, GUANACO_PROMPTS
+        examples, stats = ml.encode_rows([rows[i] for i in index], tok, cfg.max_len, skip_malformed=not strict)
+    except ml.MalformedRow as e:
+        e.index = index[e.index]
+        fail(str(e))
+    except ValueError as e:  # no example left
+        fail(str(e))
+    stats.malformed = [(index[i], reason) for i, reason in stats.malformed]
+    return examples, stats
 
 
 def show_plan(config, args, quant, compute_dtype):
@@ -113,30 +151,35 @@ def show_plan(config, args, quant, compute_dtype):
     need = (plan["total"] + plan["cuda_context"]) / 2**30
     print(f"predicted peak GPU memory at batch {args.batch_size} x {args.max_len} tokens: {need:.2f} GiB")
     print(ml.format_plan(plan))
-    if torch.cuda.is_available():
-        free = torch.cuda.mem_get_info()[0] / 2**30
-        if need > free:
-            print(f"warning: the GPU has {free:.2f} GiB free, less than the predicted {need:.2f} GiB; lower "
-                  "--batch-size or --max-len, or pass --offload", file=sys.stderr)
+    free = torch.cuda.mem_get_info()[0] / 2**30
+    if need > free:
+        print(f"warning: the GPU has {free:.2f} GiB free, less than the predicted {need:.2f} GiB; lower "
+              "--batch-size or --max-len, or pass --offload", file=sys.stderr)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.precision is None:
-        args.precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     torch.manual_seed(args.seed)
-    model, tok, train_rows, eval_rows, prompts = load(args, device)
-    cfg = ml.TrainConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, max_len=args.max_len, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=tuple(args.targets.split(",")),
-        precision=args.precision, seed=args.seed, resume=args.resume, eval_every=args.eval_every,
-        save_every=args.save_every, log_every=args.log_every, pack=args.pack, offload_activations=args.offload,
-        fused=args.fused, compile=args.compile,
-        optimizer=args.optimizer, sample_prompts=prompts,
-    )
-    history = ml.train(model, tok, train_rows, cfg, eval_rows=eval_rows)
+    try:  # every setting is checked here, before anything loads
+        cfg = ml.TrainConfig(
+            output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
+            grad_accum=args.grad_accum, lr=args.lr, max_len=args.max_len, lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=tuple(args.targets.split(",")),
+            precision=args.precision or default_precision(device), seed=args.seed, resume=args.resume,
+            eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, pack=args.pack,
+            offload_activations=args.offload, fused=args.fused, compile=args.compile, optimizer=args.optimizer,
+            sample_prompts=TINY_PROMPTS if args.preset == "tiny" else GUANACO_PROMPTS,
+        )
+    except ValueError as e:
+        fail(str(e))
+    source, config, tok, train_data, eval_data = load_data(args, cfg)
+    quant, compute_dtype = None if args.quant == "none" else args.quant, PRECISIONS[cfg.precision]
+    if device == "cuda":  # the plan is GPU memory: nothing to say on a CPU run
+        show_plan(config, args, quant, compute_dtype)
+    model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
+        source, quant=quant, compute_dtype=compute_dtype, device=device))
+    history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
     return report(history, cfg, args.preset == "tiny")
 
 

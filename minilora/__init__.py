@@ -1,17 +1,26 @@
 """minilora: compact, hand-rolled QLoRA fine-tuning of LLaMA 2."""
 
-from .checkpoint import load_adapter, save_adapter
-from .data import Collator, encode_chat, load_rows, render_chat
-from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora
-from .model import load_model, load_tokenizer, prepare_for_training
-from .plan import format_plan, plan_memory
-from .train import TrainConfig, generate, train
+import logging
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is missing. The
+# kernel it names only speeds up bnb's packed CPU inference path, which has a built-in fallback and which
+# minilora turns off (model.load_model), so the line is noise on every run. The filter drops that one message
+# and nothing else; it must be in place before bitsandbytes is first imported (by .checkpoint, through .lora).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+from .checkpoint import load_adapter, save_adapter  # noqa: E402
+from .data import Collator, MalformedRow, encode_chat, encode_rows, load_rows, render_chat, split_eval  # noqa: E402
+from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
+from .model import load_model, load_tokenizer, prepare_for_training  # noqa: E402
+from .plan import format_plan, plan_memory  # noqa: E402
+from .train import TrainConfig, generate, train  # noqa: E402
 
 __all__ = [
     "LoRALinear", "add_lora", "lora_state_dict", "mark_only_lora_trainable", "merge_lora",
     "load_model", "load_tokenizer", "prepare_for_training",
     "load_adapter", "save_adapter",
-    "Collator", "encode_chat", "load_rows", "render_chat",
+    "Collator", "MalformedRow", "encode_chat", "encode_rows", "load_rows", "render_chat", "split_eval",
     "TrainConfig", "generate", "train",
     "format_plan", "plan_memory",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 
 import torch
@@ -19,6 +20,10 @@ from .lora import add_lora, lora_layers, lora_state_dict
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+
+
+class CorruptFile(ValueError):
+    """An adapter or training-state file that cannot be read back: truncated, or not what its name says."""
 
 
 def adapter_config(model: torch.nn.Module) -> dict:
@@ -66,6 +71,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
     """Load an adapter saved by minilora or PEFT. Adds the LoRA layers first if the model has none.
 
     Raises on missing, unexpected or mis-shaped keys: a silently half-loaded adapter is the base model.
+    Every check runs before a weight is copied, and LoRA layers added here are removed again when one fails,
+    so a failed load leaves the model as it was.
     """
     config_path, weights_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
     for path in (config_path, weights_path):
@@ -76,16 +83,32 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
             config = json.load(f)
         state = load_file(weights_path)
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise ValueError(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
+        raise CorruptFile(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
     _check_supported(config, adapter_dir)
-    if not lora_layers(model):
-        targets = config["target_modules"]
-        add_lora(model, targets=[targets] if isinstance(targets, str) else targets,
-                 r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0))
-    layers = lora_layers(model)
-    if {m.scaling for m in layers.values()} != {config["lora_alpha"] / config["r"]}:
-        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = {config['lora_alpha']}/{config['r']}")
+    added, trainable = not lora_layers(model), {p: p.requires_grad for p in model.parameters()}
+    try:
+        if added:
+            targets = config["target_modules"]
+            add_lora(model, targets=[targets] if isinstance(targets, str) else targets,
+                     r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0))
+        pairs = _matched_weights(model, state, config, adapter_dir)
+    except Exception:
+        if added:  # undo add_lora: the base linears back in place, requires_grad as it was
+            for name, layer in lora_layers(model).items():
+                model.set_submodule(name, layer.base)
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+        raise
+    with torch.no_grad():
+        for param, value in pairs:
+            param.copy_(value)
+    return model
 
+
+def _matched_weights(model, state: dict, config: dict, adapter_dir: str) -> list[tuple]:
+    """[(the model's LoRA weight, the file's tensor for it)], once every tensor is known to fit one to one."""
+    if {m.scaling for m in lora_layers(model).values()} != {config["lora_alpha"] / config["r"]}:
+        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = {config['lora_alpha']}/{config['r']}")
     own = lora_state_dict(model)
     state = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in state.items()}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
@@ -97,10 +120,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}; "
             "load it onto the base model it was trained on"
         )
-    with torch.no_grad():
-        for k, param in own.items():
-            param.copy_(state[k])
-    return model
+    return [(param, state[k]) for k, param in own.items()]
 
 
 def _check_supported(config: dict, where: str):
@@ -139,6 +159,7 @@ def atomic_dir(out_dir: str, write) -> None:
 
 
 STATE_NAME = "training_state.pt"
+STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda"}  # what save_checkpoint writes
 
 
 def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, scaler, keep_last: int = 2) -> str:
@@ -170,12 +191,19 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler) -> int:
     """Restore the adapter, optimizer, schedule, scaler and RNGs from a checkpoint dir; return its step.
 
     torch.load(weights_only=True) reads tensors and plain containers only, so a checkpoint from elsewhere
-    cannot run code.
+    cannot run code. A file that cannot be read raises CorruptFile, naming it, before anything is restored.
     """
-    if not os.path.isfile(os.path.join(path, STATE_NAME)):
+    state_path = os.path.join(path, STATE_NAME)
+    if not os.path.isfile(state_path):
         raise FileNotFoundError(f"{path} is not a minilora checkpoint (no {STATE_NAME}); pass a checkpoint-STEP dir")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError):
+        # torch's own message would suggest weights_only=False, which lets the file run code: not repeated here
+        state = None
+    if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
+        raise CorruptFile(f"{state_path} cannot be read back: it is truncated or corrupt")
     load_adapter(model, path)
-    state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -183,6 +211,21 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler) -> int:
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state["step"]
+
+
+def resume_latest(model, output_dir: str, optimizer, scheduler, scaler) -> int:
+    """load_training_state from the newest checkpoint in output_dir that reads back; return its step, or 0.
+
+    A corrupt checkpoint (a file cut short by a full disk, say) is named and the one before it is tried.
+    """
+    found = _checkpoints(output_dir)
+    for path in reversed(found):
+        try:
+            return load_training_state(model, path, optimizer, scheduler, scaler)
+        except CorruptFile as e:
+            print(f"resume='latest': {e}; trying the checkpoint before it")
+    print(f"resume='latest': no {'readable ' if found else ''}checkpoint in {output_dir}, starting from step 0")
+    return 0
 
 
 def latest_checkpoint(output_dir: str) -> str | None:

@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
+from unittest import mock
 
 import torch
 
@@ -44,7 +45,9 @@ class MalformedRow(ValueError):
         excerpt = repr(self.row)
         excerpt = excerpt if len(excerpt) <= 100 else excerpt[:70] + " ... " + excerpt[-25:]
         where = "" if self.index is None else f" {self.index}"
-        hint = "" if self.index is None else "; skip_malformed=True skips and counts such rows"
+        hint = "" if self.index is None else (
+            "; TrainConfig(skip_malformed=True) or encode_rows(..., skip_malformed=True) skips and counts such "
+            "rows, as examples/train_guanaco.py does unless --strict")
         return f"malformed row{where}: {self.reason}: {excerpt}; {ROW_FORM}{hint}"
 
 
@@ -78,8 +81,9 @@ def parse_text(text: str) -> list[Turn]:
     """Parse a guanaco row, `<s>[INST] q [/INST] a </s><s>[INST] ...`, into turns.
 
     A turn's `<s>` may be missing and whitespace around markers is free. The first question may open with a
-    `<<SYS>>\\n...\\n<</SYS>>` block. A last `[INST] q [/INST]` without answer or `</s>` is a prompt: it
-    parses, with no assistant turn, and encode_chat refuses it.
+    `<<SYS>>\\n...\\n<</SYS>>` block. A question or an answer may be empty (`[INST]  [/INST] a </s>`,
+    `[INST] q [/INST]  </s>`), as a few guanaco rows have. A last `[INST] q [/INST]` without answer or `</s>`
+    is a prompt: it parses, with no assistant turn, and encode_chat refuses it.
     """
     def bad(reason: str) -> MalformedRow:
         return MalformedRow(reason, text)
@@ -122,12 +126,13 @@ def parse_text(text: str) -> list[Turn]:
             raise bad("<<SYS>> without <</SYS>>")
         turns[0]["content"] = rest.strip()
         turns.insert(0, {"role": "system", "content": system.strip()})
-    _pairs(turns, text)  # empty turns and the like are errors here already
+    _pairs(turns, text)  # roles out of order and the like are errors here already
     return turns
 
 
 def _pairs(messages: Any, row: Any) -> tuple[str | None, Pairs]:
-    """Check the roles and contents of a message list; return (system, [(question, answer), ...]), stripped."""
+    """Check the roles and contents of a message list; return (system, [(question, answer), ...]), stripped.
+    Empty contents are legal: an empty question is encoded as the template writes it, an empty answer is EOS."""
     if not isinstance(messages, (list, tuple)):
         raise MalformedRow("expected a guanaco string, a list of messages, or a dict with 'text' or 'messages'", row)
     system, pairs = None, []
@@ -142,8 +147,6 @@ def _pairs(messages: Any, row: Any) -> tuple[str | None, Pairs]:
             system = content or None
         elif role != expected:
             raise MalformedRow(f"roles out of order: message {j} is {role!r}, expected {expected!r}", row)
-        elif not content:
-            raise MalformedRow(f"empty {role} turn", row)
         elif role == "user":
             pairs.append((content, None))
         else:
@@ -186,6 +189,11 @@ def encode_chat(turns_or_text: list[Turn] | str | dict, tokenizer, max_len: int 
       3. once the prompt is down to a quarter of max_len, the answer's tail is cut instead (and its EOS).
     Raises MalformedRow for a bad row and SkipExample when no answer token fits.
     """
+    return _encode_chat(turns_or_text, tokenizer, max_len)[0]
+
+
+def _encode_chat(turns_or_text, tokenizer, max_len: int) -> tuple[dict, Pairs]:
+    """encode_chat's example, and the (question, answer) pairs that it kept."""
     system, pairs = _conversation(turns_or_text)
     if pairs[-1][1] is None:
         raise MalformedRow("the last question has no answer (encode_prompt is for generation)", turns_or_text)
@@ -206,7 +214,7 @@ def encode_chat(turns_or_text: list[Turn] | str | dict, tokenizer, max_len: int 
             raise SkipExample(f"max_len={max_len} leaves no room for an answer")
     input_ids = [i for p, a in segs for i in p + a]
     labels = [i for p, a in segs for i in [IGNORE] * len(p) + a]
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}, pairs
 
 
 def encode_prompt(turns_or_text: list[Turn] | str | dict, tokenizer) -> list[int]:
@@ -229,32 +237,45 @@ class DataStats:
     tokens: int = 0  # ids in the kept examples
     supervised: int = 0  # ids with a label
     truncated: int = 0  # kept examples that lost turns or tokens to max_len
+    empty_questions: int = 0  # kept turns with an empty question, "[INST]  [/INST] answer": trained on as written
+    empty_answers: int = 0  # kept turns with an empty answer, "[INST] q [/INST]  </s>": only their EOS is supervised
     skipped: Counter = field(default_factory=Counter)  # reason -> number of rows
+    malformed: list = field(default_factory=list)  # (index, reason) of each malformed row skipped
+
+    def summary(self, max_len: int) -> str:
+        """One line: what was kept, truncated, empty and skipped."""
+        return (f"{self.rows - sum(self.skipped.values())} examples from {self.rows} rows, {self.supervised} "
+                f"supervised tokens; {self.truncated} truncated to {max_len} tokens; empty questions: "
+                f"{self.empty_questions}, empty answers: {self.empty_answers}; skipped: {dict(self.skipped) or 'none'}")
 
 
 def encode_rows(rows: Iterable, tokenizer, max_len: int = 1024, skip_malformed: bool = False
                 ) -> tuple[list[dict], DataStats]:
     """encode_chat over rows (guanaco strings, {"text"} or {"messages"} dicts; a list or a datasets.Dataset).
 
-    A malformed row raises, or with skip_malformed=True is skipped and counted; a row with no room for an
-    answer is always skipped and counted.
+    A malformed row raises, or with skip_malformed=True is skipped and counted (with its index in
+    stats.malformed); a row with no room for an answer is always skipped and counted. train() takes the
+    returned (examples, stats) as they are, so data checked before the model loads is not encoded again.
     """
     examples, stats = [], DataStats()
     for i, row in enumerate(rows):
         stats.rows += 1
         try:
-            ex = encode_chat(row, tokenizer, max_len)
+            ex, pairs = _encode_chat(row, tokenizer, max_len)
         except MalformedRow as e:
             e.index = i
             if not skip_malformed:
                 raise
             stats.skipped[e.reason] += 1
+            stats.malformed.append((i, e.reason))
             continue
         except SkipExample as e:
             stats.skipped[e.reason] += 1
             continue
         examples.append(ex)
-        stats.turns += ex["input_ids"].count(tokenizer.bos_token_id)  # BOS opens every turn and nothing else
+        stats.turns += len(pairs)
+        stats.empty_questions += sum(not q for q, _ in pairs)
+        stats.empty_answers += sum(not a for _, a in pairs)
         stats.tokens += len(ex["input_ids"])
         stats.supervised += sum(label != IGNORE for label in ex["labels"])
         stats.truncated += ex["truncated"]
@@ -350,17 +371,27 @@ def batches(examples: list[dict], batch_size: int, seed: int = 0, shuffle: bool 
 _FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 
 
+def looks_local(name: str) -> bool:
+    """Whether a name can only be a local path: a hub id is "name" or "owner/name"."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def load_rows(source: str, split: str = "train", text_field: str = "text", messages_field: str = "messages") -> list:
     """Rows from a local .jsonl/.json/.parquet/.csv file or a hub id (datasets.load_dataset): the values of
-    text_field (guanaco strings) or, when there is none, of messages_field (message lists)."""
+    text_field (guanaco strings) or, when there is none, of messages_field (message lists).
+
+    Invalid JSON is reported with the file and its line. A name that is neither a file here nor a dataset on
+    the hub fails in seconds; a hub dataset loaded once before loads from the cache when the hub is out of
+    reach or HF_HUB_OFFLINE=1.
+    """
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source):
         if ext == ".jsonl":
-            with open(source, encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
+            with open(source, encoding="utf-8") as f:  # lines count from 1, blank ones included, as in an editor
+                records = [_json(line, source, n) for n, line in enumerate(f, 1) if line.strip()]
         elif ext == ".json":
             with open(source, encoding="utf-8") as f:
-                records = json.load(f) if os.path.getsize(source) else []
+                records = _json(f.read(), source) if os.path.getsize(source) else []
         elif ext == ".parquet":
             import pyarrow.parquet as pq
             records = pq.read_table(source).to_pylist()
@@ -372,12 +403,10 @@ def load_rows(source: str, split: str = "train", text_field: str = "text", messa
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise ValueError(f"{source!r} must hold a list of objects, one per row")
         fields = list(records[0]) if records else []
-    elif not os.path.isdir(source) and (ext in _FILE_TYPES or source.startswith((".", "/", "~"))
-                                        or source.count("/") > 1):  # a hub id looks like owner/name
+    elif not os.path.isdir(source) and (ext in _FILE_TYPES or looks_local(source)):
         raise FileNotFoundError(f"{source!r} does not exist; pass an existing file, or a hub id like owner/name")
     else:
-        import datasets
-        records = datasets.load_dataset(source, split=split)
+        records = _load_dataset(source, split)
         fields = records.column_names
     if not len(records):
         raise ValueError(f"{source!r} has no rows")
@@ -388,11 +417,63 @@ def load_rows(source: str, split: str = "train", text_field: str = "text", messa
     return list(records[name]) if not isinstance(records, list) else [r[name] for r in records]
 
 
+def _json(text: str, source: str, line: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source!r}, line {line or e.lineno} column {e.colno}: invalid JSON ({e.msg}); "
+                         "fix or remove that row") from None
+
+
+def _load_dataset(source: str, split: str):
+    """datasets.load_dataset(source, split=split) for a local dir or a hub id, or one clear error in seconds.
+
+    The hub is asked once first: datasets retries an unreachable hub for over 20 s before it falls back to its
+    cache, so when the hub does not answer, the cache is read at once.
+    """
+    import datasets
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    def missing(why: str) -> FileNotFoundError:
+        return FileNotFoundError(f"{source!r} is not a file here and not a dataset on the hub ({why}); pass an "
+                                 f"existing {'/'.join(_FILE_TYPES)} file, or a hub id like owner/name")
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    if os.path.isdir(source):
+        return datasets.load_dataset(source, split=split)
+    if not offline:
+        try:
+            HfApi().dataset_info(source, timeout=10)
+        except (RepositoryNotFoundError, HFValidationError) as e:
+            raise missing(str(e).splitlines()[0]) from None
+        except Exception:  # no answer: the network or the hub is down, and the cache may hold the dataset
+            offline = True
+    try:
+        with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", offline):
+            return datasets.load_dataset(source, split=split)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError):
+        why = "HF_HUB_OFFLINE=1" if datasets.config.HF_HUB_OFFLINE else "the hub does not answer"
+        raise missing(f"{why}, and the local cache does not hold it") from None
+
+
+def check_eval_size(size: float | int) -> float | int:
+    """Return size if split_eval takes it: a fraction strictly between 0 and 1, a whole number of rows, or 0."""
+    fraction = isinstance(size, float) and 0 < size < 1
+    count = isinstance(size, int) and not isinstance(size, bool) and size >= 0
+    if not (fraction or count or size == 0):
+        raise ValueError(f"eval size {size!r}: give a fraction strictly between 0 and 1 (0.05), a whole number of "
+                         "rows (50), or 0 for no evaluation")
+    return size
+
+
 def split_eval(rows: list, size: float | int = 0.05, seed: int = 0) -> tuple[list, list]:
-    """(train, eval): a seeded random cut; size is a fraction (0 < size < 1) or a number of rows."""
-    n = max(1, round(len(rows) * size)) if isinstance(size, float) else size
-    if not 0 < n < len(rows):
-        raise ValueError(f"size={size} gives {n} eval rows out of {len(rows)}; both parts need at least one row")
+    """(train, eval): a seeded random cut. size: a fraction strictly between 0 and 1 (at least one row is
+    held out), a whole number of rows, or 0 for no eval split (all rows train)."""
+    check_eval_size(size)
+    n = max(1, round(len(rows) * size)) if isinstance(size, float) and size else int(size)
+    if n >= len(rows):
+        raise ValueError(f"eval size {size} holds out {n} of {len(rows)} rows; leave at least one row to train on")
     chosen = set(random.Random(seed).sample(range(len(rows)), n))
     return [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen]
 
@@ -427,15 +508,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from .model import load_tokenizer
-    tok = load_tokenizer(args.tokenizer)
-    examples, stats = encode_rows(load_rows(args.source, args.split), tok, args.max_len, args.skip_malformed)
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        examples, stats = encode_rows(load_rows(args.source, args.split), tok, args.max_len, args.skip_malformed)
+    except (OSError, ValueError) as e:  # a bad file, row or tokenizer: the message names it and what to do
+        parser.exit(2, f"error: {e}\n")
     color = sys.stdout.isatty()
     for k, ex in enumerate(examples[:args.n]):
         print(f"--- example {k}{' (truncated)' if ex['truncated'] else ''}\n{_show(ex, tok, color)}\n")
     print(f"rows: {stats.rows}\nturns: {stats.turns}\ntokens: {stats.tokens}\nsupervised tokens: {stats.supervised}"
-          f"\ntruncated rows: {stats.truncated}\nskipped rows: {sum(stats.skipped.values())}")
+          f"\ntruncated rows: {stats.truncated}\nempty questions: {stats.empty_questions}\nempty answers: "
+          f"{stats.empty_answers}\nskipped rows: {sum(stats.skipped.values())}")
     for reason, count in stats.skipped.most_common():
         print(f"  {count:6d}  {reason}")
+    if stats.malformed:
+        print("malformed rows: " + ", ".join(str(i) for i, _ in stats.malformed[:20])
+              + (" ..." if len(stats.malformed) > 20 else ""))
     width = max(1, args.max_len // 8)
     hist = Counter(len(ex["input_ids"]) // width for ex in examples)
     print("token lengths:")

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
+
+from .data import looks_local
 
 QUANT_TYPES = ("nf4", "fp4")
+
+
+def _must_exist(name_or_dir: str, what: str):
+    """A path that is missing gets this message, not transformers' "Repo id must be in the form ..."."""
+    if looks_local(name_or_dir) and not os.path.exists(name_or_dir):
+        raise FileNotFoundError(f"{name_or_dir!r} does not exist; pass a {what} dir or a hub id like owner/name")
 
 
 def load_tokenizer(name_or_dir: str):
@@ -18,6 +27,7 @@ def load_tokenizer(name_or_dir: str):
     transformers can build a 3-token tokenizer from a sentencepiece file it failed to read, and that
     tokenizer encodes everything to `[]` without complaint, so the result is checked before it is returned.
     """
+    _must_exist(name_or_dir, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir)
     except (ImportError, ValueError, OSError) as e:  # transformers' own message can blame an unrelated format
@@ -43,6 +53,18 @@ def load_tokenizer(name_or_dir: str):
     return tok
 
 
+def load_config(name_or_dir: str):
+    """The checkpoint's config, read before any weight: a model that is not a LLaMA is refused here (its
+    config would otherwise fill a LLaMA with default 7B sizes)."""
+    _must_exist(name_or_dir, "checkpoint")
+    config = AutoConfig.from_pretrained(name_or_dir)
+    if config.model_type != "llama":
+        found = ", ".join(getattr(config, "architectures", None) or []) or "no architecture named"
+        raise ValueError(f"{name_or_dir!r} holds a {config.model_type!r} model ({found}); minilora trains LLaMA-2 "
+                         "checkpoints (model_type 'llama', LlamaForCausalLM)")
+    return config
+
+
 def load_model(
     name_or_dir: str,
     quant: str | None = "nf4",
@@ -55,9 +77,12 @@ def load_model(
 
     quant: "nf4" or "fp4" (4-bit, the QLoRA recipe), or None for plain `compute_dtype` weights.
     device: "cuda", "cpu", ...; defaults to cuda when available. tokenizer: defaults to `name_or_dir`.
+    The config and the tokenizer are checked before any weight is built.
     """
     if quant is not None and quant not in QUANT_TYPES:
         raise ValueError(f"unknown quant={quant!r}; use one of {QUANT_TYPES} or None for no quantization")
+    config = load_config(name_or_dir)
+    tok = load_tokenizer(tokenizer or name_or_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kwargs = {}
     if quant is not None:
@@ -69,14 +94,14 @@ def load_model(
             bnb_4bit_quant_storage=torch.uint8,
         )
     model = LlamaForCausalLM.from_pretrained(
-        name_or_dir, dtype=compute_dtype, device_map={"": device}, attn_implementation="sdpa", **kwargs
+        name_or_dir, config=config, dtype=compute_dtype, device_map={"": device}, attn_implementation="sdpa", **kwargs
     )
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             # bnb would repack 4-bit weights at the first CPU eval forward and then compute in bf16; keeping
             # the standard path makes eval and train numerics identical and the weights readable for merging.
             module.support_avx512bf16_for_cpu = False
-    return model, load_tokenizer(tokenizer or name_or_dir)
+    return model, tok
 
 
 def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool = True, offload: bool = False,

@@ -106,6 +106,7 @@ def build_base(out_dir: str, steps: int = 500, seed: int = 0, **config) -> str:
     but not the [INST] chat format, which is what the LoRA fine-tune teaches.
     """
     import torch
+    from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
     from .model import load_tokenizer
@@ -122,7 +123,8 @@ def build_base(out_dir: str, steps: int = 500, seed: int = 0, **config) -> str:
     stream = [i for s in sentences for i in [tok.bos_token_id, *tok.encode(s, add_special_tokens=False), tok.eos_token_id]]
     rows = torch.tensor(stream[: len(stream) // 64 * 64]).view(-1, 64)
     gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="pretrain base", unit="step", dynamic_ncols=True)
+    for step in bar:
         batch = rows[torch.randint(len(rows), (16,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -130,5 +132,7 @@ def build_base(out_dir: str, steps: int = 500, seed: int = 0, **config) -> str:
             g["lr"] = 3e-3 * (1 - step / steps)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.save_pretrained(out_dir)
     return out_dir

@@ -12,13 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_training_state, save_adapter, save_checkpoint
-from .data import Collator, batches, encode_prompt, encode_rows
-from .lora import add_lora, lora_layers
+from .checkpoint import latest_checkpoint, load_training_state, resume_latest, save_adapter, save_checkpoint
+from .data import Collator, DataStats, batches, encode_prompt, encode_rows
+from .lora import add_lora, lora_layers, lora_state_dict
 from .loss import causal_lm_loss
 from .model import prepare_for_training
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+# BOS and "[INST]  [/INST]" alone take about 10 ids under LLaMA's tokenizer, and truncation keeps a quarter of
+# max_len for the question: 64 leaves room for a short question and 48 tokens of answer. Below it an example is
+# mostly markup, or BOS plus a stray answer token.
+MIN_MAX_LEN = 64
 
 
 @dataclass
@@ -27,10 +32,11 @@ class TrainConfig:
 
     output_dir: str = "out"  # checkpoints, metrics.jsonl, loss.png and the final adapter/ go here
     # --- data
-    max_len: int = 1024  # tokens per example; longer ones are truncated as minilora.data.encode_chat says
+    max_len: int = 1024  # tokens per example (at least MIN_MAX_LEN); longer ones are truncated as encode_chat says
     batch_size: int = 4  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     pack: bool = False  # several examples per row, attention kept inside each example
+    skip_malformed: bool = False  # skip and count malformed rows (stats.malformed) instead of raising MalformedRow
     group_by_length: bool = True  # batch similar lengths together: less padding, same examples per epoch
     # --- length of the run
     epochs: float = 1.0  # passes over the training rows; ignored when max_steps is set
@@ -49,7 +55,8 @@ class TrainConfig:
     lora_dropout: float = 0.1
     targets: tuple = ("q_proj", "v_proj")
     # --- precision and memory
-    precision: str = "bf16"  # "bf16" autocast, "fp16" autocast + GradScaler + fp32 LoRA weights, or "fp32"
+    # "bf16" autocast, "fp16" autocast + GradScaler + fp32 LoRA weights, "fp32", or None: default_precision()
+    precision: str | None = None
     gradient_checkpointing: bool = True  # recompute each decoder layer in backward instead of storing it
     offload_activations: bool = False  # keep the checkpointed layer inputs in CPU memory
     fused: bool = False  # LoRA layers as one autograd function (minilora/kernels): faster, same numbers
@@ -66,15 +73,28 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint dir, or "latest" for the newest one in output_dir
     progress: bool = True  # show a tqdm bar
 
+    def __post_init__(self):
+        _check(self)
+
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
     """Fine-tune the model's LoRA weights on `train_rows`; return the history (the lines of metrics.jsonl).
 
-    Rows are guanaco-format strings, {"text": ...} or {"messages": [...]} dicts, in a list or a Dataset.
-    A model without LoRA layers gets them from cfg. The final adapter lands in cfg.output_dir/adapter/.
+    Rows are guanaco-format strings, {"text": ...} or {"messages": [...]} dicts, in a list or a Dataset, or
+    the (examples, stats) that encode_rows returned, taken as they are: encode once, before the model loads,
+    and a bad dataset fails in seconds. eval_rows likewise. The config and the data are checked before the
+    model is touched. A model without LoRA layers gets them from cfg. The final adapter lands in
+    cfg.output_dir/adapter/.
     """
-    _check(cfg)
+    _check(cfg)  # again: the fields may have changed since the config was made
     device = next(model.parameters()).device
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
+    examples, stats = _encoded(train_rows, tokenizer, cfg)
+    evals = _encoded(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
+    if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
+        raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
+    if cfg.progress:  # before the progress bar exists, so that it does not land on the bar's line
+        print(stats.summary(cfg.max_len))
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
         # fp16 keeps fp32 LoRA weights: fp16 Adam updates would underflow, and the GradScaler refuses fp16 grads
@@ -82,11 +102,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                  dtype=torch.float32 if cfg.precision == "fp16" else None)
     prepare_for_training(model, cfg.gradient_checkpointing, cfg.offload_activations, cfg.fused, cfg.compile)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in params):
-        raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
 
-    examples, stats = encode_rows(train_rows, tokenizer, cfg.max_len)
-    evals = encode_rows(eval_rows, tokenizer, cfg.max_len)[0] if eval_rows is not None else None
     collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)  # micro-batches in one pass over the data
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
@@ -98,10 +114,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     os.makedirs(cfg.output_dir, exist_ok=True)
-    step = 0
-    resume_dir = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
-    if resume_dir:
-        step = load_training_state(model, resume_dir, opt, sched, scaler)
+    step = (resume_latest(model, cfg.output_dir, opt, sched, scaler) if cfg.resume == "latest"
+            else load_training_state(model, cfg.resume, opt, sched, scaler) if cfg.resume else 0)
     with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     history = _history_until(cfg.output_dir, step)  # a resumed run continues the metrics it resumed from
@@ -131,10 +145,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     bar = _progress(cfg, step, total_steps)
     if not step:
         log({"step": 0, "train_rows": stats.rows, "examples": len(examples), "skipped_rows": dict(stats.skipped),
-             "truncated_rows": stats.truncated, "supervised_tokens": stats.supervised})
-        if cfg.progress:
-            print(f"{len(examples)} examples from {stats.rows} rows, {stats.supervised} supervised tokens; "
-                  f"{stats.truncated} truncated to {cfg.max_len} tokens; skipped: {dict(stats.skipped) or 'none'}")
+             "truncated_rows": stats.truncated, "supervised_tokens": stats.supervised,
+             "empty_questions": stats.empty_questions, "empty_answers": stats.empty_answers})
         if evals:  # the baseline the eval curve is read against
             log_eval()
         _sample(model, tokenizer, cfg, step, log)
@@ -219,34 +231,63 @@ def evaluate(model, examples, collate, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str = "bf16") -> str:
-    """Greedy answer to one user message (or a list of turns) under the LLaMA-2 template."""
+def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str | None = None) -> str:
+    """Greedy answer to one user message (or a list of turns) under the LLaMA-2 template.
+
+    It runs in eval mode (no LoRA dropout) and leaves the model in the mode it found. precision=None follows
+    the model's compute dtype (its embeddings'): bf16 or fp16 autocast for a half-precision model, else fp32.
+    """
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
     ids = torch.tensor([encode_prompt(turns, tokenizer)], device=device)
-    with _autocast(device, precision):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        with _autocast(device, precision):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    finally:
+        model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def default_precision(device: torch.device | str) -> str:
+    """bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on a CPU."""
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _encoded(rows, tokenizer, cfg: TrainConfig) -> tuple[list[dict], DataStats]:
+    """(examples, stats): encode_rows' result as it is, or rows encoded under cfg."""
+    if not (isinstance(rows, tuple) and len(rows) == 2 and isinstance(rows[1], DataStats)):
+        return encode_rows(rows, tokenizer, cfg.max_len, cfg.skip_malformed)
+    longest = max(len(ex["input_ids"]) for ex in rows[0])
+    if longest > cfg.max_len:
+        raise ValueError(f"an encoded example has {longest} tokens, more than max_len={cfg.max_len}; "
+                         "encode_rows with the max_len of the TrainConfig")
+    return rows
+
+
 def _sample(model, tokenizer, cfg, step, log):
-    """Greedy answers to the sample prompts. Train/eval mode and every RNG are restored afterwards, so
-    sampling leaves the training trajectory exactly as it would have been without it."""
+    """Greedy answers to the sample prompts (generate keeps the train/eval mode). Every RNG is restored
+    afterwards, so sampling leaves the training trajectory exactly as it would have been without it."""
     if not cfg.sample_prompts:
         return
-    was_training, cpu_rng = model.training, torch.get_rng_state()
+    from tqdm.auto import tqdm
+
+    cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    model.eval()
     try:
         for prompt in cfg.sample_prompts:
             answer = generate(model, tokenizer, prompt, cfg.sample_max_new_tokens, cfg.precision)
             log({"step": step, "prompt": prompt, "sample": answer})
             if cfg.progress:
-                print(f"\n[step {step}] {prompt!r} -> {answer!r}")
+                tqdm.write(f"[step {step}] {prompt!r} -> {answer!r}")  # above the bar, never on its line
     finally:
-        model.train(was_training)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -258,15 +299,34 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _check(cfg: TrainConfig):
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision={cfg.precision!r}; use one of {list(PRECISIONS)}")
+    """Every field that can be checked without the model or the data; runs when a TrainConfig is made."""
+    if cfg.precision is not None and cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision={cfg.precision!r}; use one of {list(PRECISIONS)}, or None to pick by device")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule={cfg.schedule!r}; use 'cosine' or 'constant'")
-    for name in ("batch_size", "grad_accum", "max_len", "log_every", "keep_last"):
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={cfg.optimizer!r}; use one of {list(OPTIMIZERS)}")
+    for name in ("batch_size", "grad_accum", "log_every", "keep_last", "lora_r", "loss_chunk",
+                 "sample_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError(f"max_steps={cfg.max_steps} must be at least 1, or None to train for cfg.epochs")
+    for name in ("max_steps", "eval_every", "sample_every", "save_every"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1, or None")
+    if cfg.max_len < MIN_MAX_LEN:
+        raise ValueError(f"max_len={cfg.max_len} must be at least {MIN_MAX_LEN}: the template's markup alone takes "
+                         "about 10 tokens, and an example needs room for a question and an answer")
+    # each condition holds for good values; NaN fails every comparison, so it is refused too
+    rules = [("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number such as 2e-4"),
+             ("epochs", cfg.epochs > 0, "positive"),
+             ("max_grad_norm", cfg.max_grad_norm > 0, "positive"),
+             ("lora_alpha", cfg.lora_alpha > 0, "positive"),
+             ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
+             ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+             ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)")]
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be {rule}")
 
 
 def _optimizer(params, cfg: TrainConfig):
@@ -277,8 +337,6 @@ def _optimizer(params, cfg: TrainConfig):
 
     choices = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                "paged_adamw": bnb.optim.PagedAdamW}
-    if cfg.optimizer not in choices:
-        raise ValueError(f"optimizer={cfg.optimizer!r}; use 'adamw' or one of {list(choices)}")
     return choices[cfg.optimizer](params, **kw)
 
 
@@ -299,7 +357,16 @@ def _history_until(output_dir, step) -> list[dict]:
     if not step or not os.path.exists(path):
         return []
     with open(path) as f:
-        return [r for r in map(json.loads, f) if r["step"] <= step]
+        lines = f.read().splitlines()
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}, line {k + 1}, is not JSON; fix or remove it to resume") from None
+            # a kill mid-write cuts the last line short; the step it logged is after the checkpoint anyway
+    return [r for r in records if r["step"] <= step]
 
 
 def _peak_gib(device) -> float | None:

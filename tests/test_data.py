@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 from minilora.data import (
-    IGNORE, Collator, MalformedRow, SkipExample, batches, encode_chat, encode_prompt, encode_rows, load_rows, main,
-    parse_text, render_chat, split_eval,
+    IGNORE, Collator, MalformedRow, SkipExample, batches, check_eval_size, encode_chat, encode_prompt, encode_rows,
+    load_rows, main, parse_text, render_chat, split_eval,
 )
 from minilora.tiny import tiny_config
 
@@ -128,6 +128,45 @@ def test_masking_property(tokenizer, conv):
         stripped = [{"role": t["role"], "content": t["content"].strip()} for t in turns]
         assert parse_text(render_chat(turns)) == stripped
         assert encode_chat(render_chat(turns), tokenizer, max_len=10**6) == ex
+
+
+# Empty questions and answers, as a few guanaco rows have, at any position of a conversation.
+maybe_empty = st.one_of(content, st.sampled_from(["", " ", "\n "]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(st.none(), content), st.lists(st.tuples(maybe_empty, maybe_empty), min_size=1, max_size=4))
+def test_empty_turns_property(tokenizer, system, pairs):
+    turns = messages(pairs, system)
+    ex = encode_chat(turns, tokenizer, max_len=10**6)
+    check_example(tokenizer, turns, ex)  # ids as the template writes them; each answer + EOS supervised
+    eos_alone = [k for k in range(1, len(ex["labels"])) if ex["labels"][k] == tokenizer.eos_token_id
+                 and ex["labels"][k - 1] == IGNORE]  # a supervised run that is EOS alone
+    assert len(eos_alone) == sum(not a.strip() for _, a in pairs)
+    examples, stats = encode_rows([turns], tokenizer, max_len=10**6)
+    assert examples == [ex] and stats.turns == len(pairs)
+    assert stats.empty_questions == sum(not q.strip() for q, _ in pairs)
+    assert stats.empty_answers == sum(not a.strip() for _, a in pairs)
+    if not any(m in t["content"] for t in turns for m in TRICKY[:6]):  # the guanaco text form says the same
+        stripped = [{"role": t["role"], "content": t["content"].strip()} for t in turns]
+        assert parse_text(render_chat(turns)) == stripped
+        assert encode_chat(render_chat(turns), tokenizer, max_len=10**6) == ex
+
+
+def test_guanaco_rows_with_empty_turns(tokenizer):
+    """The forms met in guanaco-llama2-1k: a middle turn with an empty question, a turn with an empty answer."""
+    empty_q = "<s>[INST] Hi [/INST] Hello! </s><s>[INST]  [/INST] Anything else? </s><s>[INST] No [/INST] Bye. </s>"
+    empty_a = "<s>[INST] Say nothing. [/INST]  </s>"
+    assert render_chat(parse_text(empty_q)) == empty_q and render_chat(parse_text(empty_a)) == empty_a
+    check_example(tokenizer, messages([("Hi", "Hello!"), ("", "Anything else?"), ("No", "Bye.")]),
+                  encode_chat(empty_q, tokenizer))
+    ex = encode_chat(empty_a, tokenizer)
+    assert [label for label in ex["labels"] if label != IGNORE] == [tokenizer.eos_token_id]
+    assert tokenizer.decode(ex["input_ids"][1:-1]) == "[INST] Say nothing. [/INST]"
+    # without </s> the last question is still a prompt for generation, not an empty answer
+    assert encode_prompt("<s>[INST] Say nothing. [/INST]", tokenizer) == ex["input_ids"][:-1]
+    _, stats = encode_rows([empty_q, empty_a, GOOD], tokenizer)
+    assert (stats.turns, stats.empty_questions, stats.empty_answers) == (5, 1, 1)
 
 
 def test_split_special_tokens_is_needed(tokenizer):
@@ -298,8 +337,6 @@ MALFORMED = [
     ("<s>[INST] q [/INST] a [/INST] b </s>", "unbalanced markers: expected </s> after the answer, found \\[/INST\\]"),
     ("<s>[INST] q [/INST] a", "unbalanced markers: expected </s> after the answer, found the end"),
     ("<s>[INST] q [/INST] a </s></s>", "unbalanced markers: expected \\[INST\\] to open a turn, found </s>"),
-    ("<s>[INST]   [/INST] a </s>", "empty user turn"),
-    ("<s>[INST] q [/INST] \n </s>", "empty assistant turn"),
     ("<s>[INST] <<SYS>>\nbe nice\n[/INST] a </s>", "<<SYS>> without <</SYS>>"),
     ("<s>[INST] q [/INST]", "the last question has no answer"),
     ([{"role": "assistant", "content": "a"}], "roles out of order: message 0 is 'assistant', expected 'user'"),
@@ -321,9 +358,10 @@ def test_malformed_rows(tokenizer, row, match):
     with pytest.raises(MalformedRow, match="malformed row 1: " + match) as err:
         encode_rows([GOOD, row, GOOD], tokenizer)
     assert repr(row)[:40] in str(err.value)  # the message shows the row
+    assert "TrainConfig(skip_malformed=True)" in str(err.value) and "train_guanaco.py" in str(err.value)
     examples, stats = encode_rows([GOOD, row, GOOD], tokenizer, skip_malformed=True)
     assert len(examples) == 2 and stats.rows == 3 and sum(stats.skipped.values()) == 1
-    assert list(stats.skipped)[0] == err.value.reason
+    assert list(stats.skipped)[0] == err.value.reason and stats.malformed == [(1, err.value.reason)]
 
 
 # ---------------------------------------------------------------- loading
@@ -367,15 +405,83 @@ def test_load_rows_errors(tmp_path):
     with pytest.raises(ValueError, match="has no rows"):
         load_rows(str(tmp_path / "e.json"))
 
+    # invalid JSON: the file and its real line, blank lines counted
+    lines = [json.dumps({"text": GOOD})] * 4 + ["", json.dumps({"text": GOOD}), "", '{"text": "<s>[INST] q'] + [""]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl', line 8 column \d+: invalid JSON"):
+        load_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.json").write_text('[\n  {"text": "a"},\n  {"text": "b"\n]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.json', line 4 column 1: invalid JSON"):
+        load_rows(str(tmp_path / "bad.json"))
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """An empty datasets cache, and a function that puts rows in it as the hub dataset minilora/NAME."""
+    import shutil
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+    def add(name, rows):  # the layout datasets leaves after a download: NS___NAME/CONFIG/VERSION/HASH/NAME-SPLIT.arrow
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+        datasets.load_dataset("json", data_files=str(tmp_path / f"{name}.jsonl"), cache_dir=str(tmp_path / "build"))
+        built = next((tmp_path / "build" / "json").glob("*/*/*/dataset_info.json")).parent
+        target = tmp_path / "cache" / f"minilora___{name}" / "default" / "0.0.0" / "0"
+        target.mkdir(parents=True)
+        shutil.copy(built / "dataset_info.json", target)
+        shutil.copy(built / "json-train.arrow", target / f"{name}-train.arrow")
+
+    return add
+
+
+def test_load_rows_from_the_hub_fails_fast_or_reads_the_cache(datasets_cache, monkeypatch):
+    import time
+
+    import datasets
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
+
+    datasets_cache("rows", ROWS)
+    start = time.perf_counter()
+    assert load_rows("minilora/rows") == ROWS  # HF_HUB_OFFLINE=1 (conftest): from the cache
+    with pytest.raises(FileNotFoundError, match=r"'nope_data' is not a file here and not a dataset on the hub "
+                                                r"\(HF_HUB_OFFLINE=1, and the local cache does not hold it\)"):
+        load_rows("nope_data")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # online, but the hub does not answer
+    monkeypatch.setattr(HfApi, "dataset_info", unreachable)
+    assert load_rows("minilora/rows") == ROWS  # straight to the cache, no retries
+    with pytest.raises(FileNotFoundError, match="not a dataset on the hub \\(the hub does not answer"):
+        load_rows("nope_data")
+
+    def not_there(*args, **kwargs):
+        raise HFValidationError("Repo id must use alphanumeric chars")
+
+    monkeypatch.setattr(HfApi, "dataset_info", not_there)
+    with pytest.raises(FileNotFoundError, match="not a dataset on the hub \\(Repo id must use"):
+        load_rows("nope data")
+    assert time.perf_counter() - start < 20  # seconds, where datasets' own retries take 23 s for one name
+
 
 def test_split_eval():
     rows = [f"row {i}" for i in range(40)]
     train, held = split_eval(rows, 0.1, seed=3)
     assert len(held) == 4 and sorted(train + held) == sorted(rows) and not set(train) & set(held)
     assert split_eval(rows, 0.1, seed=3) == (train, held) and split_eval(rows, 0.1, seed=4)[1] != held
-    assert len(split_eval(rows, 7)[1]) == 7
-    with pytest.raises(ValueError, match="both parts"):
+    assert len(split_eval(rows, 7)[1]) == 7 and len(split_eval(rows, 1)[1]) == 1  # 1 is one row, not 100%
+    assert len(split_eval(rows, 0.001)[1]) == 1  # a fraction holds out at least one row
+    assert split_eval(rows, 0) == split_eval(rows, 0.0) == (rows, [])  # no held-out split at all
+    for bad in (1.0, 2.5, -1, -0.5, "5", True):
+        with pytest.raises(ValueError, match="fraction strictly between 0 and 1.*whole number of rows"):
+            split_eval(rows, bad)
+    with pytest.raises(ValueError, match="holds out 40 of 40 rows; leave at least one"):
         split_eval(rows, 40)
+    assert check_eval_size(0.05) == 0.05
 
 
 # ---------------------------------------------------------------- batching

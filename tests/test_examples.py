@@ -53,11 +53,12 @@ def test_chat_answers_with_the_adapter(demo):
 
 def test_unreachable_model_gives_a_message_not_a_traceback(tmp_path):
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"text": "<s>[INST] hi [/INST] hello </s>"}\n')
+    rows.write_text('{"text": "<s>[INST] hi [/INST] hello </s>"}\n' * 3)
     result = run("examples/train_guanaco.py", "--model", str(tmp_path / "no-such-model"), "--dataset", str(rows),
                  "--output-dir", str(tmp_path / "out"), timeout=300)
     assert result.returncode == 2
     assert "could not load model" in result.stderr and "--preset tiny" in result.stderr
+    assert "no-such-model' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     result = run("examples/train_guanaco.py", "--dataset", str(tmp_path / "missing.jsonl"), timeout=300)
     assert result.returncode == 2 and "could not load dataset" in result.stderr and "Traceback" not in result.stderr
