@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 
 import torch
@@ -196,11 +195,11 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler) -> int:
     state_path = os.path.join(path, STATE_NAME)
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"{path} is not a minilora checkpoint (no {STATE_NAME}); pass a checkpoint-STEP dir")
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError):
-        # torch's own message would suggest weights_only=False, which lets the file run code: not repeated here
-        state = None
+    with open(state_path, "rb") as f:  # so that what fails below is the file's content, not access to it
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # RuntimeError, OSError, EOFError or UnpicklingError, as the damage falls
+            state = None  # torch's own message may suggest weights_only=False, which lets a file run code
     if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
         raise CorruptFile(f"{state_path} cannot be read back: it is truncated or corrupt")
     load_adapter(model, path)

@@ -306,11 +306,10 @@ def _check(cfg: TrainConfig):
         raise ValueError(f"schedule={cfg.schedule!r}; use 'cosine' or 'constant'")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={cfg.optimizer!r}; use one of {list(OPTIMIZERS)}")
-    for name in ("batch_size", "grad_accum", "log_every", "keep_last", "lora_r", "loss_chunk",
-                 "sample_max_new_tokens"):
+    for name in ("batch_size", "grad_accum", "log_every", "keep_last", "lora_r", "sample_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
-    for name in ("max_steps", "eval_every", "sample_every", "save_every"):
+    for name in ("max_steps", "eval_every", "sample_every", "save_every", "loss_chunk"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1, or None")
     if cfg.max_len < MIN_MAX_LEN:
