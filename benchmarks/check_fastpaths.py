@@ -20,7 +20,10 @@ import minilora as ml
 from minilora.loss import causal_lm_loss
 
 VARIANTS = {"plain": {}, "fused": {"fused": True}, "offload": {"offload": True}, "compile": {"compile": True},
-            "fused+compile": {"fused": True, "compile": True}}
+            "fused+compile": {"fused": True, "compile": True}, "fast": {"fast": True},
+            "fast+keep": {"fast": True, "keep_weights": True}, "fast+cache": {"fast": True, "cached_layers": 2},
+            "fast-no-ckpt": {"fast": True, "gradient_checkpointing": False, "cached_layers": 4},
+            "fast+offload": {"fast": True, "offload": True}}
 
 
 def run(model_dir, kwargs, ids, seed=0):
@@ -31,7 +34,7 @@ def run(model_dir, kwargs, ids, seed=0):
     with torch.no_grad():
         for p in ml.lora_state_dict(model).values():
             p.normal_(0, 0.02)
-    ml.prepare_for_training(model, gradient_checkpointing=True, **kwargs)
+    ml.prepare_for_training(model, **{"gradient_checkpointing": True, **kwargs})
     model.train()
     params = ml.lora_state_dict(model)
     batch = {"input_ids": ids, "labels": ids}

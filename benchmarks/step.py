@@ -283,16 +283,16 @@ def worker(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- parent
 
 
-def run_child(mode: str, spec: dict, timeout: float | None) -> tuple[dict | None, str, float]:
-    """Run this script as `--_{mode} SPEC` in a fresh process (own session, so a timeout kills its compile
-    workers too); pass its output on to stderr; return (result, error text, seconds)."""
+def run_child(mode: str, spec: dict, timeout: float | None, script: str = __file__) -> tuple[dict | None, str, float]:
+    """Run `script` (this one by default) as `--_{mode} SPEC` in a fresh process (own session, so a timeout kills
+    its compile workers too); pass its output on to stderr; return (result, error text, seconds)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no network: never wait on the hub
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     here = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), f"--_{mode}", json.dumps(spec)],
+    proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(script), f"--_{mode}", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     def kill():

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .kernels.lora4bit import dequantize, fused_lora_linear, is_4bit
+from .kernels.lora4bit import Projection, dequantize, is_4bit
 
 
 class LoRALinear(nn.Module):
@@ -46,7 +46,7 @@ class LoRALinear(nn.Module):
             # the same formula as one autograd function (minilora/kernels/lora4bit.py). Under torch.compile the
             # plain formula is traced instead: inductor fuses it itself, and the fused function traced on CUDA
             # gave zero LoRA gradients (benchmarks/check_fastpaths.py, torch 2.11).
-            return fused_lora_linear(x, self.base, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
+            return Projection([self])(x).to(x.dtype)
         h = self.dropout(x).to(self.lora_A.weight.dtype)  # a no-op for matching dtypes; autocast recasts anyway
         return self.base(x) + (self.scaling * self.lora_B(self.lora_A(h))).to(x.dtype)
 

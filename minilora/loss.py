@@ -4,37 +4,45 @@ At batch 2 x 2048 and a 32000-word vocabulary, fp32 logits take 0.5 GB and their
 Here only the positions with a label are projected onto the vocabulary, a chunk of rows at a time, and the
 gradient with respect to the hidden states is computed in the same pass: what autograd keeps is one
 (N, hidden) tensor, the size of the hidden states themselves.
+
+Which positions are supervised is decided on the host, from the CPU labels the collator made (`to_device`):
+selecting them on the GPU with a boolean mask would make the host wait for the GPU once per micro-batch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .kernels.layer import is_fast, model_forward
+
 IGNORE = -100
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, y_i) for hidden rows h (N, H), frozen or trainable W (V, H), targets y (N,)."""
+    """sum_i w_i CE(h_i @ W^T, y_i) for hidden rows h (N, H), frozen or trainable W (V, H), targets y (N,) and
+    optional row weights w (N,) (1 when None)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, row_weights=None):
         need_grad_h, need_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_grad_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad_w else None
         for i in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[i : i + chunk_size].to(weight.dtype), targets[i : i + chunk_size]
+            w = None if row_weights is None else row_weights[i : i + chunk_size, None]  # (n, 1)
             logits = (h @ weight.T).float()  # (n, V): the only logits alive, one chunk at a time
             target_logit = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
             top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
             probs = logits.sub_(top).exp_()  # in place: exp(logit - max), no second (n, V) buffer
             norm = probs.sum(dim=-1, keepdim=True)  # (n, 1)
-            total += (top.squeeze(1) + norm.log().squeeze(1) - target_logit).sum()  # logsumexp - target
+            ce = top + norm.log() - target_logit[:, None]  # (n, 1): logsumexp - target
+            total += (ce if w is None else ce * w).sum()
             if need_grad_h or need_grad_w:
                 # d CE / d logits = softmax - onehot
                 d = probs.div_(norm)
-                d[torch.arange(len(y), device=d.device), y] -= 1
-                d = d.to(weight.dtype)
+                d.scatter_add_(1, y[:, None], d.new_full((len(y), 1), -1.0))
+                d = (d if w is None else d.mul_(w)).to(weight.dtype)
                 if need_grad_h:
                     grad_h[i : i + chunk_size] = d @ weight
                 if need_grad_w:
@@ -50,32 +58,85 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         grad_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
+
+
+def supervised_positions(labels: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, targets): the flat indices into (B * T) of the positions whose next token is supervised, and
+    those tokens. labels (B, T) are unshifted (HF convention: position t predicts labels[t + 1])."""
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE
+    b, t = keep.nonzero(as_tuple=True)
+    y = targets[keep]  # (N,)
+    if not ((y >= 0) & (y < vocab_size)).all():  # a bad id would index out of range on the GPU
+        raise ValueError(f"labels must be -100 or token ids below the vocabulary size {vocab_size}")
+    return b * labels.shape[1] + t, y
+
+
+def to_device(batch: dict, device, vocab_size: int, dense: bool = False) -> dict:
+    """A collated CPU batch, ready for causal_lm_loss on `device`, without making the host wait for the GPU:
+    the supervised positions are found on the host, and the copies are asynchronous from pinned memory.
+
+    The loss then reads "rows" (indices of the supervised positions) and "targets", and "n_tokens" (an int)
+    counts them; with dense=True instead
+    every position, with "targets" (0 where unsupervised) and 0/1 "row_weights": shapes that depend on the
+    batch's shape alone, as a CUDA graph needs.
+    A 2-D attention_mask that is right padding is dropped: a causal model never attends to later positions,
+    so right padding changes no supervised output, and without a mask attention runs as plain causal
+    (flash attention, no (T, T) mask). Any other mask (left padding, a packed 4-D mask) is kept.
+    """
+    rows, targets = supervised_positions(batch["labels"], vocab_size)
+    n_tokens = targets.numel()
+    out = {k: v for k, v in batch.items() if k != "labels"}
+    if dense:  # the same positions, as weights over all B * (T - 1) of them
+        B, T = batch["labels"].shape
+        weights = torch.zeros(B * (T - 1))
+        weights[rows - rows.div(T, rounding_mode="floor")] = 1.0  # flat (b, t) in (B, T) -> in (B, T - 1)
+        dense_targets = batch["labels"][:, 1:].clamp(min=0).reshape(-1)
+        rows, targets = None, dense_targets
+        out["row_weights"] = weights
+    mask = out.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        del out["attention_mask"]
+    out.update(targets=targets, **({} if rows is None else {"rows": rows}))
+    pin = torch.device(device).type == "cuda"
+    out = {k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin) for k, v in out.items()}
+    return {**out, "n_tokens": n_tokens}
 
 
 def supervised_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096):
     """Summed cross-entropy of next-token predictions and the number of supervised tokens.
 
     hidden (B, T, H) are the final hidden states, weight (V, H) the lm_head, labels (B, T) the unshifted
-    labels (HF convention: position t predicts labels[t + 1]), -100 where unsupervised.
-    Returns (loss_sum, n_tokens); divide by the token count of the whole optimizer step, not per batch.
+    labels, -100 where unsupervised. Returns (loss_sum, n_tokens); divide by the token count of the whole
+    optimizer step, not per batch.
     """
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE
-    rows = hidden[:, :-1][keep]  # (N, H): only supervised positions reach the vocabulary projection
-    y = targets[keep]  # (N,)
-    if not ((y >= 0) & (y < weight.shape[0])).all():  # one host sync; a bad id would index out of range
-        raise ValueError(f"labels must be -100 or token ids below the vocabulary size {weight.shape[0]}")
-    return ChunkedCrossEntropy.apply(rows, weight, y, chunk_size), y.numel()
+    rows, targets = supervised_positions(labels.cpu(), weight.shape[0])
+    return _ce(hidden, weight, rows.to(hidden.device), targets.to(hidden.device), chunk_size), targets.numel()
+
+
+def _ce(hidden, weight, rows, targets, chunk_size, row_weights=None):
+    if row_weights is None:  # (N, H): only the supervised positions reach the vocabulary projection
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    else:  # every position but the last, weighted
+        selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return ChunkedCrossEntropy.apply(selected, weight, targets, chunk_size, row_weights)
 
 
 def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
-    """Run the decoder on a collated batch and return (loss_sum, n_tokens) without materialising logits."""
-    out = model.model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    return supervised_ce(out.last_hidden_state, model.lm_head.weight, batch["labels"], chunk_size)
+    """Run the decoder on a batch and return (loss_sum, n_tokens) without materialising logits.
 
+    batch: a collated batch (CPU tensors, as Collator returns) or one already through `to_device`. A model
+    prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch keeps a
+    2-D (left-padding) mask.
+    """
+    if "targets" not in batch:
+        batch = to_device(batch, model.lm_head.weight.device, model.lm_head.weight.shape[0])
+    mask = batch.get("attention_mask")
+    if is_fast(model) and (mask is None or mask.dim() == 4):
+        hidden = model_forward(model, batch["input_ids"], mask, batch.get("position_ids"))
+    else:
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=mask,
+                             position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    loss = _ce(hidden, model.lm_head.weight, batch.get("rows"), batch["targets"], chunk_size, batch.get("row_weights"))
+    return loss, batch["n_tokens"]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.nn.attention import sdpa_kernel
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
 
 from .data import looks_local
+from .kernels.layer import ATTENTION_BACKENDS, FastLayer, checkpointed, unsupported
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -104,44 +104,64 @@ def load_model(
     return model, tok
 
 
-def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool = True, offload: bool = False,
-                         fused: bool = False, compile: bool = False):
-    """Freeze everything but LoRA and checkpoint each decoder layer (non-reentrant); returns the model.
+def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | int = True, offload: bool = False,
+                         fused: bool = False, compile: bool = False, fast: bool = False, cached_layers: int = 0,
+                         keep_weights: bool = False):
+    """Freeze everything but LoRA and choose how each decoder layer trains; returns the model.
 
     Embeddings and lm_head keep their dtype: upcasting them to fp32 costs memory and buys nothing.
-    Non-reentrant checkpointing needs no `requires_grad` on the layer inputs, so a frozen embedding needs no
-    input-grad hook (the reentrant form does, and has been measured 2x slower).
-    offload: keep each layer's saved input in pinned CPU memory instead of on the GPU.
-    fused: train every LoRA layer through one autograd function (minilora/kernels/lora4bit.py); same numbers.
-    compile: torch.compile each decoder layer's forward. The checkpoint wraps the compiled forward, so its
-    recompute replays the very graph that ran forward, and its hooks and RNG bookkeeping stay in eager code.
-    Compiled layers trace the plain LoRA formula even with fused=True (see LoRALinear.forward).
+    gradient_checkpointing: True checkpoints every decoder layer (non-reentrant: only its input is kept, the
+    backward recomputes the rest), False none, a number the first that many. Non-reentrant checkpointing
+    needs no `requires_grad` on the layer inputs, so a frozen embedding needs no input-grad hook (the
+    reentrant form does, and has been measured 2x slower).
+    offload: keep each checkpointed layer's saved input in pinned CPU memory instead of on the GPU.
+    fast: minilora's loss runs the decoder through minilora/kernels/layer.py: the same weights and formula in
+    fewer kernels. transformers' forward stays for everything else (generation, a direct model(...) call).
+      cached_layers: keep the dequantized weights of the first that many layers for the whole run.
+      keep_weights: a checkpointed layer's recompute keeps its dequantized weights for the backward.
+    Otherwise each layer's transformers forward is wrapped:
+      fused: every LoRA layer trains through one autograd function (kernels/lora4bit.py); same numbers.
+      compile: torch.compile each decoder layer's forward. The checkpoint wraps the compiled forward, so its
+      recompute replays the very graph that ran forward, and its hooks and RNG bookkeeping stay in eager code.
+      Compiled layers trace the plain LoRA formula even with fused=True (see LoRALinear.forward).
     """
     from .lora import lora_layers, mark_only_lora_trainable
 
+    if fast and compile:
+        raise ValueError("fast=True and compile=True are exclusive: fast replaces the forward that compile compiles")
+    if fast and (why := unsupported(model.config)):
+        raise ValueError(f"fast=True cannot train this model: {why}; use fast=False")
     mark_only_lora_trainable(model)
     model.config.use_cache = False  # a KV cache is useless in training and would be rebuilt on recompute
     for lora in lora_layers(model).values():
         lora.fused = fused
-    for layer in model.model.layers:
+    layers = model.model.layers
+    checkpointed = len(layers) if gradient_checkpointing is True else int(gradient_checkpointing)
+    for i, layer in enumerate(layers):
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward
-        if gradient_checkpointing or compile:
-            train_forward = torch.compile(layer.forward) if compile else layer.forward
-            layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, gradient_checkpointing,
-                                              offload)
+        layer.__dict__.pop("_minilora_fast", None)
+        if fast:
+            layer._minilora_fast = FastLayer(layer, cache=i < cached_layers, keep=keep_weights and i < checkpointed,
+                                             checkpoint=i < checkpointed, offload=offload)
+        elif i < checkpointed or compile:
+            train_forward = _flash_first(torch.compile(layer.forward) if compile else layer.forward)
+            layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, i < checkpointed, offload)
     return model
 
 
+def _flash_first(forward):
+    """forward with SDPA restricted to flash, memory-efficient and math attention (see kernels/layer.py)."""
+    def run(*args, **kwargs):
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            return forward(*args, **kwargs)
+
+    return run
+
+
 def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *args, **kwargs):
-    """One decoder layer. With grads on: the (compiled) forward, checkpointed so that only its inputs are kept
-    and the backward recomputes the rest. Without grads (evaluation, generation with a KV cache): eager, which
-    needs no recompiles for the cache's changing shapes and keeps nothing anyway."""
+    """One transformers decoder layer. With grads on: the (compiled) forward, checkpointed if asked. Without
+    grads (evaluation, generation with a KV cache): eager, which needs no recompiles for the cache's changing
+    shapes and keeps nothing anyway."""
     if not torch.is_grad_enabled():
         return eager(*args, **kwargs)
-    if not checkpointing:
-        return train_forward(*args, **kwargs)
-    # The inputs are saved through autograd's saved-tensor hooks, so save_on_cpu moves just them; the
-    # layer's inner activations are never saved at all.
-    pin = offload and torch.cuda.is_available()
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
-        return checkpoint(train_forward, *args, use_reentrant=False, **kwargs)
+    return checkpointed(train_forward, checkpointing, offload, *args, **kwargs)

@@ -1,9 +1,11 @@
-"""Predict the peak GPU memory of one minilora QLoRA training step, before loading anything.
+"""Predict the peak GPU memory of one minilora QLoRA training step before loading anything, and choose the
+fastest way to train that fits a memory budget.
 
 The peak is what `torch.cuda.max_memory_allocated` reports: persistent tensors (4-bit weights, adapters,
-optimizer state) plus the larger of two transient moments of a step:
-  "loss"      the chunked cross-entropy's forward, with every checkpoint still held;
-  "backward"  the backward of the last decoder layer (the first recomputed), with every checkpoint still held.
+optimizer state, weights kept dequantized) plus the larger of two transient moments of a step:
+  "loss"      the chunked cross-entropy's forward, with every layer's activations still held;
+  "backward"  the backward of the last decoder layer (the first one recomputed if it is checkpointed), with
+              every other layer's activations still held.
 The CUDA context (~0.5 GiB) lives outside PyTorch's counters; it is reported beside the total, not in it.
 """
 
@@ -18,6 +20,9 @@ GiB = 2**30
 CUBLAS_WORKSPACES = 2 * 32 * 2**20  # cuBLAS keeps a 32 MiB workspace per (thread, stream): forward + autograd thread
 CUDA_CONTEXT = 512 * 2**20  # driver context + kernels; seen by nvidia-smi, not by torch's allocator counters
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}  # torch AdamW keeps exp_avg and exp_avg_sq, in each parameter's dtype
+LOSS_CHUNKS = (4096, 2048, 1024, 512)  # supervised rows per vocabulary chunk that choose_plan tries, largest first
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}  # the projections of the fast layer: linears that read one input
 
 
 def _linears(c):
@@ -31,12 +36,16 @@ def _linears(c):
 
 def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_proj"), quant="nf4",
                 double_quant=True, compute_dtype=torch.bfloat16, gradient_checkpointing=True, offload=False,
-                loss_chunk=4096, optimizer="adamw", print_breakdown=False, lora_dropout=0.0, lora_dtype=None):
+                loss_chunk=4096, optimizer="adamw", print_breakdown=False, lora_dropout=0.0, lora_dtype=None,
+                fast=False, cached_layers=0, keep_weights=False):
     """Peak allocated bytes of a step of `minilora.train`'s loop (labels on every token), itemised.
 
-    config: a LlamaConfig, a dict or anything with its fields. Returns a dict: `breakdown` {term: bytes},
-    `total` (their sum, the predicted peak), `phase` (the moment it happens), `phases` (both candidates'
-    transient bytes), `cpu` (pinned host bytes when offloading) and `cuda_context` (outside `total`).
+    config: a LlamaConfig, a dict or anything with its fields. The other arguments are those of add_lora and
+    prepare_for_training: gradient_checkpointing is True (every layer), False, or a number of layers (the
+    first ones); fast, cached_layers and keep_weights describe the fast layer (minilora/kernels/layer.py).
+    Returns a dict: `breakdown` {term: bytes}, `total` (their sum, the predicted peak), `phase` (the moment
+    it happens), `phases` (both candidates' transient bytes), `cpu` (pinned host bytes when offloading),
+    `cuda_context` (outside `total`) and `inputs`.
     """
     c = SimpleNamespace(**config) if isinstance(config, dict) else config
     if optimizer not in OPTIMIZER_STATES:
@@ -50,18 +59,22 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     nh, q, kv = c.num_attention_heads, lin["q_proj"][1], lin["k_proj"][1]
     B, T = batch, seq_len
     S, N = B * T, B * (T - 1)  # tokens through the decoder; supervised rows (position t predicts token t+1)
+    ckpt = L if gradient_checkpointing is True else int(gradient_checkpointing)
+    cached = min(cached_layers, L) if fast else 0
     b = {}
 
     # Frozen base. 4-bit: two weights per byte. Quant state: one absmax per 64-block, fp32; with double quant
     # that absmax is itself 8-bit (1 byte per 64 weights) plus an fp32 absmax per 256 of those and a 256-entry
     # fp32 code per weight. quant=None keeps every linear in the compute dtype (4x the 4-bit bytes for bf16).
-    sizes = [i * o for i, o in lin.values()] * L
+    sizes = [i * o for i, o in lin.values()]
+    layer_weights = sum(sizes) * dt  # one layer's linears, dequantized
     if quant is None:
-        b["weights"], b["quant_state"] = sum(sizes) * dt, 0
+        b["weights"], b["quant_state"] = L * layer_weights, 0
     else:
-        b["weights"] = sum(math.ceil(n / 2) for n in sizes)
-        b["quant_state"] = sum(n // 64 + 4 * math.ceil(n / 64 / 256) + 1024 if double_quant else 4 * (n // 64)
-                               for n in sizes)
+        b["weights"] = L * sum(math.ceil(n / 2) for n in sizes)
+        b["quant_state"] = L * sum(n // 64 + 4 * math.ceil(n / 64 / 256) + 1024 if double_quant else 4 * (n // 64)
+                                   for n in sizes)
+    b["cached_weights"] = cached * layer_weights if quant is not None else 0
     # Embeddings and lm_head stay in the compute dtype (no fp32 upcast); one matrix if they are tied.
     b["embed_lm_head"] = V * H * dt * (1 if getattr(c, "tie_word_embeddings", False) else 2)
     b["norms"] = (2 * L + 1) * H * dt  # two RMSNorm weights per layer and the final one
@@ -71,54 +84,134 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     b["optimizer"] = OPTIMIZER_STATES[optimizer] * P * ldt
     b["cublas_workspace"] = CUBLAS_WORKSPACES
 
-    # What one decoder layer's forward leaves for its backward (autograd's saved tensors), bf16 autocast, SDPA:
-    # each RMSNorm keeps an fp32 copy of its input (HF's LlamaRMSNorm upcasts); SDPA keeps q, k, v, its
-    # output (which is also o_proj's input) and an fp32 logsumexp per head and row (flash: no T x T matrix);
-    # the MLP keeps gate's output (SiLU's input), silu(gate) and up's output (the product's factors). A 4-bit
-    # base linear saves no input (it only needs the weight); a LoRA layer keeps its input for lora_A (shared by
-    # q/k/v, by gate/up) and lora_A's (S, r) output; with dropout, each target keeps its own dropped copy and
-    # a 1-byte bool mask (CUDA's fused dropout; the CPU keeps a bf16 mask instead).
-    attn = S * H * 4 + S * (2 * q + 2 * kv) * dt + B * nh * T * 4
-    mlp = S * H * 4 + 3 * S * I * dt
-    for group, size, is_attn in ((("q_proj", "k_proj", "v_proj"), S * H, True), (("gate_proj", "up_proj"), S * H, False),
-                                 (("down_proj",), S * I, False)):
-        if lora_dropout == 0 and any(t in targets for t in group):
-            attn, mlp = (attn + size * dt, mlp) if is_attn else (attn, mlp + size * dt)
-    for t in targets:
-        extra = S * lora_r * dt + (S * lin[t][0] * (dt + 1) if lora_dropout > 0 else 0)
-        attn, mlp = (attn + extra, mlp) if t in ("q_proj", "k_proj", "v_proj", "o_proj") else (attn, mlp + extra)
-    # Backward temporaries, at the larger of two moments. MLP: the product's incoming grad and the grads of its
-    # two factors (3 x S*I), or the incoming grad + down_proj's dequantized bf16 weight (I x H) held for its
-    # matmul. Attention (MLP freed): flash's grads of q, k, v, of its output, and its fp32 dq accumulator.
-    mlp_moment = attn + mlp + S * I * dt + max(2 * S * I * dt, I * H * dt)
-    attn_moment = attn + S * (2 * q + 2 * kv) * dt + S * q * 4
-    layer = max(mlp_moment, attn_moment) + S * H * dt  # + the grad arriving at the layer's output
+    # The last layer's backward runs first. A fast layer's projections dequantize their weights again there,
+    # unless cached, or kept from the recompute (then a layer's weights are held through its backward).
+    last_cached, last_ckpt = L - 1 < cached, L - 1 < ckpt
+    kept = fast and keep_weights and last_ckpt and not last_cached and quant is not None
+    deq = fast and quant is not None and not (last_cached or kept)
+    saved, transient = (_fast_layer if fast else _hf_layer)(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin,
+                                                          lora_dropout, deq)
+    layer = transient + (layer_weights if kept else 0)
 
-    # Checkpoints: each layer's (B, T, H) input, in the compute dtype. With offload they sit in pinned host
-    # memory and one at a time comes back. Without checkpointing, every layer keeps its full saved set.
-    cpu = L * S * H * dt if gradient_checkpointing and offload else 0
-    if gradient_checkpointing:
-        stored = S * H * dt if offload else L * S * H * dt
-    else:
-        stored, layer = L * (attn + mlp), layer - attn - mlp
-    # Loss (minilora.loss): the final norm's fp32 copy and bf16 output, the (N, H) supervised rows and their
-    # gradient (computed in the forward), and per chunk of n = min(N, loss_chunk) rows: the fp32 logits and
-    # one transient beside them (the bf16 matmul output, then the bf16 softmax gradient), counted at 8 bytes
-    # a logit, which over-predicts the measured H100 peaks by 2-5%.
+    # Checkpointed layers keep their (B, T, H) input, in the compute dtype; with offload it sits in pinned host
+    # memory and one at a time comes back. The others keep their full saved set. The last layer, backward's
+    # first, holds its saved set either way: kept, or recomputed.
+    cpu = ckpt * S * H * dt if offload else 0
+    held = (min(ckpt, 1) if offload else ckpt) * S * H * dt + (L - ckpt) * saved
+    recomputed = saved if last_ckpt else 0
+    # Loss (minilora.loss): the last hidden states, the final norm's fp32 copy and bf16 output, the (N, H)
+    # supervised rows and their gradient (computed in the forward), and per chunk of n = min(N, loss_chunk)
+    # rows: the fp32 logits and one transient beside them (the bf16 matmul output, then the bf16 softmax
+    # gradient), counted at 8 bytes a logit, which over-predicts the measured H100 peaks by 2-5%.
     n = min(N, loss_chunk)
     loss = S * H * (4 + dt) + 2 * N * H * dt + n * V * max(8, 4 + dt)
-    phases = {"loss": loss, "backward": layer + P * ldt}  # the backward moment also holds every LoRA grad
+    phases = {"loss": loss, "backward": recomputed + layer + P * ldt}  # the backward also holds every LoRA grad
     phase = max(phases, key=phases.get)
-    b["activations"] = stored
+    b["activations"] = held
     b["lora_grads"] = P * ldt if phase == "backward" else 0
-    b["layer_backward"] = layer if phase == "backward" else 0
+    b["layer_backward"] = recomputed + layer if phase == "backward" else 0
     b["loss"] = loss if phase == "loss" else 0
     plan = {"breakdown": b, "total": sum(b.values()), "phase": phase, "phases": phases, "cpu": cpu,
-            "cuda_context": CUDA_CONTEXT, "inputs": dict(batch=B, seq_len=T, lora_r=lora_r, lora_targets=targets,
-                                                           quant=quant, offload=offload, lora_dropout=lora_dropout)}
+            "cuda_context": CUDA_CONTEXT,
+            "inputs": dict(batch=B, seq_len=T, lora_r=lora_r, lora_targets=targets, quant=quant, offload=offload,
+                           lora_dropout=lora_dropout, fast=fast, gradient_checkpointing=ckpt, cached_layers=cached,
+                           keep_weights=keep_weights, loss_chunk=loss_chunk, layers=L)}
     if print_breakdown:
         print(format_plan(plan))
     return plan
+
+
+def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq):
+    """(saved bytes, backward transient bytes) of one transformers decoder layer under bf16 autocast, SDPA.
+
+    Saved: each RMSNorm keeps an fp32 copy of its input (LlamaRMSNorm upcasts); SDPA keeps q, k, v, its output
+    (also o_proj's input) and an fp32 logsumexp per head and row; the MLP keeps gate's output (SiLU's input),
+    silu(gate) and up's output. A 4-bit base linear saves no input; a LoRA layer keeps its input for lora_A
+    (shared by q/k/v, by gate/up) and lora_A's (S, r) output; with dropout, each target keeps its own dropped
+    copy and a 1-byte bool mask (CUDA's fused dropout; the CPU keeps a bf16 mask instead).
+    Backward, at the larger of two moments, plus the grad arriving at the layer's output. MLP: the product's
+    incoming grad and the grads of its two factors, or the incoming grad + down_proj's dequantized weight held
+    for its matmul. Attention (MLP freed): flash's grads of q, k, v, of its output, and its fp32 dq accumulator.
+    """
+    attn = S * H * 4 + S * (2 * q + 2 * kv) * dt + SH_lse * 4
+    mlp = S * H * 4 + 3 * S * I * dt
+    for group, size, is_attn in ((GROUPS["qkv"], S * H, True), (GROUPS["gate_up"], S * H, False),
+                                 (GROUPS["down"], S * I, False)):
+        if dropout == 0 and any(t in targets for t in group):
+            attn, mlp = (attn + size * dt, mlp) if is_attn else (attn, mlp + size * dt)
+    for t in targets:
+        extra = S * r * dt + (S * lin[t][0] * (dt + 1) if dropout > 0 else 0)
+        attn, mlp = (attn + extra, mlp) if t in GROUPS["qkv"] + GROUPS["o"] else (attn, mlp + extra)
+    mlp_moment = S * I * dt + max(2 * S * I * dt, I * H * dt)
+    attn_moment = -mlp + S * (2 * q + 2 * kv) * dt + S * q * 4
+    return attn + mlp, max(mlp_moment, attn_moment) + S * H * dt
+
+
+def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq):
+    """(saved bytes, backward transient bytes) of one fast layer (minilora/kernels/layer.py), as its code keeps
+    them: each RMSNorm its input and an fp32 (S, 1) 1/rms; attention one (S, q + 2 kv) tensor of rotated q, k
+    and v, its output and the fp32 logsumexp; SwiGLU the (S, 2I) gate/up output; and per projection with LoRA:
+    its input (shared by the members without dropout; o_proj's is attention's output, already kept), or per
+    member with dropout a dropped copy and a 1-byte bool mask, and each member's (S, r) x A^T.
+    Backward, at the largest of its moments, each with the incoming grad. MLP: down's input grad (S, I) beside
+    its dequantized weight; the SwiGLU backward's (S, 2I) grad and one (S, I) temporary; gate/up's input grad
+    beside their weights. Attention: o's input grad beside its weight; attention's q, k, v grads and flash's
+    fp32 dq accumulator; RoPE's; q/k/v's input grad beside their weights. deq: the weights are dequantized
+    (not cached, not kept from the recompute).
+    """
+    saved = 2 * S * (H * dt + 4) + S * (2 * q + 2 * kv) * dt + SH_lse * 4 + S * q * dt + 2 * S * I * dt
+    for name, group in GROUPS.items():
+        members = [t for t in group if t in targets]
+        n_in = lin[group[0]][0]
+        if not members:
+            continue
+        if dropout > 0:
+            saved += len(members) * S * n_in * (dt + 1)
+        elif name != "o":
+            saved += S * n_in * dt
+        saved += len(members) * S * r * dt
+    w = {name: sum(lin[t][0] * lin[t][1] for t in group) * dt if deq else 0 for name, group in GROUPS.items()}
+    g, qkv = S * H * dt, S * (q + 2 * kv) * dt  # g: the grad arriving at the layer's output (and the residual's)
+    mlp = max(g + S * I * dt + w["down"], g + 4 * S * I * dt, 2 * g + 2 * S * I * dt + w["gate_up"])
+    attn = max(g + S * q * dt + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
+    return saved, max(mlp, attn)
+
+
+def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None, **kw) -> dict:
+    """The fastest fast-layer options whose predicted peak fits `budget` bytes, and their plan.
+
+    From the leanest (every layer checkpointed, nothing cached), memory is spent in the order that saves the
+    most time per byte at a guanaco-like step: the recompute keeps its dequantized weights for the backward
+    (keep_weights: one dequantization fewer per weight, a layer's weights once), then layers keep their
+    weights dequantized for good (cached_layers: no dequantization at all), then layers stop checkpointing
+    (no recompute). All this with the smallest loss chunk; then the chunk grows while the peak stays put.
+    If even the leanest does not fit, it is returned with "fits": False. fixed: options decided by the caller
+    (e.g. {"gradient_checkpointing": 32}), left as they are. kw: the rest of plan_memory's arguments (lora_r,
+    lora_targets, quant, lora_dropout, ...).
+    """
+    L = (SimpleNamespace(**config) if isinstance(config, dict) else config).num_hidden_layers
+    fixed = fixed or {}
+    opts = dict(fast=True, gradient_checkpointing=L, cached_layers=0, keep_weights=False, loss_chunk=LOSS_CHUNKS[-1])
+
+    def plan(**change):
+        return plan_memory(config, batch, seq_len, **{**kw, **opts, **change, **fixed})
+
+    def fits(**change):
+        return plan(**change)["total"] <= budget
+
+    if fits():
+        if fits(keep_weights=True):
+            opts["keep_weights"] = True
+        opts["cached_layers"] = max(n for n in range(L + 1) if fits(cached_layers=n))
+        opts["gradient_checkpointing"] = min(n for n in range(L + 1) if fits(gradient_checkpointing=n))
+        # Larger chunks launch fewer, larger GEMMs, but the loss should not become the peak where memory is
+        # tight: the largest chunk that fits and leaves the peak where it was (or a peak well inside the budget).
+        floor = plan()["total"]
+        opts["loss_chunk"] = next(c for c in LOSS_CHUNKS if fits(loss_chunk=c) and (
+            plan(loss_chunk=c)["total"] <= max(floor, 0.9 * budget)))
+    result = plan()
+    return {"options": {k: v for k, v in {**opts, **fixed}.items() if k != "fast"}, "plan": result, "budget": budget,
+            "fits": result["total"] <= budget}
 
 
 def format_plan(plan) -> str:

@@ -15,8 +15,12 @@ import torch
 from .checkpoint import latest_checkpoint, load_training_state, resume_latest, save_adapter, save_checkpoint
 from .data import Collator, DataStats, batches, encode_prompt, encode_rows
 from .lora import add_lora, lora_layers, lora_state_dict
-from .loss import causal_lm_loss
+from .kernels.layer import unsupported
+from .kernels.lora4bit import is_4bit
+from .kernels.graphs import PAD_MULTIPLE, GraphedSteps
+from .loss import causal_lm_loss, to_device
 from .model import prepare_for_training
+from .plan import LOSS_CHUNKS, GiB, choose_plan
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
@@ -57,11 +61,17 @@ class TrainConfig:
     # --- precision and memory
     # "bf16" autocast, "fp16" autocast + GradScaler + fp32 LoRA weights, "fp32", or None: default_precision()
     precision: str | None = None
-    gradient_checkpointing: bool = True  # recompute each decoder layer in backward instead of storing it
+    # On a GPU the memory plan (minilora.plan.choose_plan) picks the fastest way to train that fits the budget:
+    # which layers keep their weights dequantized, which are checkpointed, the loss chunk. The fields below
+    # that are None are its to choose; set them to decide yourself.
+    memory_budget_gib: float | None = None  # GPU memory the run may use; None: what the card has free at start
+    fast: bool = True  # minilora's decoder-layer forward for training (minilora/kernels/layer.py); False: transformers'
+    gradient_checkpointing: bool | None = None  # recompute layers in backward: True all, False none; None: the plan
     offload_activations: bool = False  # keep the checkpointed layer inputs in CPU memory
-    fused: bool = False  # LoRA layers as one autograd function (minilora/kernels): faster, same numbers
-    compile: bool = False  # torch.compile each decoder layer: fastest on a GPU after ~10 s of compiling
-    loss_chunk: int = 4096  # supervised tokens per chunk of the vocabulary projection
+    fused: bool = False  # with fast=False: LoRA layers as one autograd function (minilora/kernels)
+    compile: bool = False  # torch.compile each transformers decoder layer (replaces fast)
+    cuda_graphs: bool = True  # when nothing is checkpointed: replay each batch shape's step as a CUDA graph
+    loss_chunk: int | None = None  # supervised tokens per chunk of the vocabulary projection; None: the plan (4096)
     # --- logging, evaluation, samples, checkpoints
     log_every: int = 10  # steps between metrics.jsonl lines
     eval_every: int | None = None  # steps between evaluations (and one at the end) when eval rows are given
@@ -100,10 +110,22 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         # fp16 keeps fp32 LoRA weights: fp16 Adam updates would underflow, and the GradScaler refuses fp16 grads
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                  dtype=torch.float32 if cfg.precision == "fp16" else None)
-    prepare_for_training(model, cfg.gradient_checkpointing, cfg.offload_activations, cfg.fused, cfg.compile)
+    options, plan_line = _memory_options(model, cfg, device)
+    chunk = options.pop("loss_chunk")
+    prepare_for_training(model, offload=cfg.offload_activations, fused=cfg.fused, compile=cfg.compile, **options)
     params = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.lm_head.weight.shape[0]
+    # CUDA graphs (kernels/graphs.py) when no layer recomputes and no weight is dequantized inside a step
+    graphs = (cfg.cuda_graphs and options["fast"] and device.type == "cuda" and not options["gradient_checkpointing"]
+              and options["cached_layers"] == model.config.num_hidden_layers and cfg.precision != "fp16"
+              and not cfg.pack)
+    step_graphs = GraphedSteps(model, chunk) if graphs else None
+    plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
+    if cfg.progress:
+        print(plan_line)
 
-    collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len)
+    collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len,
+                       pad_to_multiple_of=PAD_MULTIPLE if graphs else None)  # graphs: a few shapes, each reused
     per_epoch = math.ceil(len(examples) / cfg.batch_size)  # micro-batches in one pass over the data
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
@@ -138,7 +160,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             epoch, i = divmod(k, per_epoch)
             order = batches(examples, cfg.batch_size, cfg.seed, group_by_length=cfg.group_by_length, epoch=epoch)
             for batch in itertools.islice(order, i, None):
-                yield collate(batch)
+                yield to_device(collate(batch), device, vocab, dense=graphs)  # async copies, host-side label work
             k = (epoch + 1) * per_epoch
 
     stream = micro_batches(step * cfg.grad_accum)
@@ -146,70 +168,95 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     if not step:
         log({"step": 0, "train_rows": stats.rows, "examples": len(examples), "skipped_rows": dict(stats.skipped),
              "truncated_rows": stats.truncated, "supervised_tokens": stats.supervised,
-             "empty_questions": stats.empty_questions, "empty_answers": stats.empty_answers})
+             "empty_questions": stats.empty_questions, "empty_answers": stats.empty_answers, "memory_plan": plan_line})
         if evals:  # the baseline the eval curve is read against
             log_eval()
         _sample(model, tokenizer, cfg, step, log)
     model.train()
-    tokens_seen, loss_seen, seconds = 0, 0.0, 0.0  # since the last log line; seconds of training steps only
+    # The step never waits for the GPU: loss sums and grad norms stay on it until `drain` reads the steps since
+    # its last call, at once, before anything that needs them (a log line, an evaluation, a sample, a save).
+    pending = []  # (step, loss_sum, n_tokens, grad_norm) of steps not yet read
+    tokens_seen, loss_seen, seconds, grad_norm = 0, 0.0, 0.0, None  # since the last log line
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    def drain():
+        nonlocal tokens_seen, loss_seen, grad_norm
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in pending]).tolist()
+        for (s, _, n, _), (loss, norm) in zip(pending, values):
+            # with a GradScaler an inf grad norm is an overflow: scaler.step() skipped it and lowered the scale
+            if not math.isfinite(loss) or (not math.isfinite(norm) and not scaler.is_enabled()):
+                raise FloatingPointError(
+                    f"loss {loss / n} / grad norm {norm} at step {s}; stopped without saving it or any later "
+                    f"step. The last good checkpoint is {latest_checkpoint(cfg.output_dir)}; try a lower lr or bf16")
+            tokens_seen, loss_seen, grad_norm = tokens_seen + n, loss_seen + loss, norm
+        pending.clear()
+
+    def forward_backward(b, n_step):
+        """One micro-batch: its summed loss (a GPU scalar); the gradient of loss / n_step goes into .grad."""
+        with _autocast(device, cfg.precision):
+            if step_graphs:
+                return step_graphs(b, 1.0 / n_step)
+            loss, _ = causal_lm_loss(model, b, chunk)
+        scaler.scale(loss / n_step).backward()
+        return loss.detach()
+
+    t0 = time.perf_counter()
     try:
         while step < total_steps:
-            t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             # Normalise by the supervised tokens of the whole optimizer step, so that batch 4 x accumulation 1
             # and batch 1 x accumulation 4 give the same gradient (a per-micro-batch mean would weight short
-            # examples more).
-            n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            # examples more). The count is known on the host: no wait.
+            n_step = sum(b["n_tokens"] for b in micro)
             loss_sum = torch.zeros((), device=device)
             for b in micro:
-                b = {k: v.to(device) for k, v in b.items()}
-                with _autocast(device, cfg.precision):
-                    loss, _ = causal_lm_loss(model, b, cfg.loss_chunk)
-                scaler.scale(loss / n_step).backward()
-                loss_sum += loss.detach()
+                loss_sum += forward_backward(b, n_step)
             scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            loss_total = loss_sum.item()
-            loss_value = loss_total / n_step
-            if not math.isfinite(loss_value) or (not math.isfinite(grad_norm) and not scaler.is_enabled()):
-                # with a GradScaler an inf grad norm is an overflow: scaler.step() skips it and lowers the scale
-                raise FloatingPointError(
-                    f"loss {loss_value} / grad norm {grad_norm} at step {step + 1}; stopped without saving it. "
-                    f"The last good checkpoint is {latest_checkpoint(cfg.output_dir)}; try a lower lr or bf16")
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # a GPU scalar: no wait
             scaler.step(opt)
             scaler.update()
             sched.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not graphs)  # graphs accumulate into gradients at fixed addresses
             step += 1
-            tokens_seen, loss_seen = tokens_seen + n_step, loss_seen + loss_total
-            seconds += time.perf_counter() - t0  # the optimizer's queued GPU work lands in the next step's wait
-            rate = tokens_seen / seconds  # supervised tokens per second of training, evals and saves excluded
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}",
-                            refresh=False)
+            pending.append((step, loss_sum, n_step, norm))
             bar.update()
+            due_eval = evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+            due_sample = cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps
+            due_save = step == total_steps or (cfg.save_every and step % cfg.save_every == 0)
+            if not (step % cfg.log_every == 0 or step == total_steps or due_eval or due_sample or due_save):
+                continue
+            drain()
+            seconds += time.perf_counter() - t0  # training time only: evaluations, samples and saves come after
             if step % cfg.log_every == 0 or step == total_steps:
                 # the token-weighted mean over the steps since the last line, not the last step's alone
+                rate = tokens_seen / seconds  # supervised tokens per second of training
                 log({"step": step, "epoch": round(step * cfg.grad_accum / per_epoch, 4),
                      "loss": loss_seen / tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-                     "tokens_per_s": rate, "peak_mem_gib": _peak_gib(device)})
+                     "tokens_per_s": rate, "seconds": seconds, "peak_mem_gib": _peak_gib(device)})
+                bar.set_postfix(loss=f"{loss_seen / tokens_seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                tok_s=f"{rate:.0f}", refresh=False)
                 tokens_seen, loss_seen, seconds = 0, 0.0, 0.0
-            if evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            if due_eval:
                 log_eval()
-            if cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps:
+            if due_sample:
                 _sample(model, tokenizer, cfg, step, log)
-            if step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+            if due_save:
                 save_checkpoint(model, cfg.output_dir, step, opt, sched, scaler, cfg.keep_last)
+            t0 = time.perf_counter()
         _sample(model, tokenizer, cfg, step, log)
     except KeyboardInterrupt:
-        # Stop cleanly: the last completed step is a consistent state, so save it and return.
+        # Stop cleanly: the last completed step is a consistent state, so save it (once it is known finite).
         opt.zero_grad(set_to_none=True)
+        if pending:
+            drain()
         print(f"\ninterrupted: saved {save_checkpoint(model, cfg.output_dir, step, opt, sched, scaler, cfg.keep_last)}")
         return history
     finally:
         bar.close()
         metrics.close()
+        for layer in model.model.layers:  # the fast layers' weight caches go with them; generation needs neither
+            layer.__dict__.pop("_minilora_fast", None)
     save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
     _plot(history, cfg.output_dir)
     return history
@@ -222,9 +269,8 @@ def evaluate(model, examples, collate, cfg: TrainConfig) -> float:
     model.eval()
     device, total, n = next(model.parameters()).device, 0.0, 0
     for i in range(0, len(examples), cfg.batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[i : i + cfg.batch_size]).items()}
         with _autocast(device, cfg.precision):
-            loss, count = causal_lm_loss(model, b, cfg.loss_chunk)
+            loss, count = causal_lm_loss(model, collate(examples[i : i + cfg.batch_size]), cfg.loss_chunk or 4096)
         total, n = total + loss.item(), n + count
     model.train(was_training)
     return total / n
@@ -322,16 +368,63 @@ def _check(cfg: TrainConfig):
              ("lora_alpha", cfg.lora_alpha > 0, "positive"),
              ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
              ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
-             ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)")]
+             ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+             ("memory_budget_gib", cfg.memory_budget_gib is None or cfg.memory_budget_gib > 0, "positive, or None")]
     for name, ok, rule in rules:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)} must be {rule}")
 
 
+def _memory_options(model, cfg: TrainConfig, device: torch.device) -> tuple[dict, str]:
+    """prepare_for_training's options and the loss chunk for this run, and a line that says what and why.
+
+    On a GPU the fast layer's options come from the memory plan for the budget (cfg.memory_budget_gib, or what
+    the card has free plus what this process already holds), for the worst micro-batch: batch_size x max_len
+    tokens. Elsewhere, and with fast off, every layer is checkpointed and nothing is cached, unless the config
+    says otherwise.
+    """
+    L = model.config.num_hidden_layers
+    ckpt = {None: L, True: L, False: 0}[cfg.gradient_checkpointing]
+    options = dict(gradient_checkpointing=ckpt, fast=False, cached_layers=0, keep_weights=False,
+                   loss_chunk=cfg.loss_chunk or LOSS_CHUNKS[0])
+    why = unsupported(model.config)
+    if not cfg.fast or cfg.compile or why:
+        reason = "fast=False" if not cfg.fast else "compile=True" if cfg.compile else why
+        return options, f"training through transformers' decoder layers ({reason}), {ckpt}/{L} layers checkpointed"
+    options["fast"] = True
+    if device.type != "cuda":
+        return options, f"fast layers, {ckpt}/{L} checkpointed (no memory plan off a GPU)"
+    if cfg.memory_budget_gib:
+        budget, source = cfg.memory_budget_gib * GiB, "memory_budget_gib"
+    else:
+        free, _ = torch.cuda.mem_get_info(device)
+        budget, source = free + torch.cuda.memory_allocated(device), f"free on {torch.cuda.get_device_name(device)}"
+    layers = lora_layers(model)
+    one = next(iter(layers.values()))
+    fixed = {k: v for k, v in (("gradient_checkpointing", None if cfg.gradient_checkpointing is None else ckpt),
+                               ("loss_chunk", cfg.loss_chunk)) if v is not None}
+    choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=fixed, lora_r=one.r,
+                         lora_targets=sorted({name.rsplit(".", 1)[-1] for name in layers}),
+                         quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
+                         compute_dtype=PRECISIONS[cfg.precision], lora_dtype=one.lora_A.weight.dtype,
+                         lora_dropout=getattr(one.dropout, "p", 0.0), offload=cfg.offload_activations)
+    o, plan = choice["options"], choice["plan"]
+    options.update(o)
+    line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): fast layers, "
+            f"{o['cached_layers']}/{L} layers' weights kept dequantized, {o['gradient_checkpointing']}/{L} "
+            f"checkpointed{' (their recompute keeps its weights)' if o['keep_weights'] else ''}, loss chunk "
+            f"{o['loss_chunk']}; predicted peak {plan['total'] / GiB:.2f} GiB at {cfg.batch_size} x {cfg.max_len} tokens")
+    if not choice["fits"]:
+        line += "; that exceeds the budget: lower batch_size or max_len, or set offload_activations"
+    return options, line
+
+
 def _optimizer(params, cfg: TrainConfig):
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kw)
+        # the fused CUDA kernel updates every LoRA tensor in one launch, and takes the GradScaler's inf check
+        # on the GPU without a host sync
+        return torch.optim.AdamW(params, fused=params[0].is_cuda, **kw)
     import bitsandbytes as bnb
 
     choices = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,

@@ -1,5 +1,6 @@
-"""Optional speed paths for training, each off by default and tested for equality with the plain path."""
+"""Speed paths for training, each tested for equality with the plain path."""
 
-from .lora4bit import LoRALinearFunction, fused_lora_linear
+from .layer import FastLayer, layer_forward
+from .lora4bit import Projection, ProjectFn
 
-__all__ = ["LoRALinearFunction", "fused_lora_linear"]
+__all__ = ["FastLayer", "layer_forward", "Projection", "ProjectFn"]

@@ -1,28 +1,29 @@
-"""LoRA over a frozen 4-bit (or plain) linear as one autograd function:
+"""Frozen linears that read the same input, plus their LoRA updates, as one autograd function:
 
-    y = x W^T + b + s * (dropout(x) A^T) B^T,    W: (out, in),  A: (r, in),  B: (out, r),  s = alpha / r
+    y = [residual +] x W^T [+ b],   then for each LoRA member j on the rows R_j of W:
+    y[:, R_j] += s_j * (xl_j A_j^T) B_j^T,    W: (out, in),  A_j: (r, in),  B_j: (|R_j|, r),  s_j = alpha_j / r_j
 
-Against the plain path (bitsandbytes' MatMul4Bit for the base, then two nn.Linear, a multiply and an add):
-- the scaled LoRA term is added by the epilogue of a GEMM (`addmm_(alpha=s)`), so neither the (N, out) LoRA
-  output nor its scaled copy exists; in the backward the base and LoRA input gradients share one GEMM output.
-- one node saves what the LoRA grads need: the (dropped-out) input, A, B and the small (N, r) x A^T.
-- the dequantized W is never saved. The forward hands the 4-bit weight to bitsandbytes' `matmul_4bit`, which
-  (in 0.50.2) runs its `gemm_4bit` op: W is dequantized into a temporary in the compute dtype and multiplied
-  (on CUDA, for few rows, the 4-bit weight may be read directly instead). The backward dequantizes W once
-  (`dequantize_4bit`), uses it and frees it, and skips that when x needs no gradient. Two different ops on
-  purpose: under torch.compile AOTAutograd merges identical ops of the forward and the backward, and with
-  `dequantize_4bit` in both, every projection's W was saved for the backward (measured on the CPU; a
-  bitsandbytes whose matmul_4bit calls dequantize_4bit would do the same, and tests/test_kernels.py says so).
-Per weight and step that is 1 dequantization in the forward and 1 in the backward, as for the plain path, and
-3 under checkpointing (forward, recompute, backward): the recompute needs W for the outputs that the rest of
-the layer consumes, so a third dequantization could only be saved by keeping W alive until the backward.
+W is the members' frozen weights stacked along the output (an attention's q, k and v give one (q + 2 kv, hidden)
+matrix), so the base is one GEMM however many members there are. xl_j is x, or its dropped-out copy when the
+member has LoRA dropout. A single linear is a projection of one member (LoRALinear's `fused` path).
+
+Against the plain path (bitsandbytes' MatMul4Bit per linear, then two nn.Linear, a multiply and an add):
+- the scaled LoRA terms are added by GEMM epilogues (`addmm_(alpha=s)`) into the output's rows, and a residual
+  by the base GEMM's own (`addmm(residual, x, W^T)`): no (N, out) LoRA output, scaled copy or sum exists;
+- one node saves what the LoRA grads need: the members' inputs, A, B and the small (N, r) products xl A^T;
+- the dequantized W is not saved by default: it is dequantized again in the backward, used and freed, and not
+  at all when x needs no gradient (the first layer's input). `Projection.keep` saves it instead: a checkpointed
+  layer sets it, so the recompute's W serves the backward (2 dequantizations a step instead of 3; the saved
+  tensors of a checkpoint's first forward are dropped, so it costs memory only from recompute to backward).
+- `Projection.cache` keeps W dequantized for good: no dequantization at all, for 2 bytes a weight.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from . import nf4
 
 try:
     import bitsandbytes as bnb
@@ -43,75 +44,141 @@ def _standard_layout(w):
     return w
 
 
-def dequantize(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W (out, in) in `dtype`: a fresh dequantized copy for a 4-bit base, the (cast) parameter otherwise."""
+def dequantize(base: nn.Module, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W (out, in) in `dtype`: a fresh dequantized copy for a 4-bit base, the (cast) parameter otherwise.
+    With `out`, W is written there and `out` is returned. On CUDA, NF4 weights go through minilora's one-kernel
+    dequantization (kernels/nf4.py), bit for bit bitsandbytes' result; the rest through bitsandbytes."""
     if not is_4bit(base):
-        return base.weight.to(dtype)
+        return base.weight.to(dtype) if out is None else out.copy_(base.weight)
     w = _standard_layout(base.weight)
-    return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)  # a no-op cast in the usual case
+    if w.device.type == "cuda" and dtype == w.quant_state.dtype:
+        out = torch.empty(w.quant_state.shape, dtype=dtype, device=w.device) if out is None else out
+        if nf4.supported(w, out):
+            return nf4.dequantize_nf4(w, out)
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state, out=out)
+    W = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    return W.to(dtype) if out is None else out.copy_(W)  # the cast is a no-op in the usual case
 
 
-def _base_forward(x: torch.Tensor, base: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b, (N, in) -> (N, out), in x's dtype; a 4-bit W is dequantized into a temporary only."""
-    if not is_4bit(base):
-        return F.linear(x, base.weight.to(x.dtype), bias)
-    w = _standard_layout(base.weight)
-    return bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state, bias=bias)  # x @ W^T; grad is off in here
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """autocast's dtype when autocast is on for x's device (bf16 on the GPU), else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """Forward and backward of the formula above on 2-D inputs, every tensor in one compute dtype.
+class Projection:
+    """Linears that read one input (`members`: LoRALinear or plain/4-bit linears), computed as one.
 
-    xd is the dropped-out input of the LoRA branch, or None when there is no dropout: then x feeds both
+    Not an nn.Module: it holds references to the model's own modules, which keep every parameter, so state
+    dicts, adapters and merging see nothing new. `cache` and `keep` are set by prepare_for_training.
+    """
+
+    def __init__(self, members: list[nn.Module], cache: bool = False, keep: bool = False):
+        self.bases = [m.base if hasattr(m, "lora_A") else m for m in members]
+        if any(getattr(b, "lora_A", None) is not None for b in self.bases):
+            raise ValueError("nested LoRA layers cannot be projected")
+        self.in_features = self.bases[0].in_features
+        if any(b.in_features != self.in_features for b in self.bases):
+            raise ValueError(f"a projection's members must share the input size, got {[b.in_features for b in self.bases]}")
+        rows, start = [], 0
+        for b in self.bases:
+            rows.append(slice(start, start + b.out_features))
+            start += b.out_features
+        self.out_features = start
+        self.loras = [(r, m) for r, m in zip(rows, members) if hasattr(m, "lora_A") and not m.merged]
+        self.rows = rows
+        biases = [b.bias for b in self.bases]
+        self.has_bias = any(b is not None for b in biases)
+        # Only a 4-bit weight is worth keeping dequantized: a plain one is there already (stacking several
+        # plain weights makes a copy per call instead, which is the rare quant=None case).
+        quantized = all(is_4bit(b) for b in self.bases)
+        self.cache, self.keep, self.cached = cache and quantized, keep and quantized, None
+
+    def bias(self, dtype) -> torch.Tensor | None:
+        if not self.has_bias:
+            return None
+        return torch.cat([b.bias.to(dtype) if b.bias is not None else b.weight.new_zeros(b.out_features, dtype=dtype)
+                          for b in self.bases])
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W (out, in) in dtype: the cached copy, or a fresh dequantization (kept when `cache` is set)."""
+        if self.cached is not None and self.cached.dtype == dtype:
+            return self.cached
+        if len(self.bases) == 1:
+            W = dequantize(self.bases[0], dtype)
+        else:
+            W = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.bases[0].weight.device)
+            for base, rows in zip(self.bases, self.rows):
+                dequantize(base, dtype, out=W[rows])
+        if self.cache:
+            self.cached = W
+        return W
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`[residual +] x W^T + LoRA` for x of shape (..., in) in the compute dtype; returns (..., out).
+
+        Everything is cast to the compute dtype here, outside the function, so that autograd casts gradients
+        back (to fp32 LoRA weights, say) and the function sees one dtype.
+        """
+        dtype = compute_dtype(x)
+        h = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
+        lora = []
+        for _, m in self.loras:
+            # Dropout stays outside the function, as its own autograd op on x like in the plain path: each
+            # member draws its own mask, in the plain path's order, and autograd routes its gradient.
+            xl = None if isinstance(m.dropout, nn.Identity) else m.dropout(x).reshape(h.shape).to(dtype)
+            lora += [xl, m.lora_A.weight.to(dtype), m.lora_B.weight.to(dtype)]
+        res = None if residual is None else residual.reshape(-1, self.out_features).to(dtype)
+        y = ProjectFn.apply(h, res, self, *lora)  # (N, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class ProjectFn(torch.autograd.Function):
+    """Forward and backward of a Projection on 2-D inputs, every tensor in one compute dtype.
+
+    lora holds (xl, A, B) per LoRA member; xl is None when the member has no dropout: x then feeds both
     branches and their input gradients are summed inside one GEMM.
     """
 
     @staticmethod
-    def forward(ctx, x, xd, A, B, bias, base: nn.Module, scaling: float):
-        y = _base_forward(x, base, bias)  # (N, out)
-        xl = x if xd is None else xd  # (N, in): the LoRA branch's input
-        xa = torch.mm(xl, A.t())  # (N, r)
-        y.addmm_(xa, B.t(), alpha=scaling)  # y += s * (x A^T) B^T
-        ctx.save_for_backward(xl, A, B, xa)
-        ctx.base, ctx.scaling, ctx.shared_input = base, scaling, xd is None
+    def forward(ctx, x, residual, proj: Projection, *lora):
+        W = proj.weight(x.dtype)  # (out, in)
+        y = torch.mm(x, W.t()) if residual is None else torch.addmm(residual, x, W.t())  # (N, out)
+        bias = proj.bias(x.dtype)
+        if bias is not None:
+            y += bias
+        saved = []
+        for (rows, m), (xl, A, B) in zip(proj.loras, zip(lora[0::3], lora[1::3], lora[2::3])):
+            xl = x if xl is None else xl
+            xa = torch.mm(xl, A.t())  # (N, r)
+            y[:, rows].addmm_(xa, B.t(), alpha=m.scaling)  # y_j += s (xl A^T) B^T, into the member's rows
+            saved += [xl, A, B, xa]
+        ctx.save_for_backward(W if proj.keep and proj.cached is None else None, *saved)
+        ctx.proj, ctx.shared = proj, [xl is None for xl in lora[0::3]]
         return y
 
     @staticmethod
     def backward(ctx, dy):  # dy: (N, out)
-        xl, A, B, xa = ctx.saved_tensors
-        need_x, need_xd, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
-        dyB = torch.mm(dy, B).mul_(ctx.scaling)  # (N, r): s * dy B, scaled on the small side once
-        grad_A = torch.mm(dyB.t(), xl) if need_A else None  # (r, in)
-        grad_B = torch.mm(dy.t(), xa).mul_(ctx.scaling) if need_B else None  # (out, r)
-        grad_bias = dy.sum(0) if need_bias else None
-        grad_x = grad_xd = None
+        W, *saved = ctx.saved_tensors
+        proj, need_x, need_res = ctx.proj, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = None
         if need_x:
-            W = dequantize(ctx.base, dy.dtype)  # (out, in)
-            grad_x = torch.mm(dy, W)  # (N, in)
-            del W  # freed at once, before anything else is allocated
-            if ctx.shared_input:
-                grad_x.addmm_(dyB, A)  # + s * dy B A, the LoRA branch's share
-        if need_xd:
-            grad_xd = torch.mm(dyB, A)  # (N, in); autograd takes it back through the dropout mask to x
-        return grad_x, grad_xd, grad_A, grad_B, grad_bias, None, None
-
-
-def fused_lora_linear(x: torch.Tensor, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                      dropout: nn.Module) -> torch.Tensor:
-    """`base(x) + scaling * dropout(x) A^T B^T` through `LoRALinearFunction`, for x of shape (..., in).
-
-    The compute dtype is autocast's when autocast is on (bf16 on the GPU), else x's (as Linear4bit picks it).
-    Everything is cast to it here, outside the function, so that autograd casts the gradients back (to fp32
-    LoRA weights, say) and the function sees one dtype whether autocast is on or not. Returns x's dtype.
-    """
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    h = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
-    hd = None
-    if not isinstance(dropout, nn.Identity):
-        # Dropout stays outside the function, as its own autograd op on x like in the plain path: one mask,
-        # drawn once, that autograd applies to the LoRA branch's input gradient too.
-        hd = dropout(x).reshape(h.shape).to(dtype)
-    bias = None if base.bias is None else base.bias.to(dtype)
-    y = LoRALinearFunction.apply(h, hd, A.to(dtype), B.to(dtype), bias, base, scaling)  # (N, out)
-    return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+            W = W if W is not None else proj.weight(dy.dtype)
+            dx = torch.mm(dy, W)  # (N, in)
+        del W  # a fresh dequantization is freed at once, before anything else is allocated
+        grads = []
+        for j, (rows, m) in enumerate(proj.loras):
+            xl, A, B, xa = saved[4 * j: 4 * j + 4]
+            needs = ctx.needs_input_grad[3 + 3 * j: 6 + 3 * j]
+            dyj = dy[:, rows]  # (N, out_j)
+            dyB = torch.mm(dyj, B).mul_(m.scaling)  # (N, r): s * dy B, scaled on the small side once
+            grad_A = torch.mm(dyB.t(), xl) if needs[1] else None  # (r, in)
+            grad_B = torch.mm(dyj.t(), xa).mul_(m.scaling) if needs[2] else None  # (out_j, r)
+            grad_xl = None
+            if ctx.shared[j]:
+                if dx is not None:
+                    dx.addmm_(dyB, A)  # + s dy B A, the LoRA branch's share of the input gradient
+            elif needs[0]:
+                grad_xl = torch.mm(dyB, A)  # autograd takes it back through the dropout mask to x
+            grads += [grad_xl, grad_A, grad_B]
+        return dx, dy if need_res else None, None, *grads

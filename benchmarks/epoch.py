@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""The main job, timed: one epoch of guanaco-shaped rows through `minilora.train`, beside PEFT's recipe on the
+same batches, in one invocation.
+
+    python benchmarks/epoch.py --out benchmarks/results/h100-epoch.json        # fast default, 6 GiB, PEFT
+    python benchmarks/epoch.py --impls fast,plain --max-steps 50 --curve        # loss curves, step by step
+    python benchmarks/epoch.py --shape tiny --rows 24 --device cpu              # a CPU smoke run
+
+The rows have the real dataset's shapes: benchmarks/guanaco-lengths.json holds, for each of the 1,000 rows of
+mlabonne/guanaco-llama2-1k, every turn's prompt and answer length under the Llama-2 tokenizer. Each row here
+is a guanaco-format text of random words with exactly those lengths under a word-level tokenizer written
+beside the model (BOS + "[INST] q [/INST]" is the prompt, the answer ends with EOS), so minilora encodes,
+truncates (max length 1024), groups and batches them as it would the real rows.
+
+Impls, each in its own process on the same model files:
+  fast      `ml.train` with the recipe's settings and nothing else: the default path and memory plan
+  budget6   the same with memory_budget_gib=6
+  plain     the same with fast=False and every layer checkpointed: transformers' layers, the earlier default
+  peft      the classic recipe (prepare_model_for_kbit_training, get_peft_model, HF's loss, torch AdamW,
+            cosine schedule with 3% warmup, grad norm 0.3) driven over minilora's batches: the same examples
+            in the same order and padding, the loss read every 25 steps, as TRL's logging does
+Reported per impl: the loop's wall time (train() for minilora, from its first to its last step for PEFT),
+the first logged interval apart (warm-up: first kernels, caches) and the steady step time, tokens/s over all
+and over supervised tokens, steps, peak allocated and reserved memory, and minilora's memory plan.
+--curve logs every step's loss (max 50 steps, say) so that two impls' curves can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step import SHAPES, _write, prepare, run_child  # noqa: E402
+
+LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guanaco-lengths.json")
+IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "plain": {"fast": False, "gradient_checkpointing": True},
+         "peft": None}
+RECIPE = dict(epochs=1.0, batch_size=4, max_len=1024, lr=2e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,
+              targets=("q_proj", "v_proj"), warmup_ratio=0.03, weight_decay=0.001, max_grad_norm=0.3,
+              schedule="cosine", seed=42, log_every=25, precision="bf16")
+GiB = 2**30
+
+
+def write_word_tokenizer(out: str, vocab_size: int) -> str:
+    """A word-level tokenizer: <unk> 0, <s> 1, </s> 2, "[INST]" 3, "[/INST]" 4, then words w5, w6, ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, **{f"w{i}": i for i in range(5, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+def guanaco_rows(n_rows: int, vocab_size: int, seed: int = 0) -> list[str]:
+    """Guanaco-format rows of random words whose token lengths are the real dataset's (see the module doc)."""
+    rng = random.Random(seed)
+    with open(LENGTHS) as f:
+        lengths = json.load(f)["lengths"][:n_rows]
+
+    def words(n):
+        return " ".join(f"w{rng.randrange(5, vocab_size)}" for _ in range(max(0, n)))
+
+    # prompt = BOS [INST] q [/INST]: q has p - 3 words; answer = words + EOS: a - 1 words (0: an empty answer)
+    return ["".join(f"<s>[INST] {words(p - 3)} [/INST] {words(a - 1)} </s>" for p, a in row) for row in lengths]
+
+
+def run_minilora(spec, model, tok, rows):
+    import torch
+
+    import minilora as ml
+
+    cfg = ml.TrainConfig(output_dir=spec["out_dir"], progress=False, **{**RECIPE, **spec["overrides"]})
+    with _profiled(spec.get("profile")):
+        t0 = time.perf_counter()
+        history = ml.train(model, tok, rows, cfg)
+        wall = time.perf_counter() - t0
+    logs = [h for h in history if "loss" in h]
+    head = next(h for h in history if "train_rows" in h)
+    return dict(wall_s=wall, steps=logs[-1]["step"], memory_plan=head.get("memory_plan"),
+                supervised_tokens=head["supervised_tokens"], interval_s=[(h["step"], h["seconds"]) for h in logs],
+                losses=[(h["step"], h["loss"]) for h in logs], peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB
+                if torch.cuda.is_available() else None, peak_alloc_gib=logs[-1]["peak_mem_gib"])
+
+
+@contextlib.contextmanager
+def _profiled(on: bool):
+    """With `on`, a torch.profiler trace of the run; its busiest GPU ops, launch count and busy time to stderr."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    print(events.table(sort_by="self_device_time_total", row_limit=30), file=sys.stderr)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in kernels) / 1e6
+    print(f"profile: {len(kernels)} GPU kernels, {busy:.2f} s busy of {wall:.2f} s wall", file=sys.stderr)
+
+
+def run_peft(spec, model_dir, tok, rows):
+    """The classic recipe over minilora's batches (the same examples, order and padding as `fast`)."""
+    import math
+
+    import torch
+
+    import minilora as ml
+    from minilora.data import batches, encode_rows
+    from step import load_peft
+
+    device = torch.device(spec["device"])
+    r = RECIPE
+    model, _ = load_peft(dict(model_dir=model_dir, device=spec["device"], seed=r["seed"], r=r["lora_r"],
+                              alpha=r["lora_alpha"], dropout=r["lora_dropout"], targets=r["targets"]))
+    model.train()
+    examples, stats = encode_rows(rows, tok, r["max_len"])
+    collate = ml.Collator(tok.pad_token_id)
+    order = list(batches(examples, r["batch_size"], r["seed"], group_by_length=True, epoch=0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"])
+    total, warmup = len(order), int(r["warmup_ratio"] * len(order))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, window, intervals, t0 = [], [], [], time.perf_counter()
+    t_mark = t0
+    for step, batch in enumerate(order, 1):
+        b = {k: v.to(device) for k, v in collate(batch).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, r["max_grad_norm"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        window.append(loss.detach())
+        if step % r["log_every"] == 0 or step == total:
+            losses.append((step, torch.stack(window).mean().item()))
+            now = time.perf_counter()
+            intervals.append((step, now - t_mark))
+            t_mark, window = now, []
+    wall = time.perf_counter() - t0
+    return dict(wall_s=wall, steps=total, supervised_tokens=stats.supervised, losses=losses,
+                interval_s=intervals, peak_alloc_gib=torch.cuda.max_memory_allocated() / GiB if device.type == "cuda"
+                else None, peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB if device.type == "cuda" else None)
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    import minilora as ml
+
+    tok = ml.load_tokenizer(spec["tok_dir"])
+    rows = guanaco_rows(spec["rows"], spec["vocab"], spec["seed"])
+    examples, _ = ml.data.encode_rows(rows, tok, RECIPE["max_len"])
+    tokens = sum(len(ex["input_ids"]) for ex in examples)
+    t0 = time.perf_counter()
+    if spec["impl"] == "peft":
+        res = run_peft(spec, spec["model_dir"], tok, rows)
+    else:
+        model, _ = ml.load_model(spec["model_dir"], quant="nf4", compute_dtype=torch.bfloat16, device=spec["device"],
+                                 tokenizer=spec["tok_dir"])
+        load_s = time.perf_counter() - t0
+        res = run_minilora(spec, model, tok, rows)
+        res["load_s"] = load_s
+    res.update(tokens=tokens, tokens_per_s=tokens / res["wall_s"],
+               supervised_tokens_per_s=res["supervised_tokens"] / res["wall_s"])
+    # warm-up: what the first logged interval took beyond its steps at the steady pace of the others
+    (s0, t_first), rest = res["interval_s"][0], res["interval_s"][1:]
+    if rest:
+        steady = (sum(t for _, t in rest)) / (res["interval_s"][-1][0] - s0)
+        res.update(steady_step_s=steady, warmup_s=t_first - s0 * steady)
+    return res
+
+
+def summarize(c: dict) -> str:
+    if c.get("status") != "ok":
+        return f"{c['impl']:8}  {c['status']}"
+    peak = "-" if c.get("peak_alloc_gib") is None else f"{c['peak_alloc_gib']:.2f}"
+    warm = f"  warm-up {c['warmup_s']:.1f} s, then {c['steady_step_s'] * 1e3:.0f} ms/step" if "warmup_s" in c else ""
+    return (f"{c['impl']:8}  {c['wall_s']:7.1f} s  {c['steps']:4d} steps  {c['tokens_per_s']:8,.0f} tok/s  "
+            f"{c['supervised_tokens_per_s']:8,.0f} sup tok/s  peak {peak} GiB{warm}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impls", default="fast,budget6,peft", help=f"comma-separated, from {list(IMPLS)}")
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
+    ap.add_argument("--rows", type=int, default=1000, help="the first N rows of the dataset's shapes")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop minilora's runs after N steps")
+    ap.add_argument("--curve", action="store_true", help="log every step's loss (for comparing curves)")
+    ap.add_argument("--profile", action="store_true", help="trace minilora's runs with torch.profiler (slower)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=420, help="seconds before an impl's process is killed")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"minilora-bench-{args.shape}")
+    env, err, _ = run_child("prepare", {"shape": args.shape, "model_dir": model_dir, "device": args.device}, 900)
+    if env is None:
+        raise SystemExit(f"could not prepare the model: {err}")
+    vocab = env["config"]["vocab_size"]
+    tok_dir = write_word_tokenizer(os.path.join(model_dir, "word-tokenizer"), vocab)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "card": env["card"],
+            "driver": env["driver"], "versions": env["versions"], "shape": args.shape, "rows": args.rows,
+            "command": shlex.join([os.path.basename(sys.executable)] + sys.argv), "recipe": RECIPE, "cases": []}
+    for impl in args.impls.split(","):
+        if impl not in IMPLS:
+            raise SystemExit(f"unknown impl {impl!r}; use one of {list(IMPLS)}")
+        overrides = dict(IMPLS[impl] or {})
+        if args.max_steps:
+            overrides["max_steps"] = args.max_steps
+        if args.curve:
+            overrides["log_every"] = 1
+        spec = dict(impl=impl, model_dir=model_dir, tok_dir=tok_dir, rows=args.rows, vocab=vocab, seed=args.seed,
+                    device=env["device"], overrides=overrides, out_dir=tempfile.mkdtemp(prefix=f"epoch-{impl}-"),
+                    profile=args.profile)
+        print(f"{impl} ...", file=sys.stderr, flush=True)
+        res, err, secs = run_child("run", spec, args.timeout, script=__file__)
+        case = dict(impl=impl, overrides=overrides, process_s=secs, **(res or {}), status="ok" if res else f"error: {err}")
+        meta["cases"].append(case)
+        print(json.dumps({k: v for k, v in case.items() if k not in ("losses", "interval_s")}), flush=True)
+        if args.out:
+            _write(args.out, meta)
+    print(f"\n{args.rows} guanaco-shaped rows on {env['card']}:")
+    peft = next((c for c in meta["cases"] if c["impl"] == "peft" and c["status"] == "ok"), None)
+    for c in meta["cases"]:
+        ratio = f"  {peft['wall_s'] / c['wall_s']:.2f}x PEFT" if peft and c.get("status") == "ok" else ""
+        print(summarize(c) + ratio)
+    curves = {c["impl"]: dict(c["losses"]) for c in meta["cases"] if c.get("status") == "ok"}
+    if args.curve and len(curves) == 2:
+        (a, ca), (b, cb) = curves.items()
+        rel = max(abs(ca[s] - cb[s]) / abs(cb[s]) for s in ca.keys() & cb.keys())
+        meta["curve_max_rel_diff"] = rel
+        print(f"loss curves {a} vs {b}: max relative difference {rel:.2e} over {len(ca.keys() & cb.keys())} steps")
+        if args.out:
+            _write(args.out, meta)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] in ("--_prepare", "--_run"):
+        fn = prepare if sys.argv[1] == "--_prepare" else worker
+        print("@@result " + json.dumps(fn(json.loads(sys.argv[2]))), flush=True)
+    else:
+        main()

@@ -1,0 +1,109 @@
+"""The fast paths that exist only on a GPU: the Triton NF4 dequantization, torch's fused RMSNorm kernels, and
+the step replayed as CUDA graphs. Each against what it replaces, on the device it runs on.
+
+These need CUDA (Triton kernels, CUDA graphs); on a machine without a GPU they are skipped, and the CPU suite
+covers the same formulas through their CPU code (test_kernels.py). Results of a run on an H100 are kept in
+benchmarks/results/.
+
+Tolerances: the NF4 kernel computes bitsandbytes' arithmetic in bitsandbytes' order, so equality is exact.
+bf16 paths: 2e-2 relative, as benchmarks/check_fastpaths.py (8-bit mantissa, different summation orders).
+"""
+
+import pytest
+import torch
+
+import minilora as ml
+from minilora.kernels import nf4
+from minilora.kernels.layer import FUSED_RMS_NORM, RMSNorm
+from minilora.loss import causal_lm_loss, to_device
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels and CUDA graphs need a GPU")
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (96, 320), (3, 1000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_kernel_equals_bitsandbytes(shape, dtype, nested):
+    w = torch.randn(shape, dtype=dtype, device="cuda") * 0.02
+    q = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=nested).to("cuda")
+    assert nf4.supported(q, torch.empty(shape, dtype=dtype, device="cuda"))
+    got = nf4.dequantize_nf4(q, torch.full(shape, float("nan"), dtype=dtype, device="cuda"))  # every value written
+    ref = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+    assert torch.equal(got, ref)
+
+
+def test_fused_rms_norm_matches_the_formula():
+    assert FUSED_RMS_NORM  # torch's CUDA build has the kernels; without them RMSNorm takes the plain ops
+    x = torch.randn(6, 33, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+    y = RMSNorm.apply(x, w, 1e-5)
+    ref = w * (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    (ref_dx,) = torch.autograd.grad(ref, x, g)
+    assert rel(y, ref) <= 2e-2 and rel(dx, ref_dx) <= 2e-2
+
+
+def _load(base_dir, **prepare):
+    model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+    torch.manual_seed(0)
+    ml.add_lora(model, targets=("q_proj", "v_proj", "down_proj"), r=8, alpha=16, dropout=0.0)
+    with torch.no_grad():
+        for p in ml.lora_state_dict(model).values():
+            p.normal_(0, 0.05)
+    ml.prepare_for_training(model, **prepare)
+    return model.train(), tok
+
+
+def _batches(tok, n=3):
+    from minilora.data import Collator, encode_rows
+    from minilora.tiny import instruction_rows
+
+    examples, _ = encode_rows(instruction_rows(4 * n, seed=5), tok, 256)
+    collate = Collator(tok.pad_token_id, pad_to_multiple_of=64)
+    return [collate(examples[4 * i: 4 * i + 4]) for i in range(n)]
+
+
+def test_fast_path_matches_transformers_on_gpu(base_dir):
+    grads = []
+    for prepare in (dict(gradient_checkpointing=True), dict(fast=True, gradient_checkpointing=True, keep_weights=True),
+                    dict(fast=True, gradient_checkpointing=False, cached_layers=2)):
+        model, tok = _load(base_dir, **prepare)
+        batch = _batches(tok, 1)[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, n = causal_lm_loss(model, batch)
+        (loss / n).backward()
+        grads.append((loss.item(), {k: p.grad.clone() for k, p in ml.lora_state_dict(model).items()}))
+    (ref_loss, ref), *fast = grads
+    for loss, g in fast:
+        assert abs(loss - ref_loss) <= 1e-2 * abs(ref_loss)
+        assert all(rel(g[k], ref[k]) <= 2e-2 for k in ref)
+
+
+def test_graphed_steps_equal_eager_steps(base_dir):
+    from minilora.kernels.graphs import GraphedSteps
+
+    results = []
+    for graphed in (False, True):
+        model, tok = _load(base_dir, fast=True, gradient_checkpointing=False, cached_layers=2)
+        steps = GraphedSteps(model, 4096)
+        losses = []
+        for batch in _batches(tok, 3) * 2:  # three shapes, each replayed again
+            b = to_device(batch, "cuda", model.lm_head.weight.shape[0], dense=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if graphed:
+                    loss = steps(b, 1.0 / b["n_tokens"]).clone()
+                else:
+                    loss, n = causal_lm_loss(model, b)
+                    (loss / n).backward()
+            losses.append(loss.item())
+        results.append((losses, {k: p.grad.clone() for k, p in ml.lora_state_dict(model).items()}))
+    (eager_losses, eager_grads), (graph_losses, graph_grads) = results
+    assert len(steps.graphs) == 3  # the first batch ran eagerly; every shape was captured once
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
+    assert all(rel(graph_grads[k], eager_grads[k]) <= 1e-2 for k in eager_grads)
