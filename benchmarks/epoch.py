@@ -15,6 +15,7 @@ truncates (max length 1024), groups and batches them as it would the real rows.
 Impls, each in its own process on the same model files:
   fast      `ml.train` with the recipe's settings and nothing else: the default path and memory plan
   budget6   the same with memory_budget_gib=6
+  eager     the same with cuda_graphs=False
   plain     the same with fast=False and every layer checkpointed: transformers' layers, the earlier default
   peft      the classic recipe (prepare_model_for_kbit_training, get_peft_model, HF's loss, torch AdamW,
             cosine schedule with 3% warmup, grad norm 0.3) driven over minilora's batches: the same examples
@@ -42,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step import SHAPES, _write, prepare, run_child  # noqa: E402
 
 LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guanaco-lengths.json")
-IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "plain": {"fast": False, "gradient_checkpointing": True},
-         "peft": None}
+IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "eager": {"cuda_graphs": False},
+         "plain": {"fast": False, "gradient_checkpointing": True}, "peft": None}
 RECIPE = dict(epochs=1.0, batch_size=4, max_len=1024, lr=2e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,
               targets=("q_proj", "v_proj"), warmup_ratio=0.03, weight_decay=0.001, max_grad_norm=0.3,
               schedule="cosine", seed=42, log_every=25, precision="bf16")
@@ -106,7 +107,8 @@ def _profiled(on: bool):
         yield
     wall = time.perf_counter() - t0
     events = prof.key_averages()
-    print(events.table(sort_by="self_device_time_total", row_limit=30), file=sys.stderr)
+    print(events.table(sort_by="self_device_time_total", row_limit=20), file=sys.stderr)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy = sum(e.device_time for e in kernels) / 1e6
     print(f"profile: {len(kernels)} GPU kernels, {busy:.2f} s busy of {wall:.2f} s wall", file=sys.stderr)

@@ -84,33 +84,38 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     b["optimizer"] = OPTIMIZER_STATES[optimizer] * P * ldt
     b["cublas_workspace"] = CUBLAS_WORKSPACES
 
-    # The last layer's backward runs first. A fast layer's projections dequantize their weights again there,
-    # unless cached, or kept from the recompute (then a layer's weights are held through its backward).
-    last_cached, last_ckpt = L - 1 < cached, L - 1 < ckpt
-    kept = fast and keep_weights and last_ckpt and not last_cached and quant is not None
-    deq = fast and quant is not None and not (last_cached or kept)
-    saved, transient = (_fast_layer if fast else _hf_layer)(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin,
-                                                          lora_dropout, deq)
-    layer = transient + (layer_weights if kept else 0)
-
     # Checkpointed layers keep their (B, T, H) input, in the compute dtype; with offload it sits in pinned host
-    # memory and one at a time comes back. The others keep their full saved set. The last layer, backward's
-    # first, holds its saved set either way: kept, or recomputed.
+    # memory and one at a time comes back. The others keep their full saved set.
+    layer_fn = _fast_layer if fast else _hf_layer
+    saved = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, False)[0]
     cpu = ckpt * S * H * dt if offload else 0
-    held = (min(ckpt, 1) if offload else ckpt) * S * H * dt + (L - ckpt) * saved
-    recomputed = saved if last_ckpt else 0
+
+    def held(n):  # activations of the layers 0..n-1 (the later ones' are freed by then)
+        return (min(ckpt, n, 1) if offload else min(ckpt, n)) * S * H * dt + max(0, n - ckpt) * saved
+
+    def backward(i):  # layer i's backward: its saved set (kept, or recomputed) and transients, every LoRA grad
+        # A fast layer's projections dequantize their weights again here, unless cached, or kept from the
+        # recompute (then the layer's dequantized weights are all held through its backward).
+        kept = fast and keep_weights and i < ckpt and i >= cached and quant is not None
+        deq = fast and quant is not None and not (i < cached or kept)
+        transient = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, deq)[1]
+        return held(i + 1), (saved if i < ckpt else 0) + transient + (layer_weights if kept else 0) + P * ldt
+
     # Loss (minilora.loss): the last hidden states, the final norm's fp32 copy and bf16 output, the (N, H)
     # supervised rows and their gradient (computed in the forward), and per chunk of n = min(N, loss_chunk)
     # rows: the fp32 logits and one transient beside them (the bf16 matmul output, then the bf16 softmax
     # gradient), counted at 8 bytes a logit, which over-predicts the measured H100 peaks by 2-5%.
     n = min(N, loss_chunk)
-    loss = S * H * (4 + dt) + 2 * N * H * dt + n * V * max(8, 4 + dt)
-    phases = {"loss": loss, "backward": recomputed + layer + P * ldt}  # the backward also holds every LoRA grad
-    phase = max(phases, key=phases.get)
-    b["activations"] = held
+    moments = {"loss": (held(L), S * H * (4 + dt) + 2 * N * H * dt + n * V * max(8, 4 + dt))}
+    # The backward peaks at its first layer, or at the first checkpointed one, which recomputes (and perhaps
+    # keeps weights) while fewer activations are held.
+    moments["backward"] = max((backward(i) for i in {L - 1, max(ckpt - 1, 0)}), key=sum)
+    phase = max(moments, key=lambda k: sum(moments[k]))
+    phases = {k: extra for k, (_, extra) in moments.items()}
+    b["activations"], extra = moments[phase]
     b["lora_grads"] = P * ldt if phase == "backward" else 0
-    b["layer_backward"] = recomputed + layer if phase == "backward" else 0
-    b["loss"] = loss if phase == "loss" else 0
+    b["layer_backward"] = extra - P * ldt if phase == "backward" else 0
+    b["loss"] = extra if phase == "loss" else 0
     plan = {"breakdown": b, "total": sum(b.values()), "phase": phase, "phases": phases, "cpu": cpu,
             "cuda_context": CUDA_CONTEXT,
             "inputs": dict(batch=B, seq_len=T, lora_r=lora_r, lora_targets=targets, quant=quant, offload=offload,

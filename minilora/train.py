@@ -124,8 +124,10 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     if cfg.progress:
         print(plan_line)
 
+    # On the GPU, lengths padded to a multiple of PAD_MULTIPLE make a few batch shapes that recur: each CUDA graph
+    # and each of cuBLAS's per-shape GEMM choices is made once and reused.
     collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len,
-                       pad_to_multiple_of=PAD_MULTIPLE if graphs else None)  # graphs: a few shapes, each reused
+                       pad_to_multiple_of=PAD_MULTIPLE if options["fast"] and device.type == "cuda" else None)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)  # micro-batches in one pass over the data
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
@@ -412,7 +414,7 @@ def _memory_options(model, cfg: TrainConfig, device: torch.device) -> tuple[dict
     options.update(o)
     line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): fast layers, "
             f"{o['cached_layers']}/{L} layers' weights kept dequantized, {o['gradient_checkpointing']}/{L} "
-            f"checkpointed{' (their recompute keeps its weights)' if o['keep_weights'] else ''}, loss chunk "
+            f"checkpointed{' (their recompute keeps its weights)' if o['keep_weights'] and o['gradient_checkpointing'] else ''}, loss chunk "
             f"{o['loss_chunk']}; predicted peak {plan['total'] / GiB:.2f} GiB at {cfg.batch_size} x {cfg.max_len} tokens")
     if not choice["fits"]:
         line += "; that exceeds the budget: lower batch_size or max_len, or set offload_activations"

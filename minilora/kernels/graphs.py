@@ -64,6 +64,6 @@ class GraphedSteps:
         dtype = torch.get_autocast_dtype("cuda")
         with torch.cuda.graph(graph, pool=self.pool), torch.autocast("cuda", dtype=dtype, cache_enabled=False,
                                                                      enabled=torch.is_autocast_enabled("cuda")):
-            loss, _ = causal_lm_loss(self.model, static, self.chunk)
+            loss, _ = causal_lm_loss(self.model, {**static, "n_tokens": None}, self.chunk)
             (loss * static["scale"]).backward()
         return graph, static, loss.detach()
