@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 from torch.nn.attention import sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
 
 from .data import looks_local
-from .kernels.layer import ATTENTION_BACKENDS, FastLayer, checkpointed, unsupported
+from .kernels.layer import ATTENTION_BACKENDS, FastLayer, unsupported
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -164,4 +166,10 @@ def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *ar
     shapes and keeps nothing anyway."""
     if not torch.is_grad_enabled():
         return eager(*args, **kwargs)
-    return checkpointed(train_forward, checkpointing, offload, *args, **kwargs)
+    if not checkpointing:
+        return train_forward(*args, **kwargs)
+    # The inputs are saved through autograd's saved-tensor hooks, so save_on_cpu moves just them; the
+    # layer's inner activations are never saved at all.
+    pin = offload and torch.cuda.is_available()
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
+        return checkpoint(train_forward, *args, use_reentrant=False, **kwargs)

@@ -54,7 +54,7 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     targets = [lora_targets] if isinstance(lora_targets, str) else list(lora_targets)
     if bad := [t for t in targets if t not in lin]:
         raise ValueError(f"lora_targets {bad} are not decoder-layer linears; use names from {list(lin)}")
-    dt, ldt = compute_dtype.itemsize, (lora_dtype or compute_dtype).itemsize
+    dt, ldt = compute_dtype.itemsize, (lora_dtype or torch.float32).itemsize  # add_lora's default: fp32
     L, H, I, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
     nh, q, kv = c.num_attention_heads, lin["q_proj"][1], lin["k_proj"][1]
     B, T = batch, seq_len
@@ -88,6 +88,8 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     # memory and one at a time comes back. The others keep their full saved set.
     layer_fn = _fast_layer if fast else _hf_layer
     saved = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, False)[0]
+    if ldt != dt:  # the layer's LoRA weights, cast to the compute dtype for its matmuls, are kept for the backward
+        saved += sum(lora_r * (lin[t][0] + lin[t][1]) for t in targets) * dt
     cpu = ckpt * S * H * dt if offload else 0
 
     def held(n):  # activations of the layers 0..n-1 (the later ones' are freed by then)
@@ -99,7 +101,9 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
         kept = fast and keep_weights and i < ckpt and i >= cached and quant is not None
         deq = fast and quant is not None and not (i < cached or kept)
         transient = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, deq)[1]
-        return held(i + 1), (saved if i < ckpt else 0) + transient + (layer_weights if kept else 0) + P * ldt
+        # a fast layer's recompute saves its input again, which is the checkpointed input already held
+        recomputed = saved - (S * H * dt if fast else 0) if i < ckpt else 0
+        return held(i + 1), recomputed + transient + (layer_weights if kept else 0) + P * ldt
 
     # Loss (minilora.loss): the last hidden states, the final norm's fp32 copy and bf16 output, the (N, H)
     # supervised rows and their gradient (computed in the forward), and per chunk of n = min(N, loss_chunk)
@@ -164,7 +168,7 @@ def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq):
     fp32 dq accumulator; RoPE's; q/k/v's input grad beside their weights. deq: the weights are dequantized
     (not cached, not kept from the recompute).
     """
-    saved = 2 * S * (H * dt + 4) + S * (2 * q + 2 * kv) * dt + SH_lse * 4 + S * q * dt + 2 * S * I * dt
+    saved = 2 * S * (H * dt + 4) + S * (q + 2 * kv) * dt + SH_lse * 4 + S * q * dt + 2 * S * I * dt
     for name, group in GROUPS.items():
         members = [t for t in group if t in targets]
         n_in = lin[group[0]][0]

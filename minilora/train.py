@@ -107,9 +107,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         print(stats.summary(cfg.max_len))
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
-        # fp16 keeps fp32 LoRA weights: fp16 Adam updates would underflow, and the GradScaler refuses fp16 grads
-        add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                 dtype=torch.float32 if cfg.precision == "fp16" else None)
+        add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
     options, plan_line = _memory_options(model, cfg, device)
     chunk = options.pop("loss_chunk")
     prepare_for_training(model, offload=cfg.offload_activations, fused=cfg.fused, compile=cfg.compile, **options)

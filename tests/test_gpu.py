@@ -61,12 +61,13 @@ def _load(base_dir, **prepare):
 
 
 def _batches(tok, n=3):
+    """n padded batches of 2, 3, 4, ... examples: n different shapes."""
     from minilora.data import Collator, encode_rows
     from minilora.tiny import instruction_rows
 
     examples, _ = encode_rows(instruction_rows(4 * n, seed=5), tok, 256)
     collate = Collator(tok.pad_token_id, pad_to_multiple_of=64)
-    return [collate(examples[4 * i: 4 * i + 4]) for i in range(n)]
+    return [collate(examples[4 * i: 4 * i + 2 + i]) for i in range(n)]
 
 
 def test_fast_path_matches_transformers_on_gpu(base_dir):

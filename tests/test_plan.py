@@ -126,3 +126,34 @@ def test_layer_saved_set_matches_autograd(one_layer_dir, targets):
     measured = sum(n for ptr, n in saved.items() if ptr not in skip)
     planned = plan_memory(model.config, B, T, lora_r=16, lora_targets=targets, gradient_checkpointing=False)
     assert measured == pytest.approx(planned["breakdown"]["activations"], rel=0.01)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
+def test_fast_layer_saved_set_matches_autograd(one_layer_dir, targets):
+    """The same count for the fast layer (minilora/kernels/layer.py) without checkpointing: what its autograd
+    functions save, against plan_memory(fast=True)'s activations (dropout left out, as above). The planner
+    counts the layer's input too (its RMSNorm keeps it, and nothing else does), which the count here skips
+    with the caller's other tensors, so it is added back."""
+    import minilora as ml
+    from minilora.kernels.layer import layer_forward
+
+    model, _ = ml.load_model(one_layer_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cpu")
+    ml.add_lora(model, targets=targets, r=16)
+    ml.prepare_for_training(model, fast=True, gradient_checkpointing=False, cached_layers=1)
+    model.train()
+    B, T = 2, 256
+    x = torch.randn(B, T, 512, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = (t[:, :, None] for t in model.model.rotary_emb(x, torch.arange(T)[None]))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer_forward(model.model.layers[0], x, cos, sin)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x, cos, sin]}
+    measured = sum(n for ptr, n in saved.items() if ptr not in skip) + x.nbytes
+    planned = plan_memory(model.config, B, T, lora_r=16, lora_targets=targets, gradient_checkpointing=False,
+                          fast=True)
+    assert measured == pytest.approx(planned["breakdown"]["activations"], rel=0.01)

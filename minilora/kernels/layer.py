@@ -23,7 +23,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 
 from .lora4bit import Projection, compute_dtype
 
@@ -44,6 +43,9 @@ class FastLayer:
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], cache, keep)
         self.down = Projection([mlp.down_proj], cache, keep)
         self.checkpoint, self.offload = checkpoint, offload
+        # the LoRA weights, which a checkpointed layer's single autograd node must name as its inputs
+        self.params = [w for p in (self.qkv, self.o, self.gate_up, self.down) for _, m in p.loras
+                       for w in (m.lora_A.weight, m.lora_B.weight)]
 
 
 def unsupported(config) -> str | None:
@@ -73,21 +75,59 @@ def model_forward(model, input_ids, attention_mask=None, position_ids=None) -> t
     if position_ids is None:
         position_ids = torch.arange(h.shape[1], device=h.device)[None]
     cos, sin = (t.to(h.dtype)[:, :, None] for t in inner.rotary_emb(h, position_ids))  # (1 or B, T, 1, hd)
-    for layer in inner.layers:
-        fast = layer._minilora_fast
-        h = checkpointed(layer_forward, fast.checkpoint, fast.offload, layer, h, cos, sin, attention_mask)
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        h = _layers(inner.layers, h, cos, sin, attention_mask)
     return _rms_norm(h, inner.norm)
 
 
-def checkpointed(fn, enabled: bool, offload: bool, *args, **kwargs):
-    """fn(*args, **kwargs), non-reentrant checkpointed when enabled and grads are on: only its inputs are
-    kept, and the backward recomputes the rest. offload: those inputs wait in pinned CPU memory (they are
-    saved through autograd's saved-tensor hooks, so save_on_cpu moves just them)."""
-    if not (enabled and torch.is_grad_enabled()):
-        return fn(*args, **kwargs)
-    pin = offload and torch.cuda.is_available()
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+def _layers(layers, h, cos, sin, attention_mask):
+    for layer in layers:
+        fast = layer._minilora_fast
+        if fast.checkpoint and torch.is_grad_enabled():
+            # offload: the one tensor the layer saves, its input, waits in pinned CPU memory (saved through
+            # autograd's saved-tensor hooks, so save_on_cpu moves just it)
+            with torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if fast.offload else contextlib.nullcontext():
+                h = Recomputed.apply(h, layer, cos, sin, attention_mask, *fast.params)
+        else:
+            h = layer_forward(layer, h, cos, sin, attention_mask)
+    return h
+
+
+class Recomputed(torch.autograd.Function):
+    """A checkpointed fast layer: the forward keeps only the layer's input (and the RNG state); the backward
+    runs the layer again, with the same dropout masks, and backpropagates through that.
+
+    One autograd node for the whole layer, with the LoRA weights as inputs so that it is part of the graph
+    even when x needs no gradient (the first layer's input). torch.utils.checkpoint's non-reentrant form
+    instead routes every tensor the layer saves through saved-tensor hooks, which costs more host time than
+    the layer's own forward. A projection that keeps its weights (`Projection.keep`) saves them only in the
+    recompute, which lives until this node's backward ends.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer, cos, sin, mask, *params):
+        ctx.layer, ctx.mask = layer, mask
+        ctx.rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.save_for_backward(x)
+        ctx.cos_sin = cos, sin  # shared by every layer: not saved (nor offloaded) per layer
+        with torch.no_grad():
+            return layer_forward(layer, x, cos, sin, mask)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,), (cos, sin) = ctx.saved_tensors, ctx.cos_sin
+        params = ctx.layer._minilora_fast.params
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), sdpa_kernel(ATTENTION_BACKENDS), \
+                torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+            (torch.cuda.set_rng_state(ctx.rng, x.device) if x.is_cuda else torch.set_rng_state(ctx.rng))
+            x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = layer_forward(ctx.layer, x_, cos, sin, ctx.mask)
+            inputs = ([x_] if x_.requires_grad else []) + params
+            grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
+        dx = grads[0] if x_.requires_grad else None
+        return dx, None, None, None, None, *grads[len(inputs) - len(params):]
 
 
 def layer_forward(layer, x, cos, sin, attention_mask=None):
@@ -98,11 +138,10 @@ def layer_forward(layer, x, cos, sin, attention_mask=None):
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
 
     a = _rms_norm(x, layer.input_layernorm)
-    qkv = Rope.apply(fast.qkv(a).view(B, T, n_q + 2 * n_kv, hd), cos, sin, n_q + n_kv)  # (B, T, heads, hd)
-    q, k, v = (t.transpose(1, 2) for t in qkv.split([n_q, n_kv, n_kv], dim=2))  # (B, heads, T, hd) views
-    with sdpa_kernel(ATTENTION_BACKENDS):
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
-                                           scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
+    q, k, v = Rope.apply(fast.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
+    # SDPA runs on the backends of ATTENTION_BACKENDS: the callers (model_forward, Recomputed) enter them
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
+                                       scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
     h = fast.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
 
     a = _rms_norm(h, layer.post_attention_layernorm)
@@ -149,13 +188,16 @@ class RMSNorm(torch.autograd.Function):
 
 
 class Rope(torch.autograd.Function):
-    """Rotary embedding of the first n_rot heads of x (B, T, heads, hd): x cos + rotate_half(x) sin, with
-    rotate_half(x) = (-x2, x1) over the two halves of hd; the other heads (v) are copied through.
+    """q, k, v (B, heads, T, hd) from the qkv projection's (B, T, (n_q + 2 n_kv) hd) output, with the rotary
+    embedding on q and k: x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1) over the two halves of hd.
+    v is copied beside them, so the three are views of one new tensor and the projection's output is freed.
     Saves nothing but cos and sin, which every layer shares."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, n_rot: int):
-        half = x.shape[-1] // 2
+    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
+        B, T, _ = qkv.shape
+        x = qkv.view(B, T, n_q + 2 * n_kv, -1)  # (B, T, heads, hd)
+        n_rot, half = n_q + n_kv, x.shape[-1] // 2
         out = torch.empty_like(x)
         xr, o = x[:, :, :n_rot], out[:, :, :n_rot]
         torch.mul(xr, cos, out=o)
@@ -163,20 +205,22 @@ class Rope(torch.autograd.Function):
         o[..., half:].addcmul_(xr[..., :half], sin[..., half:])  # x2 c + x1 s
         out[:, :, n_rot:] = x[:, :, n_rot:]
         ctx.save_for_backward(cos, sin)
-        ctx.n_rot = n_rot
-        return out
+        ctx.heads = (n_q, n_kv)
+        return tuple(t.transpose(1, 2) for t in out.split([n_q, n_kv, n_kv], dim=2))
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
-        n_rot, half = ctx.n_rot, g.shape[-1] // 2
+        n_q, n_kv = ctx.heads
+        g = torch.cat([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2)  # (B, T, heads, hd)
+        n_rot, half = n_q + n_kv, g.shape[-1] // 2
         dx = torch.empty_like(g)
         gr, d = g[:, :, :n_rot], dx[:, :, :n_rot]
         torch.mul(gr, cos, out=d)
         d[..., :half].addcmul_(gr[..., half:], sin[..., half:])  # dx1 = g1 c + g2 s
         d[..., half:].addcmul_(gr[..., :half], sin[..., :half], value=-1)  # dx2 = g2 c - g1 s
         dx[:, :, n_rot:] = g[:, :, n_rot:]
-        return dx, None, None, None
+        return dx.flatten(2), None, None, None, None
 
 
 class SwiGLU(torch.autograd.Function):

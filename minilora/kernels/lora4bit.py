@@ -117,68 +117,77 @@ class Projection:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """`[residual +] x W^T + LoRA` for x of shape (..., in) in the compute dtype; returns (..., out).
 
-        Everything is cast to the compute dtype here, outside the function, so that autograd casts gradients
-        back (to fp32 LoRA weights, say) and the function sees one dtype.
+        The activations are cast to the compute dtype here; the LoRA weights (fp32 master weights, say) inside
+        the function, which computes in that dtype and hands their gradients back in their own.
         """
         dtype = compute_dtype(x)
-        h = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
         lora = []
         for _, m in self.loras:
             # Dropout stays outside the function, as its own autograd op on x like in the plain path: each
             # member draws its own mask, in the plain path's order, and autograd routes its gradient.
-            xl = None if isinstance(m.dropout, nn.Identity) else m.dropout(x).reshape(h.shape).to(dtype)
-            lora += [xl, m.lora_A.weight.to(dtype), m.lora_B.weight.to(dtype)]
-        res = None if residual is None else residual.reshape(-1, self.out_features).to(dtype)
-        y = ProjectFn.apply(h, res, self, *lora)  # (N, out)
-        return y.view(*x.shape[:-1], self.out_features)
+            xl = None if isinstance(m.dropout, nn.Identity) else _as(m.dropout(x), dtype)
+            lora += [xl, m.lora_A.weight, m.lora_B.weight]
+        res = None if residual is None else _as(residual, dtype)
+        return ProjectFn.apply(_as(x, dtype), res, self, *lora)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips the call, not just the copy: this runs per layer
 
 
 class ProjectFn(torch.autograd.Function):
-    """Forward and backward of a Projection on 2-D inputs, every tensor in one compute dtype.
+    """Forward and backward of a Projection in x's (compute) dtype; x (..., in) -> (..., out).
 
     lora holds (xl, A, B) per LoRA member; xl is None when the member has no dropout: x then feeds both
-    branches and their input gradients are summed inside one GEMM.
+    branches and their input gradients are summed inside one GEMM. Inputs are flattened to 2-D inside, where
+    autograd records no view of them.
     """
 
     @staticmethod
     def forward(ctx, x, residual, proj: Projection, *lora):
+        shape = (*x.shape[:-1], proj.out_features)
+        x2 = x.reshape(-1, proj.in_features)  # (N, in)
         W = proj.weight(x.dtype)  # (out, in)
-        y = torch.mm(x, W.t()) if residual is None else torch.addmm(residual, x, W.t())  # (N, out)
+        y = torch.mm(x2, W.t()) if residual is None else torch.addmm(residual.reshape(-1, shape[-1]), x2, W.t())
         bias = proj.bias(x.dtype)
         if bias is not None:
             y += bias
         saved = []
         for (rows, m), (xl, A, B) in zip(proj.loras, zip(lora[0::3], lora[1::3], lora[2::3])):
-            xl = x if xl is None else xl
+            xl = x2 if xl is None else xl.reshape(x2.shape)
+            A, B = _as(A, x.dtype), _as(B, x.dtype)
             xa = torch.mm(xl, A.t())  # (N, r)
             y[:, rows].addmm_(xa, B.t(), alpha=m.scaling)  # y_j += s (xl A^T) B^T, into the member's rows
             saved += [xl, A, B, xa]
         ctx.save_for_backward(W if proj.keep and proj.cached is None else None, *saved)
-        ctx.proj, ctx.shared = proj, [xl is None for xl in lora[0::3]]
-        return y
+        ctx.proj, ctx.shared, ctx.x_shape = proj, [xl is None for xl in lora[0::3]], x.shape
+        ctx.weight_dtypes = [A.dtype for A in lora[1::3]]
+        return y.view(shape)
 
     @staticmethod
-    def backward(ctx, dy):  # dy: (N, out)
+    def backward(ctx, dy):  # dy: (..., out)
         W, *saved = ctx.saved_tensors
         proj, need_x, need_res = ctx.proj, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy2 = dy.reshape(-1, proj.out_features)  # (N, out)
         dx = None
         if need_x:
             W = W if W is not None else proj.weight(dy.dtype)
-            dx = torch.mm(dy, W)  # (N, in)
+            dx = torch.mm(dy2, W)  # (N, in)
         del W  # a fresh dequantization is freed at once, before anything else is allocated
         grads = []
         for j, (rows, m) in enumerate(proj.loras):
             xl, A, B, xa = saved[4 * j: 4 * j + 4]
             needs = ctx.needs_input_grad[3 + 3 * j: 6 + 3 * j]
-            dyj = dy[:, rows]  # (N, out_j)
+            dyj = dy2[:, rows]  # (N, out_j)
             dyB = torch.mm(dyj, B).mul_(m.scaling)  # (N, r): s * dy B, scaled on the small side once
-            grad_A = torch.mm(dyB.t(), xl) if needs[1] else None  # (r, in)
-            grad_B = torch.mm(dyj.t(), xa).mul_(m.scaling) if needs[2] else None  # (out_j, r)
+            wdt = ctx.weight_dtypes[j]
+            grad_A = _as(torch.mm(dyB.t(), xl), wdt) if needs[1] else None  # (r, in)
+            grad_B = _as(torch.mm(dyj.t(), xa).mul_(m.scaling), wdt) if needs[2] else None  # (out_j, r)
             grad_xl = None
             if ctx.shared[j]:
                 if dx is not None:
                     dx.addmm_(dyB, A)  # + s dy B A, the LoRA branch's share of the input gradient
             elif needs[0]:
-                grad_xl = torch.mm(dyB, A)  # autograd takes it back through the dropout mask to x
+                grad_xl = torch.mm(dyB, A).view(ctx.x_shape)  # autograd takes it back through the dropout mask
             grads += [grad_xl, grad_A, grad_B]
-        return dx, dy if need_res else None, None, *grads
+        return None if dx is None else dx.view(ctx.x_shape), dy if need_res else None, None, *grads
