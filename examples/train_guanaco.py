@@ -60,9 +60,19 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--pack", action="store_true", help="pack several examples into each row")
+    p.add_argument("--memory-budget", type=float, metavar="GIB",
+                   help="GPU memory the run may use (default: what the card has free); the memory plan then picks "
+                        "the fastest way to train that fits, and the log says what it picked")
+    p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="auto: the memory plan decides per layer; on: every layer; off: none")
     p.add_argument("--offload", action="store_true", help="keep checkpointed activations in CPU memory")
-    p.add_argument("--fused", action="store_true", help="fused LoRA autograd function (faster, same numbers)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fastest on a GPU)")
+    p.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="train through transformers' decoder layers instead of minilora's (kernels/layer.py)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run every step eagerly, not as replayed CUDA graphs")
+    p.add_argument("--fused", action="store_true", help="with --no-fast: fused LoRA autograd function")
+    p.add_argument("--compile", action="store_true", help="torch.compile transformers' decoder layers (replaces "
+                   "minilora's)")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit or paged_adamw")
     args = p.parse_args(argv)
     if args.preset == "tiny":  # preset values, unless the flag was given on the command line
@@ -143,18 +153,19 @@ def encode(rows, index, tok, cfg, strict: bool):
     return examples, stats
 
 
-def show_plan(config, args, quant, compute_dtype):
-    """Print the predicted peak GPU memory of a step at full length, and warn when the card has less free."""
-    plan = ml.plan_memory(config, args.batch_size, args.max_len, lora_r=args.lora_r,
-                          lora_targets=args.targets.split(","), quant=quant, compute_dtype=compute_dtype,
-                          offload=args.offload, lora_dropout=args.lora_dropout)
-    need = (plan["total"] + plan["cuda_context"]) / 2**30
-    print(f"predicted peak GPU memory at batch {args.batch_size} x {args.max_len} tokens: {need:.2f} GiB")
-    print(ml.format_plan(plan))
-    free = torch.cuda.mem_get_info()[0] / 2**30
-    if need > free:
-        print(f"warning: the GPU has {free:.2f} GiB free, less than the predicted {need:.2f} GiB; lower "
-              "--batch-size or --max-len, or pass --offload", file=sys.stderr)
+def check_memory(config, cfg, quant):
+    """Before the weights load: warn when even the leanest plan (every layer checkpointed, nothing cached)
+    exceeds the budget. train() prints the plan it picks once the model is there."""
+    free = torch.cuda.mem_get_info()[0]
+    budget = cfg.memory_budget_gib * 2**30 if cfg.memory_budget_gib else free
+    choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget, lora_r=cfg.lora_r, lora_targets=cfg.targets,
+                            quant=quant, compute_dtype=PRECISIONS[cfg.precision], lora_dropout=cfg.lora_dropout,
+                            offload=cfg.offload_activations)
+    if not choice["fits"]:
+        need = choice["plan"]["total"] / 2**30
+        print(f"warning: a step at batch {cfg.batch_size} x {cfg.max_len} tokens needs at least {need:.2f} GiB, "
+              f"more than the {budget / 2**30:.2f} GiB budget; lower --batch-size or --max-len, or pass --offload",
+              file=sys.stderr)
 
 
 def main(argv=None):
@@ -169,6 +180,8 @@ def main(argv=None):
             precision=args.precision or default_precision(device), seed=args.seed, resume=args.resume,
             eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, pack=args.pack,
             offload_activations=args.offload, fused=args.fused, compile=args.compile, optimizer=args.optimizer,
+            memory_budget_gib=args.memory_budget, fast=args.fast, cuda_graphs=args.cuda_graphs,
+            gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
             sample_prompts=TINY_PROMPTS if args.preset == "tiny" else GUANACO_PROMPTS,
         )
     except ValueError as e:
@@ -176,7 +189,7 @@ def main(argv=None):
     source, config, tok, train_data, eval_data = load_data(args, cfg)
     quant, compute_dtype = None if args.quant == "none" else args.quant, PRECISIONS[cfg.precision]
     if device == "cuda":  # the plan is GPU memory: nothing to say on a CPU run
-        show_plan(config, args, quant, compute_dtype)
+        check_memory(config, cfg, quant)
     model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
         source, quant=quant, compute_dtype=compute_dtype, device=device))
     history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
