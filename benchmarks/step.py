@@ -43,7 +43,7 @@ SHAPES = {  # LlamaConfig fields; "tiny" is minilora.tiny.tiny_config
 TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 STANDARD = ["qv-r64-4x512", "qv-r64-2x2048", "all-r16-2x2048", "qv-r64-d0.1-4x512"]  # the last: the seed config
-VARIANTS = ["minilora+fused", "minilora+offload", "minilora+compile"]  # fused+compile == compile (see lora.py)
+VARIANTS = ["minilora+fused", "minilora+offload", "minilora+compile", "minilora+fast"]  # fused+compile == compile
 CASE_RE = re.compile(r"^(?P<t>[a-z]+)-r(?P<r>\d+)(?:-a(?P<a>[\d.]+))?(?:-d(?P<d>[\d.]+))?-(?P<b>\d+)x(?P<s>\d+)$")
 RESULT = "@@result "  # a worker's result line; everything else it prints is passed on to stderr
 PEFT_RECIPE = ("AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant, "
