@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 import minilora as ml
 from minilora.data import check_eval_size
@@ -115,9 +116,12 @@ def load_data(args, cfg):
         from minilora.tiny import build_base, instruction_rows
 
         source = os.path.join(args.output_dir, "base")
-        if not os.path.isfile(os.path.join(source, "config.json")):  # a resumed run keeps the base it started on
+        # a resumed run keeps the base it started on; under torchrun process 0 builds it while the others wait
+        if not os.path.isfile(os.path.join(source, "config.json")) and not (dist.is_initialized() and dist.get_rank()):
             print(f"building a tiny pretrained LLaMA-2 in {source} ...")
             build_base(source, steps=args.pretrain_steps, seed=args.seed)
+        if dist.is_initialized():
+            dist.barrier()
         rows = instruction_rows(800, seed=args.seed)
         seen = set(rows)
         held_out = [r for r in instruction_rows(80, seed=args.seed + 1) if r not in seen] if args.eval_size else []
@@ -168,9 +172,25 @@ def check_memory(config, cfg, quant):
               file=sys.stderr)
 
 
+def setup_device() -> str:
+    """This process's device. Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL with one
+    GPU per process (LOCAL_RANK), or gloo on CPUs. train() then runs data-parallel; processes other than 0
+    print nothing but errors."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return "cuda" if cuda else "cpu"
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")
+    return f"cuda:{local}" if cuda else "cpu"
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = setup_device()
     torch.manual_seed(args.seed)
     try:  # every setting is checked here, before anything loads
         cfg = ml.TrainConfig(
@@ -188,11 +208,13 @@ def main(argv=None):
         fail(str(e))
     source, config, tok, train_data, eval_data = load_data(args, cfg)
     quant, compute_dtype = None if args.quant == "none" else args.quant, PRECISIONS[cfg.precision]
-    if device == "cuda":  # the plan is GPU memory: nothing to say on a CPU run
+    if device.startswith("cuda"):  # the plan is GPU memory: nothing to say on a CPU run
         check_memory(config, cfg, quant)
     model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
         source, quant=quant, compute_dtype=compute_dtype, device=device))
     history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return report(history, cfg, args.preset == "tiny")
 
 

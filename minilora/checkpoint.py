@@ -161,19 +161,33 @@ STATE_NAME = "training_state.pt"
 STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda"}  # what save_checkpoint writes
 
 
-def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, scaler, keep_last: int = 2) -> str:
+def _rng_states() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, scaler, keep_last: int = 2,
+                    rank: int = 0, world: int = 1) -> str:
     """Write output_dir/checkpoint-STEP/: the adapter plus everything needed to resume bit-exactly.
 
     The directory appears only when complete (atomic_dir), so a crash mid-save leaves the previous one.
+    Data-parallel (world > 1): every process must call it; process 0 writes, with every process's RNG states.
     """
     path = os.path.join(output_dir, f"checkpoint-{step}")
+    rng_cpu, rng_cuda = _rng_states()
+    ranks = None
+    if world > 1:
+        ranks = [None] * world
+        torch.distributed.all_gather_object(ranks, (rng_cpu, rng_cuda))
+        if rank:
+            return path
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_cpu": rng_cpu,
+        "rng_cuda": rng_cuda,
+        **({"rng_ranks": ranks} if ranks else {}),  # [(cpu, cuda)] per process, 0 first
     }
 
     def write(tmp):
@@ -186,7 +200,7 @@ def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, sca
     return path
 
 
-def load_training_state(model, path: str, optimizer, scheduler, scaler) -> int:
+def load_training_state(model, path: str, optimizer, scheduler, scaler, rank: int = 0, world: int = 1) -> int:
     """Restore the adapter, optimizer, schedule, scaler and RNGs from a checkpoint dir; return its step.
 
     torch.load(weights_only=True) reads tensors and plain containers only, so a checkpoint from elsewhere
@@ -202,17 +216,22 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler) -> int:
             state = None  # torch's own message may suggest weights_only=False, which lets a file run code
     if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
         raise CorruptFile(f"{state_path} cannot be read back: it is truncated or corrupt")
+    written_by = len(state.get("rng_ranks") or [None])
+    if written_by != world:
+        raise ValueError(f"{path} was written by {written_by} data-parallel process(es); resume it with as many "
+                         f"(this run has {world}), e.g. torchrun --nproc-per-node {written_by}")
     load_adapter(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    rng_cpu, rng_cuda = state["rng_ranks"][rank] if world > 1 else (state["rng_cpu"], state["rng_cuda"])
+    torch.set_rng_state(rng_cpu)
+    if rng_cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng_cuda)
     return state["step"]
 
 
-def resume_latest(model, output_dir: str, optimizer, scheduler, scaler) -> int:
+def resume_latest(model, output_dir: str, optimizer, scheduler, scaler, rank: int = 0, world: int = 1) -> int:
     """load_training_state from the newest checkpoint in output_dir that reads back; return its step, or 0.
 
     A corrupt checkpoint (a file cut short by a full disk, say) is named and the one before it is tried.
@@ -220,10 +239,12 @@ def resume_latest(model, output_dir: str, optimizer, scheduler, scaler) -> int:
     found = _checkpoints(output_dir)
     for path in reversed(found):
         try:
-            return load_training_state(model, path, optimizer, scheduler, scaler)
+            return load_training_state(model, path, optimizer, scheduler, scaler, rank, world)
         except CorruptFile as e:
-            print(f"resume='latest': {e}; trying the checkpoint before it")
-    print(f"resume='latest': no {'readable ' if found else ''}checkpoint in {output_dir}, starting from step 0")
+            if not rank:
+                print(f"resume='latest': {e}; trying the checkpoint before it")
+    if not rank:
+        print(f"resume='latest': no {'readable ' if found else ''}checkpoint in {output_dir}, starting from step 0")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -11,9 +12,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import latest_checkpoint, load_training_state, resume_latest, save_adapter, save_checkpoint
-from .data import Collator, DataStats, batches, encode_prompt, encode_rows
+from .data import IGNORE, Collator, DataStats, batches, encode_prompt, encode_rows
 from .lora import add_lora, lora_layers, lora_state_dict
 from .kernels.layer import unsupported
 from .kernels.lora4bit import is_4bit
@@ -95,15 +98,23 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     and a bad dataset fails in seconds. eval_rows likewise. The config and the data are checked before the
     model is touched. A model without LoRA layers gets them from cfg. The final adapter lands in
     cfg.output_dir/adapter/.
+
+    With a torch.distributed process group (torchrun), every process trains data-parallel on its own device
+    through DDP: batch_size is per process, global batch k holds what one process at batch N x batch_size
+    would take as its batch k (process r takes every N-th example of it), and the loss is normalised by the
+    supervised tokens of the whole global step, so N processes train the adapter that one would at N x the
+    batch. Process 0 alone logs, evaluates, samples and writes files.
     """
     _check(cfg)  # again: the fields may have changed since the config was made
     device = next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    show = cfg.progress and rank == 0
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
     examples, stats = _encoded(train_rows, tokenizer, cfg)
     evals = _encoded(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
-    if cfg.progress:  # before the progress bar exists, so that it does not land on the bar's line
+    if show:  # before the progress bar exists, so that it does not land on the bar's line
         print(stats.summary(cfg.max_len))
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
@@ -116,17 +127,23 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     # CUDA graphs (kernels/graphs.py) when no layer recomputes and no weight is dequantized inside a step
     graphs = (cfg.cuda_graphs and options["fast"] and device.type == "cuda" and not options["gradient_checkpointing"]
               and options["cached_layers"] == model.config.num_hidden_layers and cfg.precision != "fp16"
-              and not cfg.pack)
+              and not cfg.pack and world == 1)
     step_graphs = GraphedSteps(model, chunk) if graphs else None
-    plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
-    if cfg.progress:
+    plan_line += f"; CUDA graphs {'on' if graphs else 'off'}" + (f"; data-parallel over {world} processes" if world > 1 else "")
+    if show:
         print(plan_line)
+    # DDP all-reduces the LoRA gradients, bucketed, while the backward runs. It wraps the loss: that module's
+    # forward is the step's forward. The frozen weights are the same in every process: no initial broadcast.
+    ddp = DDP(_Loss(model, chunk), device_ids=[device.index] if device.type == "cuda" else None,
+              init_sync=False) if world > 1 else None
+    if world > 1:
+        torch.manual_seed(cfg.seed + 1 + rank)  # the same LoRA init everywhere, a dropout stream per process
 
     # On the GPU, lengths padded to a multiple of PAD_MULTIPLE make a few batch shapes that recur: each CUDA graph
     # and each of cuBLAS's per-shape GEMM choices is made once and reused.
     collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len,
                        pad_to_multiple_of=PAD_MULTIPLE if options["fast"] and device.type == "cuda" else None)
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)  # micro-batches in one pass over the data
+    per_epoch = math.ceil(len(examples) / (cfg.batch_size * world))  # (global) micro-batches in one pass
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
     opt = _optimizer(params, cfg)
@@ -136,42 +153,50 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     os.makedirs(cfg.output_dir, exist_ok=True)
-    step = (resume_latest(model, cfg.output_dir, opt, sched, scaler) if cfg.resume == "latest"
-            else load_training_state(model, cfg.resume, opt, sched, scaler) if cfg.resume else 0)
-    with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    step = (resume_latest(model, cfg.output_dir, opt, sched, scaler, rank, world) if cfg.resume == "latest"
+            else load_training_state(model, cfg.resume, opt, sched, scaler, rank, world) if cfg.resume else 0)
     history = _history_until(cfg.output_dir, step)  # a resumed run continues the metrics it resumed from
-    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
-    for record in history:
-        metrics.write(json.dumps(record) + "\n")
+    if world > 1:
+        dist.barrier()  # every process has read what process 0 is about to rewrite
+    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") if rank == 0 else None
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        metrics.writelines(json.dumps(record) + "\n" for record in history)
 
     def log(record):
         history.append(record)
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
 
     def log_eval():
         loss = evaluate(model, evals, collate, cfg)
         log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
-    def micro_batches(start):  # the data stream is a pure function of (seed, position): resumable mid-epoch
+    def micro_batches(start):
+        """(this process's micro-batch on the device, supervised tokens of the global one). The stream is a
+        pure function of (seed, position), the same in every process: resumable mid-epoch."""
         k = start
         while True:
             epoch, i = divmod(k, per_epoch)
-            order = batches(examples, cfg.batch_size, cfg.seed, group_by_length=cfg.group_by_length, epoch=epoch)
+            order = batches(examples, cfg.batch_size * world, cfg.seed, group_by_length=cfg.group_by_length,
+                            epoch=epoch)
             for batch in itertools.islice(order, i, None):
-                yield to_device(collate(batch), device, vocab, dense=graphs)  # async copies, host-side label work
+                share = batch[rank::world] or [_unsupervised(batch[0])]  # a short last batch: nothing to learn
+                n = sum(len(ex["labels"]) - ex["labels"].count(IGNORE) - (ex["labels"][0] != IGNORE) for ex in batch)
+                yield to_device(collate(share), device, vocab, dense=graphs), n  # async copies, host label work
             k = (epoch + 1) * per_epoch
 
     stream = micro_batches(step * cfg.grad_accum)
-    bar = _progress(cfg, step, total_steps)
+    bar = _progress(cfg, step, total_steps, rank)
     if not step:
         log({"step": 0, "train_rows": stats.rows, "examples": len(examples), "skipped_rows": dict(stats.skipped),
              "truncated_rows": stats.truncated, "supervised_tokens": stats.supervised,
              "empty_questions": stats.empty_questions, "empty_answers": stats.empty_answers, "memory_plan": plan_line})
-        if evals:  # the baseline the eval curve is read against
+        if evals and rank == 0:  # the baseline the eval curve is read against
             log_eval()
-        _sample(model, tokenizer, cfg, step, log)
+        _sample(model, tokenizer, cfg, step, log, rank)
     model.train()
     # The step never waits for the GPU: loss sums and grad norms stay on it until `drain` reads the steps since
     # its last call, at once, before anything that needs them (a log line, an evaluation, a sample, a save).
@@ -182,7 +207,10 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
 
     def drain():
         nonlocal tokens_seen, loss_seen, grad_norm
-        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in pending]).tolist()
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in pending])
+        if world > 1:  # the global step's loss: the sum of every process's part (grad norms are equal already)
+            values[:, 0] = _all_reduce(values[:, 0].contiguous())
+        values = values.tolist()
         for (s, _, n, _), (loss, norm) in zip(pending, values):
             # with a GradScaler an inf grad norm is an overflow: scaler.step() skipped it and lowered the scale
             if not math.isfinite(loss) or (not math.isfinite(norm) and not scaler.is_enabled()):
@@ -192,13 +220,16 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             tokens_seen, loss_seen, grad_norm = tokens_seen + n, loss_seen + loss, norm
         pending.clear()
 
-    def forward_backward(b, n_step):
-        """One micro-batch: its summed loss (a GPU scalar); the gradient of loss / n_step goes into .grad."""
+    def forward_backward(b, n_step, last: bool):
+        """One micro-batch: its summed loss (a GPU scalar); the gradient of loss / n_step goes into .grad.
+        With DDP, whose all-reduce averages over the processes, the loss is scaled by their number: the
+        gradients then sum to the global step's; they are reduced once per step, with its last micro-batch."""
         with _autocast(device, cfg.precision):
             if step_graphs:
                 return step_graphs(b, 1.0 / n_step)
-            loss, _ = causal_lm_loss(model, b, chunk)
-        scaler.scale(loss / n_step).backward()
+            with ddp.no_sync() if ddp and not last else contextlib.nullcontext():
+                loss = ddp(b) if ddp else causal_lm_loss(model, b, chunk)[0]
+                scaler.scale(loss * world / n_step).backward()
         return loss.detach()
 
     t0 = time.perf_counter()
@@ -208,10 +239,10 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             # Normalise by the supervised tokens of the whole optimizer step, so that batch 4 x accumulation 1
             # and batch 1 x accumulation 4 give the same gradient (a per-micro-batch mean would weight short
             # examples more). The count is known on the host: no wait.
-            n_step = sum(b["n_tokens"] for b in micro)
+            n_step = sum(n for _, n in micro)
             loss_sum = torch.zeros((), device=device)
-            for b in micro:
-                loss_sum += forward_backward(b, n_step)
+            for j, (b, _) in enumerate(micro):
+                loss_sum += forward_backward(b, n_step, last=j == len(micro) - 1)
             scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # a GPU scalar: no wait
             scaler.step(opt)
@@ -237,15 +268,17 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                 bar.set_postfix(loss=f"{loss_seen / tokens_seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                                 tok_s=f"{rate:.0f}", refresh=False)
                 tokens_seen, loss_seen, seconds = 0, 0.0, 0.0
-            if due_eval:
+            if due_eval and rank == 0:
                 log_eval()
             if due_sample:
-                _sample(model, tokenizer, cfg, step, log)
+                _sample(model, tokenizer, cfg, step, log, rank)
             if due_save:
-                save_checkpoint(model, cfg.output_dir, step, opt, sched, scaler, cfg.keep_last)
+                save_checkpoint(model, cfg.output_dir, step, opt, sched, scaler, cfg.keep_last, rank, world)
             t0 = time.perf_counter()
-        _sample(model, tokenizer, cfg, step, log)
+        _sample(model, tokenizer, cfg, step, log, rank)
     except KeyboardInterrupt:
+        if world > 1:  # saving takes every process, which a signal does not reach together
+            raise
         # Stop cleanly: the last completed step is a consistent state, so save it (once it is known finite).
         opt.zero_grad(set_to_none=True)
         if pending:
@@ -254,11 +287,15 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         return history
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
         for layer in model.model.layers:  # the fast layers' weight caches go with them; generation needs neither
             layer.__dict__.pop("_minilora_fast", None)
-    save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
-    _plot(history, cfg.output_dir)
+    if rank == 0:
+        save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
+        _plot(history, cfg.output_dir)
+    if world > 1:
+        dist.barrier()  # the adapter is there for every process when train() returns
     return history
 
 
@@ -318,10 +355,10 @@ def _encoded(rows, tokenizer, cfg: TrainConfig) -> tuple[list[dict], DataStats]:
     return rows
 
 
-def _sample(model, tokenizer, cfg, step, log):
+def _sample(model, tokenizer, cfg, step, log, rank=0):
     """Greedy answers to the sample prompts (generate keeps the train/eval mode). Every RNG is restored
     afterwards, so sampling leaves the training trajectory exactly as it would have been without it."""
-    if not cfg.sample_prompts:
+    if not cfg.sample_prompts or rank:
         return
     from tqdm.auto import tqdm
 
@@ -461,14 +498,38 @@ def _history_until(output_dir, step) -> list[dict]:
     return [r for r in records if r["step"] <= step]
 
 
+class _Loss(torch.nn.Module):
+    """causal_lm_loss as a module, for DDP to wrap: its forward is the step's forward, and its parameters (the
+    model's) include the LoRA weights whose gradients DDP all-reduces."""
+
+    def __init__(self, model, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, batch):
+        return causal_lm_loss(self.model, batch, self.chunk)[0]
+
+
+def _unsupervised(example: dict) -> dict:
+    """A copy of example that supervises nothing: the input of a process whose share of a short last global
+    batch is empty. It takes part in the step (DDP needs every process there) and adds nothing to it."""
+    return {**example, "labels": [IGNORE] * len(example["labels"])}
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
 def _peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _progress(cfg, step, total):
+def _progress(cfg, step, total, rank=0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=step, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=step, disable=not cfg.progress or rank != 0, desc="train", unit="step",
+                dynamic_ncols=True)
 
 
 def _plot(history, out_dir):
