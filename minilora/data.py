@@ -19,7 +19,6 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
-from unittest import mock
 
 import torch
 
@@ -449,12 +448,14 @@ def _load_dataset(source: str, split: str):
             raise missing(str(e).splitlines()[0]) from None
         except Exception:  # no answer: the network or the hub is down, and the cache may hold the dataset
             offline = True
+    was_offline, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, offline
     try:
-        with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", offline):
-            return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, split=split)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError):
-        why = "HF_HUB_OFFLINE=1" if datasets.config.HF_HUB_OFFLINE else "the hub does not answer"
+        why = "HF_HUB_OFFLINE=1" if was_offline else "the hub does not answer"
         raise missing(f"{why}, and the local cache does not hold it") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
 
 
 def check_eval_size(size: float | int) -> float | int:
