@@ -76,3 +76,29 @@ def test_case_names_and_variants():
     assert [step.parse_case(n)["name"] for n in step.STANDARD] == step.STANDARD
     with pytest.raises(SystemExit):
         step.parse_case("qv-64-4x512")
+
+
+def test_epoch_benchmark_runs_minilora_and_peft_on_the_same_batches(tmp_path):
+    """benchmarks/epoch.py on the CPU with the tiny shape: both impls run the same rows to the end and report.
+    The rows have the real dataset's lengths: the word tokenizer encodes each turn to exactly them."""
+    epoch = _module("epoch")
+    out = tmp_path / "epoch.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "epoch.py"), "--shape", "tiny", "--rows", "12", "--device", "cpu",
+           "--impls", "fast,peft", "--model-dir", str(tmp_path / "model"), "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    fast, peft = (next(c for c in result["cases"] if c["impl"] == name) for name in ("fast", "peft"))
+    assert fast["status"] == peft["status"] == "ok"
+    assert fast["steps"] == peft["steps"] == 3  # 12 rows at batch 4, one epoch
+    assert fast["supervised_tokens"] == peft["supervised_tokens"] > 0 and fast["tokens"] == peft["tokens"]
+    assert "fast layers" in fast["memory_plan"] and "x PEFT" in proc.stdout
+    # the first row's turns, under the word tokenizer, have the lengths the file gives
+    from minilora.data import encode_chat
+    from minilora.model import load_tokenizer
+
+    tok = load_tokenizer(str(tmp_path / "model" / "word-tokenizer"))
+    row = epoch.guanaco_rows(1, vocab_size=len(tok))[0]
+    lengths = json.loads((ROOT / "benchmarks" / "guanaco-lengths.json").read_text())["lengths"][0]
+    assert len(encode_chat(row, tok, max_len=4096)["input_ids"]) == sum(p + a for p, a in lengths)
