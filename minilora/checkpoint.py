@@ -161,10 +161,6 @@ STATE_NAME = "training_state.pt"
 STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda"}  # what save_checkpoint writes
 
 
-def _rng_states() -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-
-
 def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, scaler, keep_last: int = 2,
                     rank: int = 0, world: int = 1) -> str:
     """Write output_dir/checkpoint-STEP/: the adapter plus everything needed to resume bit-exactly.
@@ -173,7 +169,7 @@ def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, sca
     Data-parallel (world > 1): every process must call it; process 0 writes, with every process's RNG states.
     """
     path = os.path.join(output_dir, f"checkpoint-{step}")
-    rng_cpu, rng_cuda = _rng_states()
+    rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     ranks = None
     if world > 1:
         ranks = [None] * world

@@ -73,14 +73,18 @@ def supervised_positions(labels: torch.Tensor, vocab_size: int) -> tuple[torch.T
     return b * labels.shape[1] + t, y
 
 
+def supervised_count(labels: list[int]) -> int:
+    """How many of an example's labels the loss reads: those after the first (position t predicts t + 1)."""
+    return len(labels) - 1 - labels[1:].count(IGNORE)
+
+
 def to_device(batch: dict, device, vocab_size: int, dense: bool = False) -> dict:
     """A collated CPU batch, ready for causal_lm_loss on `device`, without making the host wait for the GPU:
     the supervised positions are found on the host, and the copies are asynchronous from pinned memory.
 
     The loss then reads "rows" (indices of the supervised positions) and "targets", and "n_tokens" (an int)
-    counts them; with dense=True instead
-    every position, with "targets" (0 where unsupervised) and 0/1 "row_weights": shapes that depend on the
-    batch's shape alone, as a CUDA graph needs.
+    counts them; with dense=True it reads every position instead, with "targets" (0 where unsupervised) and
+    0/1 "row_weights": shapes that depend on the batch's shape alone, as a CUDA graph needs.
     A 2-D attention_mask that is right padding is dropped: a causal model never attends to later positions,
     so right padding changes no supervised output, and without a mask attention runs as plain causal
     (flash attention, no (T, T) mask). Any other mask (left padding, a packed 4-D mask) is kept.

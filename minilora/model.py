@@ -112,10 +112,11 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | 
     """Freeze everything but LoRA and choose how each decoder layer trains; returns the model.
 
     Embeddings and lm_head keep their dtype: upcasting them to fp32 costs memory and buys nothing.
-    gradient_checkpointing: True checkpoints every decoder layer (non-reentrant: only its input is kept, the
-    backward recomputes the rest), False none, a number the first that many. Non-reentrant checkpointing
-    needs no `requires_grad` on the layer inputs, so a frozen embedding needs no input-grad hook (the
-    reentrant form does, and has been measured 2x slower).
+    gradient_checkpointing: True checkpoints every decoder layer (only its input is kept, the backward
+    recomputes the rest), False none, a number the first that many. transformers' layers use non-reentrant
+    checkpointing, which needs no `requires_grad` on the layer inputs, so a frozen embedding needs no
+    input-grad hook (the reentrant form does, and has been measured 2x slower); a fast layer is one autograd
+    node of its own (kernels/layer.py, Recomputed).
     offload: keep each checkpointed layer's saved input in pinned CPU memory instead of on the GPU.
     fast: minilora's loss runs the decoder through minilora/kernels/layer.py: the same weights and formula in
     fewer kernels. transformers' forward stays for everything else (generation, a direct model(...) call).

@@ -21,7 +21,7 @@ from .lora import add_lora, lora_layers, lora_state_dict
 from .kernels.layer import unsupported
 from .kernels.lora4bit import is_4bit
 from .kernels.graphs import PAD_MULTIPLE, GraphedSteps
-from .loss import causal_lm_loss, to_device
+from .loss import causal_lm_loss, supervised_count, to_device
 from .model import prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, choose_plan
 
@@ -184,7 +184,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                             epoch=epoch)
             for batch in itertools.islice(order, i, None):
                 share = batch[rank::world] or [_unsupervised(batch[0])]  # a short last batch: nothing to learn
-                n = sum(len(ex["labels"]) - ex["labels"].count(IGNORE) - (ex["labels"][0] != IGNORE) for ex in batch)
+                n = sum(supervised_count(ex["labels"]) for ex in batch)  # the global batch's, the same everywhere
                 yield to_device(collate(share), device, vocab, dense=graphs), n  # async copies, host label work
             k = (epoch + 1) * per_epoch
 
@@ -307,7 +307,8 @@ def evaluate(model, examples, collate, cfg: TrainConfig) -> float:
     device, total, n = next(model.parameters()).device, 0.0, 0
     for i in range(0, len(examples), cfg.batch_size):
         with _autocast(device, cfg.precision):
-            loss, count = causal_lm_loss(model, collate(examples[i : i + cfg.batch_size]), cfg.loss_chunk or 4096)
+            loss, count = causal_lm_loss(model, collate(examples[i : i + cfg.batch_size]),
+                                         cfg.loss_chunk or LOSS_CHUNKS[0])
         total, n = total + loss.item(), n + count
     model.train(was_training)
     return total / n
@@ -438,8 +439,9 @@ def _memory_options(model, cfg: TrainConfig, device: torch.device) -> tuple[dict
         budget, source = free + torch.cuda.memory_allocated(device), f"free on {torch.cuda.get_device_name(device)}"
     layers = lora_layers(model)
     one = next(iter(layers.values()))
-    fixed = {k: v for k, v in (("gradient_checkpointing", None if cfg.gradient_checkpointing is None else ckpt),
-                               ("loss_chunk", cfg.loss_chunk)) if v is not None}
+    fixed = {"loss_chunk": cfg.loss_chunk} if cfg.loss_chunk else {}  # what the config decided itself
+    if cfg.gradient_checkpointing is not None:
+        fixed["gradient_checkpointing"] = ckpt
     choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=fixed, lora_r=one.r,
                          lora_targets=sorted({name.rsplit(".", 1)[-1] for name in layers}),
                          quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
@@ -447,10 +449,11 @@ def _memory_options(model, cfg: TrainConfig, device: torch.device) -> tuple[dict
                          lora_dropout=getattr(one.dropout, "p", 0.0), offload=cfg.offload_activations)
     o, plan = choice["options"], choice["plan"]
     options.update(o)
+    keeps = " (their recompute keeps its weights)" if o["keep_weights"] and o["gradient_checkpointing"] else ""
     line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): fast layers, "
             f"{o['cached_layers']}/{L} layers' weights kept dequantized, {o['gradient_checkpointing']}/{L} "
-            f"checkpointed{' (their recompute keeps its weights)' if o['keep_weights'] and o['gradient_checkpointing'] else ''}, loss chunk "
-            f"{o['loss_chunk']}; predicted peak {plan['total'] / GiB:.2f} GiB at {cfg.batch_size} x {cfg.max_len} tokens")
+            f"checkpointed{keeps}, loss chunk {o['loss_chunk']}; predicted peak {plan['total'] / GiB:.2f} GiB at "
+            f"{cfg.batch_size} x {cfg.max_len} tokens")
     if not choice["fits"]:
         line += "; that exceeds the budget: lower batch_size or max_len, or set offload_activations"
     return options, line

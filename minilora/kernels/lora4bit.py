@@ -13,8 +13,9 @@ Against the plain path (bitsandbytes' MatMul4Bit per linear, then two nn.Linear,
 - one node saves what the LoRA grads need: the members' inputs, A, B and the small (N, r) products xl A^T;
 - the dequantized W is not saved by default: it is dequantized again in the backward, used and freed, and not
   at all when x needs no gradient (the first layer's input). `Projection.keep` saves it instead: a checkpointed
-  layer sets it, so the recompute's W serves the backward (2 dequantizations a step instead of 3; the saved
-  tensors of a checkpoint's first forward are dropped, so it costs memory only from recompute to backward).
+  layer sets it, so the recompute's W serves the backward (2 dequantizations a step instead of 3; the
+  checkpoint's first forward runs without grad and saves nothing, so it costs memory only from recompute to
+  backward).
 - `Projection.cache` keeps W dequantized for good: no dequantization at all, for 2 bytes a weight.
 """
 
@@ -87,8 +88,7 @@ class Projection:
         self.out_features = start
         self.loras = [(r, m) for r, m in zip(rows, members) if hasattr(m, "lora_A") and not m.merged]
         self.rows = rows
-        biases = [b.bias for b in self.bases]
-        self.has_bias = any(b is not None for b in biases)
+        self.has_bias = any(b.bias is not None for b in self.bases)
         # Only a 4-bit weight is worth keeping dequantized: a plain one is there already (stacking several
         # plain weights makes a copy per call instead, which is the rare quant=None case).
         quantized = all(is_4bit(b) for b in self.bases)
