@@ -24,6 +24,15 @@ Reported per impl: the loop's wall time (train() for minilora, from its first to
 the first logged interval apart (warm-up: first kernels, caches) and the steady step time, tokens/s over all
 and over supervised tokens, steps, peak allocated and reserved memory, and minilora's memory plan.
 --curve logs every step's loss (max 50 steps, say) so that two impls' curves can be compared.
+
+Several GPUs: `--gpus 1,2,4` runs each minilora impl under torchrun on 1, 2 and 4 GPUs of this host (PEFT on
+one). train() then trains data-parallel with batch_size per GPU, and the table gives each run's speed-up over
+one GPU. `--fixed 2x2048` replaces the guanaco rows by fixed-shape ones (B rows of T tokens per GPU and step,
+a 16-token prompt and the rest answer, LoRA dropout 0) for --max-steps steps (default 30), timed by the steady
+step after warm-up:
+
+    python benchmarks/epoch.py --impls fast --gpus 1,2,4 --out benchmarks/results/h100x4-epoch.json
+    python benchmarks/epoch.py --impls fast --gpus 1,2,4 --fixed 2x2048 --out benchmarks/results/h100x4-standard.json
 """
 
 from __future__ import annotations
@@ -63,11 +72,14 @@ def write_word_tokenizer(out: str, vocab_size: int) -> str:
     return out
 
 
-def guanaco_rows(n_rows: int, vocab_size: int, seed: int = 0) -> list[str]:
-    """Guanaco-format rows of random words whose token lengths are the real dataset's (see the module doc)."""
+def guanaco_rows(n_rows: int, vocab_size: int, seed: int = 0, lengths: list | None = None) -> list[str]:
+    """Guanaco-format rows of random words whose token lengths are the real dataset's (see the module doc), or
+    `lengths`: per row, its turns' (prompt, answer) token counts."""
     rng = random.Random(seed)
-    with open(LENGTHS) as f:
-        lengths = json.load(f)["lengths"][:n_rows]
+    if lengths is None:
+        with open(LENGTHS) as f:
+            lengths = json.load(f)["lengths"]
+    lengths = lengths[:n_rows]
 
     def words(n):
         return " ".join(f"w{rng.randrange(5, vocab_size)}" for _ in range(max(0, n)))
@@ -162,14 +174,22 @@ def run_peft(spec, model_dir, tok, rows):
                 else None, peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB if device.type == "cuda" else None)
 
 
-def worker(spec: dict) -> dict:
+def worker(spec: dict) -> dict | None:
     import torch
+    import torch.distributed as dist
 
     import minilora as ml
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: one GPU per process, and train() runs data-parallel
+        local = int(os.environ["LOCAL_RANK"])
+        if spec["device"].startswith("cuda"):
+            torch.cuda.set_device(local)
+            spec["device"] = f"cuda:{local}"
+        dist.init_process_group("nccl" if spec["device"].startswith("cuda") else "gloo")
     tok = ml.load_tokenizer(spec["tok_dir"])
-    rows = guanaco_rows(spec["rows"], spec["vocab"], spec["seed"])
-    examples, _ = ml.data.encode_rows(rows, tok, RECIPE["max_len"])
+    rows = guanaco_rows(spec["rows"], spec["vocab"], spec["seed"], spec.get("lengths"))
+    examples, _ = ml.data.encode_rows(rows, tok, {**RECIPE, **spec["overrides"]}["max_len"])
     tokens = sum(len(ex["input_ids"]) for ex in examples)
     t0 = time.perf_counter()
     if spec["impl"] == "peft":
@@ -180,22 +200,30 @@ def worker(spec: dict) -> dict:
         load_s = time.perf_counter() - t0
         res = run_minilora(spec, model, tok, rows)
         res["load_s"] = load_s
-    res.update(tokens=tokens, tokens_per_s=tokens / res["wall_s"],
+    if world > 1:
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]):
+            return None  # process 0 reports
+    res.update(world=world, tokens=tokens, tokens_per_s=tokens / res["wall_s"],
                supervised_tokens_per_s=res["supervised_tokens"] / res["wall_s"])
     # warm-up: what the first logged interval took beyond its steps at the steady pace of the others
     (s0, t_first), rest = res["interval_s"][0], res["interval_s"][1:]
     if rest:
         steady = (sum(t for _, t in rest)) / (res["interval_s"][-1][0] - s0)
         res.update(steady_step_s=steady, warmup_s=t_first - s0 * steady)
+        if spec.get("step_tokens"):  # fixed shapes: every step has the same tokens
+            res["steady_tokens_per_s"] = spec["step_tokens"] * world / steady
     return res
 
 
 def summarize(c: dict) -> str:
+    name = f"{c['impl']} x{c.get('gpus', 1)}"
     if c.get("status") != "ok":
-        return f"{c['impl']:8}  {c['status']}"
+        return f"{name:10}  {c['status']}"
     peak = "-" if c.get("peak_alloc_gib") is None else f"{c['peak_alloc_gib']:.2f}"
     warm = f"  warm-up {c['warmup_s']:.1f} s, then {c['steady_step_s'] * 1e3:.0f} ms/step" if "warmup_s" in c else ""
-    return (f"{c['impl']:8}  {c['wall_s']:7.1f} s  {c['steps']:4d} steps  {c['tokens_per_s']:8,.0f} tok/s  "
+    steady = f"  {c['steady_tokens_per_s']:8,.0f} steady tok/s" if "steady_tokens_per_s" in c else ""
+    return (f"{name:10}  {c['wall_s']:7.1f} s  {c['steps']:4d} steps  {c['tokens_per_s']:8,.0f} tok/s{steady}  "
             f"{c['supervised_tokens_per_s']:8,.0f} sup tok/s  peak {peak} GiB{warm}")
 
 
@@ -205,6 +233,9 @@ def main(argv=None):
     ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
     ap.add_argument("--rows", type=int, default=1000, help="the first N rows of the dataset's shapes")
     ap.add_argument("--max-steps", type=int, default=None, help="stop minilora's runs after N steps")
+    ap.add_argument("--gpus", default="1", help="comma-separated GPU counts for minilora's impls, e.g. 1,2,4")
+    ap.add_argument("--fixed", default=None, metavar="BxT", help="fixed-shape rows: B rows of T tokens per GPU "
+                    "and step, LoRA dropout 0, --max-steps steps (default 30)")
     ap.add_argument("--curve", action="store_true", help="log every step's loss (for comparing curves)")
     ap.add_argument("--profile", action="store_true", help="trace minilora's runs with torch.profiler (slower)")
     ap.add_argument("--device", default=None)
@@ -219,33 +250,54 @@ def main(argv=None):
         raise SystemExit(f"could not prepare the model: {err}")
     vocab = env["config"]["vocab_size"]
     tok_dir = write_word_tokenizer(os.path.join(model_dir, "word-tokenizer"), vocab)
+    gpus = [int(n) for n in args.gpus.split(",")]
+    base = {}
+    if args.fixed:
+        b, t = (int(v) for v in args.fixed.split("x"))
+        args.max_steps = args.max_steps or 30
+        base = dict(batch_size=b, max_len=t, lora_dropout=0.0, log_every=5)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "card": env["card"],
             "driver": env["driver"], "versions": env["versions"], "shape": args.shape, "rows": args.rows,
-            "command": shlex.join([os.path.basename(sys.executable)] + sys.argv), "recipe": RECIPE, "cases": []}
+            "fixed": args.fixed, "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
+            "recipe": {**RECIPE, **base}, "cases": []}
     for impl in args.impls.split(","):
         if impl not in IMPLS:
             raise SystemExit(f"unknown impl {impl!r}; use one of {list(IMPLS)}")
-        overrides = dict(IMPLS[impl] or {})
-        if args.max_steps:
-            overrides["max_steps"] = args.max_steps
-        if args.curve:
-            overrides["log_every"] = 1
-        spec = dict(impl=impl, model_dir=model_dir, tok_dir=tok_dir, rows=args.rows, vocab=vocab, seed=args.seed,
-                    device=env["device"], overrides=overrides, out_dir=tempfile.mkdtemp(prefix=f"epoch-{impl}-"),
-                    profile=args.profile)
-        print(f"{impl} ...", file=sys.stderr, flush=True)
-        res, err, secs = run_child("run", spec, args.timeout, script=__file__)
-        case = dict(impl=impl, overrides=overrides, process_s=secs, **(res or {}), status="ok" if res else f"error: {err}")
-        meta["cases"].append(case)
-        print(json.dumps({k: v for k, v in case.items() if k not in ("losses", "interval_s")}), flush=True)
-        if args.out:
-            _write(args.out, meta)
-    print(f"\n{args.rows} guanaco-shaped rows on {env['card']}:")
-    peft = next((c for c in meta["cases"] if c["impl"] == "peft" and c["status"] == "ok"), None)
+        for n in [1] if impl == "peft" else gpus:
+            overrides = dict(base, **(IMPLS[impl] or {}))
+            if args.max_steps:
+                overrides["max_steps"] = args.max_steps
+            if args.curve:
+                overrides["log_every"] = 1
+            rows, lengths, step_tokens = args.rows, None, None
+            if args.fixed:  # exactly max_steps global batches of b rows per GPU
+                rows, step_tokens = args.max_steps * b * n, b * t
+                lengths = [[(16, t - 16)]] * rows
+            spec = dict(impl=impl, model_dir=model_dir, tok_dir=tok_dir, rows=rows, vocab=vocab, seed=args.seed,
+                        device=env["device"], overrides=overrides, lengths=lengths, step_tokens=step_tokens,
+                        out_dir=tempfile.mkdtemp(prefix=f"epoch-{impl}-"), profile=args.profile)
+            print(f"{impl} on {n} GPU(s) ...", file=sys.stderr, flush=True)
+            res, err, secs = run_child("run", spec, args.timeout, script=__file__, nproc=n)
+            case = dict(impl=impl, gpus=n, overrides=overrides, process_s=secs, **(res or {}),
+                        status="ok" if res else f"error: {err}")
+            meta["cases"].append(case)
+            print(json.dumps({k: v for k, v in case.items() if k not in ("losses", "interval_s")}), flush=True)
+            if args.out:
+                _write(args.out, meta)
+    print(f"\n{args.fixed + ' rows' if args.fixed else f'{args.rows} guanaco-shaped rows'} on {env['card']}:")
+    ok = [c for c in meta["cases"] if c.get("status") == "ok"]
+    peft = next((c for c in ok if c["impl"] == "peft"), None)
+    speed = "steady_tokens_per_s" if args.fixed else "tokens_per_s"
     for c in meta["cases"]:
-        ratio = f"  {peft['wall_s'] / c['wall_s']:.2f}x PEFT" if peft and c.get("status") == "ok" else ""
+        one = next((o for o in ok if o["impl"] == c["impl"] and o["gpus"] == 1), None)
+        ratio = f"  {peft['wall_s'] / c['wall_s']:.2f}x PEFT" if peft and c in ok and c["gpus"] == 1 else ""
+        if one and c in ok and c["gpus"] > 1 and speed in c and speed in one:
+            c["speedup"] = c[speed] / one[speed]
+            ratio = f"  {c['speedup']:.2f}x one GPU's {speed.replace('_', ' ')}"
         print(summarize(c) + ratio)
-    curves = {c["impl"]: dict(c["losses"]) for c in meta["cases"] if c.get("status") == "ok"}
+    if args.out:
+        _write(args.out, meta)
+    curves = {c["impl"]: dict(c["losses"]) for c in ok}
     if args.curve and len(curves) == 2:
         (a, ca), (b, cb) = curves.items()
         rel = max(abs(ca[s] - cb[s]) / abs(cb[s]) for s in ca.keys() & cb.keys())
@@ -258,6 +310,8 @@ def main(argv=None):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] in ("--_prepare", "--_run"):
         fn = prepare if sys.argv[1] == "--_prepare" else worker
-        print("@@result " + json.dumps(fn(json.loads(sys.argv[2]))), flush=True)
+        result = fn(json.loads(sys.argv[2]))
+        if result is not None:
+            print("@@result " + json.dumps(result), flush=True)
     else:
         main()

@@ -283,16 +283,20 @@ def worker(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- parent
 
 
-def run_child(mode: str, spec: dict, timeout: float | None, script: str = __file__) -> tuple[dict | None, str, float]:
+def run_child(mode: str, spec: dict, timeout: float | None, script: str = __file__,
+              nproc: int = 1) -> tuple[dict | None, str, float]:
     """Run `script` (this one by default) as `--_{mode} SPEC` in a fresh process (own session, so a timeout kills
-    its compile workers too); pass its output on to stderr; return (result, error text, seconds)."""
+    its compile workers too); pass its output on to stderr; return (result, error text, seconds).
+    nproc > 1: torchrun starts that many processes on this host; process 0's result is the result."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no network: never wait on the hub
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     here = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(script), f"--_{mode}", json.dumps(spec)],
+    launcher = [sys.executable, "-u"] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                                         if nproc > 1 else [])
+    proc = subprocess.Popen(launcher + [os.path.abspath(script), f"--_{mode}", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     def kill():

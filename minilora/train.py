@@ -133,9 +133,10 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     if show:
         print(plan_line)
     # DDP all-reduces the LoRA gradients, bucketed, while the backward runs. It wraps the loss: that module's
-    # forward is the step's forward. The frozen weights are the same in every process: no initial broadcast.
+    # forward is the step's forward. The frozen weights and buffers (RoPE's) are the same in every process: no
+    # broadcast, at the start or per step.
     ddp = DDP(_Loss(model, chunk), device_ids=[device.index] if device.type == "cuda" else None,
-              init_sync=False) if world > 1 else None
+              init_sync=False, broadcast_buffers=False) if world > 1 else None
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # the same LoRA init everywhere, a dropout stream per process
 
