@@ -186,7 +186,9 @@ def worker(spec: dict) -> dict | None:
         if spec["device"].startswith("cuda"):
             torch.cuda.set_device(local)
             spec["device"] = f"cuda:{local}"
-        dist.init_process_group("nccl" if spec["device"].startswith("cuda") else "gloo")
+            dist.init_process_group("nccl", device_id=torch.device(spec["device"]))
+        else:
+            dist.init_process_group("gloo")
     tok = ml.load_tokenizer(spec["tok_dir"])
     rows = guanaco_rows(spec["rows"], spec["vocab"], spec["seed"], spec.get("lengths"))
     examples, _ = ml.data.encode_rows(rows, tok, {**RECIPE, **spec["overrides"]}["max_len"])
@@ -198,6 +200,8 @@ def worker(spec: dict) -> dict | None:
         model, _ = ml.load_model(spec["model_dir"], quant="nf4", compute_dtype=torch.bfloat16, device=spec["device"],
                                  tokenizer=spec["tok_dir"])
         load_s = time.perf_counter() - t0
+        if world > 1:
+            dist.barrier()  # every process has loaded: train() starts, and is timed, together
         res = run_minilora(spec, model, tok, rows)
         res["load_s"] = load_s
     if world > 1:

@@ -180,9 +180,11 @@ def setup_device() -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return "cuda" if cuda else "cpu"
     local = int(os.environ["LOCAL_RANK"])
-    if cuda:
+    if cuda:  # NCCL then starts here, with the GPU it will use, not at the first collective
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group("gloo")
     if dist.get_rank():
         sys.stdout = open(os.devnull, "w")
     return f"cuda:{local}" if cuda else "cpu"
