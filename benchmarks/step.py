@@ -43,7 +43,7 @@ SHAPES = {  # LlamaConfig fields; "tiny" is minilora.tiny.tiny_config
 TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 STANDARD = ["qv-r64-4x512", "qv-r64-2x2048", "all-r16-2x2048", "qv-r64-d0.1-4x512"]  # the last: the seed config
-VARIANTS = ["minilora+fused", "minilora+offload", "minilora+compile", "minilora+fast"]  # fused+compile == compile
+VARIANTS = ["minilora+fused", "minilora+offload", "minilora+compile", "minilora+fast", "minilora+fast+offload"]
 CASE_RE = re.compile(r"^(?P<t>[a-z]+)-r(?P<r>\d+)(?:-a(?P<a>[\d.]+))?(?:-d(?P<d>[\d.]+))?-(?P<b>\d+)x(?P<s>\d+)$")
 RESULT = "@@result "  # a worker's result line; everything else it prints is passed on to stderr
 PEFT_RECIPE = ("AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant, "
@@ -204,11 +204,61 @@ def load_minilora(spec):
     ml.add_lora(model, targets=spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"])
     ml.prepare_for_training(model, gradient_checkpointing=True, **variant_kwargs(spec["impl"]))
 
-    def loss_fn(ids):
+    def loss_fn(ids):  # from host tensors, as train() does: to_device finds the supervised rows on the host
+        ids = ids.cpu()
         loss_sum, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
         return loss_sum / n
 
     return model, loss_fn
+
+
+def train_step(model, loss_fn, ids, opt, device):
+    import torch
+
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = loss_fn(ids)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def peak_tensors(step, top: int) -> dict:
+    """Run `step` once under torch.cuda.memory._record_memory_history and return the moment allocated memory
+    peaked: its total and the `top` largest tensors then alive, each with the innermost frames of
+    minilora (or else of any Python file) that allocated it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live = {}  # address -> (bytes, frames) of tensors allocated during the step
+    for seg in snap["segments"]:  # blocks already alive when recording began (weights, optimizer state)
+        for blk in seg["blocks"]:
+            if blk["state"] == "active_allocated":
+                live[blk.get("address", seg["address"])] = (blk["size"], "before the step")
+    base = sum(size for size, _ in live.values())
+    events = [e for trace in snap["device_traces"] for e in trace]
+    now, best, best_live = 0, -1, {}
+    for e in events:
+        if e["action"] == "alloc":
+            frames = [f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in e.get("frames", [])
+                      if f["filename"].endswith(".py")]
+            mine = [f for f in frames if "minilora" in f or any(k in f for k in ("layer.py", "lora4bit", "loss.py",
+                                                                               "offload.py", "swiglu.py"))]
+            live[e["addr"]] = (e["size"], " < ".join((mine or frames)[:3]))
+            now += e["size"]
+            if now > best:
+                best, best_live = now, dict(live)
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            if e["action"] == "free_requested":
+                now -= live.pop(e["addr"])[0]
+    rows = sorted(best_live.values(), key=lambda t: -t[0])[:top]
+    return {"peak_gib": (base + best) / GiB if best_live else None,
+            "tensors": [{"mib": round(size / 2**20, 1), "where": where} for size, where in rows]}
 
 
 def worker(spec: dict) -> dict:
@@ -245,11 +295,7 @@ def worker(spec: dict) -> dict:
     for i in range(n):
         sync()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_fn(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, loss_fn, ids, opt, device)
         sync()
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
@@ -258,6 +304,8 @@ def worker(spec: dict) -> dict:
         if cuda and i == spec["warmup"] - 1:
             warm_peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
             torch.cuda.reset_peak_memory_stats()
+    if cuda and spec.get("peak_tensors"):
+        res["peak_tensors"] = peak_tensors(lambda: train_step(model, loss_fn, ids, opt, device), spec["peak_tensors"])
     timed = times[spec["warmup"]:]
     step_s = statistics.median(timed)
     res.update(step_s=step_s, tokens_per_s=B * T / step_s, step_times=timed, warmup_times=times[:spec["warmup"]],
@@ -272,8 +320,9 @@ def worker(spec: dict) -> dict:
     if spec["impl"] != "peft":  # the planner models minilora's step, not PEFT's fp32 upcasts and logits
         from minilora.plan import plan_memory
 
+        opts = variant_kwargs(spec["impl"])
         plan = plan_memory(model.config, B, T, lora_r=spec["r"], lora_targets=spec["targets"],
-                           offload=variant_kwargs(spec["impl"]).get("offload", False), lora_dropout=spec["dropout"])
+                           offload=opts.get("offload", False), fast=opts.get("fast", False), lora_dropout=spec["dropout"])
         res.update(predicted_gib=plan["total"] / GiB, plan_phase=plan["phase"],
                    plan_phases_gib={k: round(v / GiB, 4) for k, v in plan["phases"].items()},
                    plan_gib={k: round(v / GiB, 4) for k, v in plan["breakdown"].items()})
@@ -362,6 +411,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run: a case that would "
                     "likely overrun it (judged by the previous cases) is skipped, not started")
     ap.add_argument("--out", default=None, help="write the results (metadata + every case) here, after each case")
+    ap.add_argument("--peak-tensors", type=int, default=0, metavar="N", help="after the timed steps, record one "
+                    "more step's allocations and report the N largest tensors alive at its peak")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     cases = [parse_case(n, args.scale) for n in (STANDARD if args.cases == "standard" else args.cases.split(","))]
@@ -385,7 +436,7 @@ def main(argv=None):
     for case in cases:
         for impl in impls:
             spec = dict(case, impl=impl, case=case["name"], model_dir=model_dir, device=args.device, seed=args.seed,
-                        steps=args.steps, warmup=args.warmup)
+                        steps=args.steps, warmup=args.warmup, peak_tensors=args.peak_tensors)
             row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq")}
             missing = set(variant_kwargs(impl)) - set(env["prepare_kwargs"]) if impl != "peft" else set()
             elapsed, guess = time.perf_counter() - t_start, (statistics.mean(durations) if durations else 0)

@@ -66,7 +66,9 @@ def parse_args(argv=None):
                         "the fastest way to train that fits, and the log says what it picked")
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="auto: the memory plan decides per layer; on: every layer; off: none")
-    p.add_argument("--offload", action="store_true", help="keep checkpointed activations in CPU memory")
+    p.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
+                   help="checkpointed activations and the embedding table in CPU memory, copied on a side stream; "
+                        "auto: when the memory plan needs it")
     p.add_argument("--no-fast", dest="fast", action="store_false",
                    help="train through transformers' decoder layers instead of minilora's (kernels/layer.py)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -162,13 +164,14 @@ def check_memory(config, cfg, quant):
     exceeds the budget. train() prints the plan it picks once the model is there."""
     free = torch.cuda.mem_get_info()[0]
     budget = cfg.memory_budget_gib * 2**30 if cfg.memory_budget_gib else free
-    choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget, lora_r=cfg.lora_r, lora_targets=cfg.targets,
-                            quant=quant, compute_dtype=PRECISIONS[cfg.precision], lora_dropout=cfg.lora_dropout,
-                            offload=cfg.offload_activations)
+    fixed = {} if cfg.offload_activations is None else {"offload": cfg.offload_activations}
+    choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget, fixed=fixed, lora_r=cfg.lora_r,
+                            lora_targets=cfg.targets, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
+                            lora_dropout=cfg.lora_dropout)
     if not choice["fits"]:
         need = choice["plan"]["total"] / 2**30
         print(f"warning: a step at batch {cfg.batch_size} x {cfg.max_len} tokens needs at least {need:.2f} GiB, "
-              f"more than the {budget / 2**30:.2f} GiB budget; lower --batch-size or --max-len, or pass --offload",
+              f"more than the {budget / 2**30:.2f} GiB budget; lower --batch-size or --max-len",
               file=sys.stderr)
 
 
@@ -201,7 +204,8 @@ def main(argv=None):
             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=tuple(args.targets.split(",")),
             precision=args.precision or default_precision(device), seed=args.seed, resume=args.resume,
             eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, pack=args.pack,
-            offload_activations=args.offload, fused=args.fused, compile=args.compile, optimizer=args.optimizer,
+            offload_activations={"auto": None, "on": True, "off": False}[args.offload], fused=args.fused,
+            compile=args.compile, optimizer=args.optimizer,
             memory_budget_gib=args.memory_budget, fast=args.fast, cuda_graphs=args.cuda_graphs,
             gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
             sample_prompts=TINY_PROMPTS if args.preset == "tiny" else GUANACO_PROMPTS,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.layer import is_fast, model_forward
+from .kernels.layer import host_embedding, is_fast, model_forward
 
 IGNORE = -100
 
@@ -78,7 +78,7 @@ def supervised_count(labels: list[int]) -> int:
     return len(labels) - 1 - labels[1:].count(IGNORE)
 
 
-def to_device(batch: dict, device, vocab_size: int, dense: bool = False) -> dict:
+def to_device(batch: dict, device, vocab_size: int, dense: bool = False, embedding: torch.Tensor | None = None) -> dict:
     """A collated CPU batch, ready for causal_lm_loss on `device`, without making the host wait for the GPU:
     the supervised positions are found on the host, and the copies are asynchronous from pinned memory.
 
@@ -88,6 +88,8 @@ def to_device(batch: dict, device, vocab_size: int, dense: bool = False) -> dict
     A 2-D attention_mask that is right padding is dropped: a causal model never attends to later positions,
     so right padding changes no supervised output, and without a mask attention runs as plain causal
     (flash attention, no (T, T) mask). Any other mask (left padding, a packed 4-D mask) is kept.
+    embedding: a host-resident embedding table (kernels.layer.host_embedding): the batch's rows of it are
+    gathered here, into pinned memory, and copied as "inputs_embeds".
     """
     rows, targets = supervised_positions(batch["labels"], vocab_size)
     n_tokens = targets.numel()
@@ -104,6 +106,10 @@ def to_device(batch: dict, device, vocab_size: int, dense: bool = False) -> dict
         del out["attention_mask"]
     out.update(targets=targets, **({} if rows is None else {"rows": rows}))
     pin = torch.device(device).type == "cuda"
+    if embedding is not None:
+        ids = batch["input_ids"]
+        out["inputs_embeds"] = torch.empty((*ids.shape, embedding.shape[1]), dtype=embedding.dtype, pin_memory=pin)
+        torch.index_select(embedding, 0, ids.reshape(-1), out=out["inputs_embeds"].view(-1, embedding.shape[1]))
     out = {k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin) for k, v in out.items()}
     return {**out, "n_tokens": n_tokens}
 
@@ -135,12 +141,15 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
     2-D (left-padding) mask.
     """
     if "targets" not in batch:
-        batch = to_device(batch, model.lm_head.weight.device, model.lm_head.weight.shape[0])
+        batch = to_device(batch, model.lm_head.weight.device, model.lm_head.weight.shape[0],
+                          embedding=host_embedding(model))
     mask = batch.get("attention_mask")
     if is_fast(model) and (mask is None or mask.dim() == 4):
-        hidden = model_forward(model, batch["input_ids"], mask, batch.get("position_ids"))
+        hidden = model_forward(model, batch["input_ids"], mask, batch.get("position_ids"), batch.get("inputs_embeds"))
     else:
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=mask,
-                             position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        embeds = batch.get("inputs_embeds")
+        hidden = model.model(input_ids=None if embeds is not None else batch["input_ids"], inputs_embeds=embeds,
+                             attention_mask=mask, position_ids=batch.get("position_ids"),
+                             use_cache=False).last_hidden_state
     loss = _ce(hidden, model.lm_head.weight, batch.get("rows"), batch["targets"], chunk_size, batch.get("row_weights"))
     return loss, batch["n_tokens"]

@@ -108,7 +108,7 @@ def load_model(
 
 def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | int = True, offload: bool = False,
                          fused: bool = False, compile: bool = False, fast: bool = False, cached_layers: int = 0,
-                         keep_weights: bool = False):
+                         keep_weights: bool = False, embedding_on_host: bool | None = None):
     """Freeze everything but LoRA and choose how each decoder layer trains; returns the model.
 
     Embeddings and lm_head keep their dtype: upcasting them to fp32 costs memory and buys nothing.
@@ -117,7 +117,12 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | 
     checkpointing, which needs no `requires_grad` on the layer inputs, so a frozen embedding needs no
     input-grad hook (the reentrant form does, and has been measured 2x slower); a fast layer is one autograd
     node of its own (kernels/layer.py, Recomputed).
-    offload: keep each checkpointed layer's saved input in pinned CPU memory instead of on the GPU.
+    offload: keep each checkpointed layer's saved input in pinned CPU memory instead of on the GPU. A fast
+      layer then checkpoints its halves, with inputs copied on a side stream and fetched one unit ahead
+      (kernels/offload.py), and dequantizes its projections' weights one member at a time.
+    embedding_on_host: keep the frozen embedding table in pinned host memory; each batch's rows are gathered
+      on the host and copied (loss.to_device). None: with fast and offload on a GPU, when the table is not
+      lm_head's too. Generation and transformers' forward need it on the device: `place_embedding` moves it.
     fast: minilora's loss runs the decoder through minilora/kernels/layer.py: the same weights and formula in
     fewer kernels. transformers' forward stays for everything else (generation, a direct model(...) call).
       cached_layers: keep the dequantized weights of the first that many layers for the whole run.
@@ -140,6 +145,10 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | 
         lora.fused = fused
     layers = model.model.layers
     checkpointed = len(layers) if gradient_checkpointing is True else int(gradient_checkpointing)
+    if embedding_on_host is None:
+        embedding_on_host = fast and offload and bool(checkpointed)
+    tied = model.model.embed_tokens.weight is model.lm_head.weight
+    place_embedding(model, "cpu" if embedding_on_host and model.lm_head.weight.is_cuda and not tied else None)
     for i, layer in enumerate(layers):
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward
         layer.__dict__.pop("_minilora_fast", None)
@@ -150,6 +159,14 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | 
             train_forward = _flash_first(torch.compile(layer.forward) if compile else layer.forward)
             layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, i < checkpointed, offload)
     return model
+
+
+def place_embedding(model: torch.nn.Module, device=None):
+    """Move the input embedding table to `device` ("cpu": pinned host memory), or None: beside lm_head."""
+    w = model.model.embed_tokens.weight
+    device = torch.device(device) if device is not None else model.lm_head.weight.device
+    if w.device != device:
+        w.data = w.data.to(device).pin_memory() if device.type == "cpu" else w.data.to(device)
 
 
 def _flash_first(forward):

@@ -37,12 +37,13 @@ def _linears(c):
 def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_proj"), quant="nf4",
                 double_quant=True, compute_dtype=torch.bfloat16, gradient_checkpointing=True, offload=False,
                 loss_chunk=4096, optimizer="adamw", print_breakdown=False, lora_dropout=0.0, lora_dtype=None,
-                fast=False, cached_layers=0, keep_weights=False):
+                fast=False, cached_layers=0, keep_weights=False, embedding_on_host=None):
     """Peak allocated bytes of a step of `minilora.train`'s loop (labels on every token), itemised.
 
     config: a LlamaConfig, a dict or anything with its fields. The other arguments are those of add_lora and
     prepare_for_training: gradient_checkpointing is True (every layer), False, or a number of layers (the
-    first ones); fast, cached_layers and keep_weights describe the fast layer (minilora/kernels/layer.py).
+    first ones); fast, cached_layers and keep_weights describe the fast layer (minilora/kernels/layer.py);
+    embedding_on_host (None: fast and offload, as prepare_for_training) puts the embedding table in `cpu`.
     Returns a dict: `breakdown` {term: bytes}, `total` (their sum, the predicted peak), `phase` (the moment
     it happens), `phases` (both candidates' transient bytes), `cpu` (pinned host bytes when offloading),
     `cuda_context` (outside `total`) and `inputs`.
@@ -75,8 +76,11 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
         b["quant_state"] = L * sum(n // 64 + 4 * math.ceil(n / 64 / 256) + 1024 if double_quant else 4 * (n // 64)
                                    for n in sizes)
     b["cached_weights"] = cached * layer_weights if quant is not None else 0
-    # Embeddings and lm_head stay in the compute dtype (no fp32 upcast); one matrix if they are tied.
-    b["embed_lm_head"] = V * H * dt * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    # Embeddings and lm_head stay in the compute dtype (no fp32 upcast); one matrix if they are tied. An
+    # embedding table in host memory leaves lm_head alone on the GPU.
+    tied = getattr(c, "tie_word_embeddings", False)
+    host_table = not tied and (fast and offload and ckpt > 0 if embedding_on_host is None else embedding_on_host)
+    b["embed_lm_head"] = V * H * dt * (1 if tied or host_table else 2)
     b["norms"] = (2 * L + 1) * H * dt  # two RMSNorm weights per layer and the final one
     # LoRA: A (r, in) and B (out, r) per target per layer, in the adapters' dtype; AdamW's two states likewise.
     P = L * sum(lora_r * (lin[t][0] + lin[t][1]) for t in targets)
@@ -84,26 +88,36 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     b["optimizer"] = OPTIMIZER_STATES[optimizer] * P * ldt
     b["cublas_workspace"] = CUBLAS_WORKSPACES
 
-    # Checkpointed layers keep their (B, T, H) input, in the compute dtype; with offload it sits in pinned host
-    # memory and one at a time comes back. The others keep their full saved set.
+    # Checkpointed layers keep their (B, T, H) input, in the compute dtype. With offload it sits in pinned host
+    # memory: transformers' layers bring one back at a time; a fast layer is two units (attention, MLP) whose
+    # inputs come back one unit ahead, so two are on the GPU in its backward (kernels/offload.py). The other
+    # layers keep their full saved set.
     layer_fn = _fast_layer if fast else _hf_layer
-    saved = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, False)[0]
-    if ldt != dt:  # the layer's LoRA weights, cast to the compute dtype for its matmuls, are kept for the backward
-        saved += sum(lora_r * (lin[t][0] + lin[t][1]) for t in targets) * dt
-    cpu = ckpt * S * H * dt if offload else 0
+    units = 2 if fast and offload else 1  # checkpointed units per layer
+    lora_cast = sum(lora_r * (lin[t][0] + lin[t][1]) for t in targets) * dt if ldt != dt else 0
+    # the layer's LoRA weights, cast to the compute dtype for its matmuls, are kept for the backward
+    saved = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout)["saved"] + lora_cast
+    cpu = (units * ckpt * S * H * dt if offload else 0) + (V * H * dt if host_table else 0)
 
-    def held(n):  # activations of the layers 0..n-1 (the later ones' are freed by then)
-        return (min(ckpt, n, 1) if offload else min(ckpt, n)) * S * H * dt + max(0, n - ckpt) * saved
+    def held(n, inputs=None):  # activations of the layers 0..n-1 (the later ones' are freed by then)
+        inputs = inputs if inputs is not None else min(ckpt, n, 1) if offload else min(ckpt, n)
+        return inputs * S * H * dt + max(0, n - ckpt) * saved
 
     def backward(i):  # layer i's backward: its saved set (kept, or recomputed) and transients, every LoRA grad
         # A fast layer's projections dequantize their weights again here, unless cached, or kept from the
-        # recompute (then the layer's dequantized weights are all held through its backward).
+        # recompute (then the layer's dequantized weights are all held through its backward); offloaded, they
+        # dequantize one member at a time.
         kept = fast and keep_weights and i < ckpt and i >= cached and quant is not None
         deq = fast and quant is not None and not (i < cached or kept)
-        transient = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, deq)[1]
+        lay = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, deq,
+                       split=units == 2 and deq)
+        extra = (layer_weights if kept else 0) + P * ldt
+        if i < ckpt and units == 2:  # one half recomputed at a time; its input is one of the two held
+            half = max(s + t for s, t in lay["halves"]) - S * H * dt + lora_cast
+            return held(i + 1, inputs=min(i + 1, 2) if i else 1), half + extra
         # a fast layer's recompute saves its input again, which is the checkpointed input already held
         recomputed = saved - (S * H * dt if fast else 0) if i < ckpt else 0
-        return held(i + 1), recomputed + transient + (layer_weights if kept else 0) + P * ldt
+        return held(i + 1), recomputed + lay["transient"] + extra
 
     # Loss (minilora.loss): the last hidden states, the final norm's fp32 copy and bf16 output, the (N, H)
     # supervised rows and their gradient (computed in the forward), and per chunk of n = min(N, loss_chunk)
@@ -124,14 +138,15 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
             "cuda_context": CUDA_CONTEXT,
             "inputs": dict(batch=B, seq_len=T, lora_r=lora_r, lora_targets=targets, quant=quant, offload=offload,
                            lora_dropout=lora_dropout, fast=fast, gradient_checkpointing=ckpt, cached_layers=cached,
-                           keep_weights=keep_weights, loss_chunk=loss_chunk, layers=L)}
+                           keep_weights=keep_weights, loss_chunk=loss_chunk, layers=L, embedding_on_host=host_table)}
     if print_breakdown:
         print(format_plan(plan))
     return plan
 
 
-def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq):
-    """(saved bytes, backward transient bytes) of one transformers decoder layer under bf16 autocast, SDPA.
+def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False, split=False):
+    """{"saved", "transient"} bytes of one transformers decoder layer under bf16 autocast, SDPA (deq and split
+    are the fast layer's; here bitsandbytes dequantizes one weight at a time, within the transients).
 
     Saved: each RMSNorm keeps an fp32 copy of its input (LlamaRMSNorm upcasts); SDPA keeps q, k, v, its output
     (also o_proj's input) and an fp32 logsumexp per head and row; the MLP keeps gate's output (SiLU's input),
@@ -153,43 +168,55 @@ def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq):
         attn, mlp = (attn + extra, mlp) if t in GROUPS["qkv"] + GROUPS["o"] else (attn, mlp + extra)
     mlp_moment = S * I * dt + max(2 * S * I * dt, I * H * dt)
     attn_moment = -mlp + S * (2 * q + 2 * kv) * dt + S * q * 4
-    return attn + mlp, max(mlp_moment, attn_moment) + S * H * dt
+    return {"saved": attn + mlp, "transient": max(mlp_moment, attn_moment) + S * H * dt}
 
 
-def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq):
-    """(saved bytes, backward transient bytes) of one fast layer (minilora/kernels/layer.py), as its code keeps
-    them: each RMSNorm its input and an fp32 (S, 1) 1/rms; attention one (S, q + 2 kv) tensor of rotated q, k
+def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False, split=False):
+    """{"saved", "transient", "halves"} bytes of one fast layer (minilora/kernels/layer.py), as its code keeps
+    them; "halves" holds (saved, transient) of the attention and the MLP half alone.
+
+    Saved: each RMSNorm its input and an fp32 (S, 1) 1/rms; attention one (S, q + 2 kv) tensor of rotated q, k
     and v, its output and the fp32 logsumexp; SwiGLU the (S, 2I) gate/up output; and per projection with LoRA:
     its input (shared by the members without dropout; o_proj's is attention's output, already kept), or per
     member with dropout a dropped copy and a 1-byte bool mask, and each member's (S, r) x A^T.
     Backward, at the largest of its moments, each with the incoming grad. MLP: down's input grad (S, I) beside
-    its dequantized weight; the SwiGLU backward's (S, 2I) grad and one (S, I) temporary; gate/up's input grad
-    beside their weights. Attention: o's input grad beside its weight; attention's q, k, v grads and flash's
-    fp32 dq accumulator; RoPE's; q/k/v's input grad beside their weights. deq: the weights are dequantized
-    (not cached, not kept from the recompute).
+    its dequantized weight; the SwiGLU backward, in place; gate/up's input grad beside their weights.
+    Attention: o's input grad beside its weight; attention's q, k, v grads and flash's fp32 dq accumulator;
+    RoPE's; q/k/v's input grad beside their weights. deq: the weights are dequantized (not cached, not kept
+    from the recompute); split: one member's weight at a time.
     """
-    saved = 2 * S * (H * dt + 4) + S * (q + 2 * kv) * dt + SH_lse * 4 + S * q * dt + 2 * S * I * dt
+    norm = S * (H * dt + 4)
+    attn_saved = norm + S * (q + 2 * kv) * dt + SH_lse * 4 + S * q * dt
+    mlp_saved = norm + 2 * S * I * dt
     for name, group in GROUPS.items():
         members = [t for t in group if t in targets]
         n_in = lin[group[0]][0]
+        extra = 0
         if not members:
             continue
         if dropout > 0:
-            saved += len(members) * S * n_in * (dt + 1)
+            extra += len(members) * S * n_in * (dt + 1)
         elif name != "o":
-            saved += S * n_in * dt
-        saved += len(members) * S * r * dt
-    w = {name: sum(lin[t][0] * lin[t][1] for t in group) * dt if deq else 0 for name, group in GROUPS.items()}
+            extra += S * n_in * dt
+        extra += len(members) * S * r * dt
+        if name in ("qkv", "o"):
+            attn_saved += extra
+        else:
+            mlp_saved += extra
+    w = {name: (max if split else sum)(lin[t][0] * lin[t][1] for t in group) * dt if deq else 0
+         for name, group in GROUPS.items()}
     g, qkv = S * H * dt, S * (q + 2 * kv) * dt  # g: the grad arriving at the layer's output (and the residual's)
-    mlp = max(g + S * I * dt + w["down"], g + 4 * S * I * dt, 2 * g + 2 * S * I * dt + w["gate_up"])
+    mlp = max(g + S * I * dt + w["down"], 2 * g + w["gate_up"])  # gu's grad is written over gu (saved)
     attn = max(g + S * q * dt + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
-    return saved, max(mlp, attn)
+    return {"saved": attn_saved + mlp_saved, "transient": max(mlp, attn),
+            "halves": [(attn_saved, attn), (mlp_saved, mlp)]}
 
 
 def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None, **kw) -> dict:
     """The fastest fast-layer options whose predicted peak fits `budget` bytes, and their plan.
 
-    From the leanest (every layer checkpointed, nothing cached), memory is spent in the order that saves the
+    From the leanest (every layer checkpointed, nothing cached; offloaded only if nothing else fits, since
+    the copies and the split dequantizations cost some time), memory is spent in the order that saves the
     most time per byte at a guanaco-like step: the recompute keeps its dequantized weights for the backward
     (keep_weights: one dequantization fewer per weight, a layer's weights once), then layers keep their
     weights dequantized for good (cached_layers: no dequantization at all), then layers stop checkpointing
@@ -200,7 +227,8 @@ def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None
     """
     L = (SimpleNamespace(**config) if isinstance(config, dict) else config).num_hidden_layers
     fixed = fixed or {}
-    opts = dict(fast=True, gradient_checkpointing=L, cached_layers=0, keep_weights=False, loss_chunk=LOSS_CHUNKS[-1])
+    opts = dict(fast=True, gradient_checkpointing=L, cached_layers=0, keep_weights=False, offload=False,
+                loss_chunk=LOSS_CHUNKS[-1])
 
     def plan(**change):
         return plan_memory(config, batch, seq_len, **{**kw, **opts, **change, **fixed})
@@ -208,6 +236,8 @@ def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None
     def fits(**change):
         return plan(**change)["total"] <= budget
 
+    if not fits() and "offload" not in fixed and fits(offload=True):
+        opts["offload"] = True  # the leanest: checkpointed inputs and the embedding table in host memory
     if fits():
         if fits(keep_weights=True):
             opts["keep_weights"] = True

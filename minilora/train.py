@@ -18,11 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoint import latest_checkpoint, load_training_state, resume_latest, save_adapter, save_checkpoint
 from .data import IGNORE, Collator, DataStats, batches, encode_prompt, encode_rows
 from .lora import add_lora, lora_layers, lora_state_dict
-from .kernels.layer import unsupported
+from .kernels.layer import host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
 from .kernels.graphs import PAD_MULTIPLE, GraphedSteps
 from .loss import causal_lm_loss, supervised_count, to_device
-from .model import prepare_for_training
+from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, choose_plan
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,7 +70,8 @@ class TrainConfig:
     memory_budget_gib: float | None = None  # GPU memory the run may use; None: what the card has free at start
     fast: bool = True  # minilora's decoder-layer forward for training (minilora/kernels/layer.py); False: transformers'
     gradient_checkpointing: bool | None = None  # recompute layers in backward: True all, False none; None: the plan
-    offload_activations: bool = False  # keep the checkpointed layer inputs in CPU memory
+    offload_activations: bool | None = None  # checkpointed layer inputs (and, single-process, the embedding
+    # table) in pinned CPU memory, copied on a side stream; None: the plan, when nothing else fits the budget
     fused: bool = False  # with fast=False: LoRA layers as one autograd function (minilora/kernels)
     compile: bool = False  # torch.compile each transformers decoder layer (replaces fast)
     cuda_graphs: bool = True  # when nothing is checkpointed: replay each batch shape's step as a CUDA graph
@@ -119,9 +120,12 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
-    options, plan_line = _memory_options(model, cfg, device)
+    options, plan_line = _memory_options(model, cfg, device, world)
     chunk = options.pop("loss_chunk")
-    prepare_for_training(model, offload=cfg.offload_activations, fused=cfg.fused, compile=cfg.compile, **options)
+    # DDP needs every parameter on one device: the embedding table stays there with several processes
+    prepare_for_training(model, fused=cfg.fused, compile=cfg.compile, embedding_on_host=None if world == 1 else False,
+                         **options)
+    table = host_embedding(model)
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.lm_head.weight.shape[0]
     # CUDA graphs (kernels/graphs.py) when no layer recomputes and no weight is dequantized inside a step
@@ -186,7 +190,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             for batch in itertools.islice(order, i, None):
                 share = batch[rank::world] or [_unsupervised(batch[0])]  # a short last batch: nothing to learn
                 n = sum(supervised_count(ex["labels"]) for ex in batch)  # the global batch's, the same everywhere
-                yield to_device(collate(share), device, vocab, dense=graphs), n  # async copies, host label work
+                yield to_device(collate(share), device, vocab, dense=graphs, embedding=table), n  # async copies
             k = (epoch + 1) * per_epoch
 
     stream = micro_batches(step * cfg.grad_accum)
@@ -292,6 +296,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             metrics.close()
         for layer in model.model.layers:  # the fast layers' weight caches go with them; generation needs neither
             layer.__dict__.pop("_minilora_fast", None)
+        place_embedding(model)  # back beside lm_head, where generation and transformers' forward want it
     if rank == 0:
         save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
         _plot(history, cfg.output_dir)
@@ -366,6 +371,8 @@ def _sample(model, tokenizer, cfg, step, log, rank=0):
 
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    table = host_embedding(model)
+    place_embedding(model)  # generation runs transformers' forward, which wants the table on the device
     try:
         for prompt in cfg.sample_prompts:
             answer = generate(model, tokenizer, prompt, cfg.sample_max_new_tokens, cfg.precision)
@@ -376,6 +383,8 @@ def _sample(model, tokenizer, cfg, step, log, rank=0):
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        if table is not None:
+            place_embedding(model, "cpu")
 
 
 def _autocast(device: torch.device, precision: str):
@@ -414,18 +423,18 @@ def _check(cfg: TrainConfig):
             raise ValueError(f"{name}={getattr(cfg, name)} must be {rule}")
 
 
-def _memory_options(model, cfg: TrainConfig, device: torch.device) -> tuple[dict, str]:
+def _memory_options(model, cfg: TrainConfig, device: torch.device, world: int = 1) -> tuple[dict, str]:
     """prepare_for_training's options and the loss chunk for this run, and a line that says what and why.
 
     On a GPU the fast layer's options come from the memory plan for the budget (cfg.memory_budget_gib, or what
     the card has free plus what this process already holds), for the worst micro-batch: batch_size x max_len
-    tokens. Elsewhere, and with fast off, every layer is checkpointed and nothing is cached, unless the config
-    says otherwise.
+    tokens. Elsewhere, and with fast off, every layer is checkpointed and nothing is cached or offloaded,
+    unless the config says otherwise.
     """
     L = model.config.num_hidden_layers
     ckpt = {None: L, True: L, False: 0}[cfg.gradient_checkpointing]
     options = dict(gradient_checkpointing=ckpt, fast=False, cached_layers=0, keep_weights=False,
-                   loss_chunk=cfg.loss_chunk or LOSS_CHUNKS[0])
+                   offload=bool(cfg.offload_activations), loss_chunk=cfg.loss_chunk or LOSS_CHUNKS[0])
     why = unsupported(model.config)
     if not cfg.fast or cfg.compile or why:
         reason = "fast=False" if not cfg.fast else "compile=True" if cfg.compile else why
@@ -443,20 +452,25 @@ def _memory_options(model, cfg: TrainConfig, device: torch.device) -> tuple[dict
     fixed = {"loss_chunk": cfg.loss_chunk} if cfg.loss_chunk else {}  # what the config decided itself
     if cfg.gradient_checkpointing is not None:
         fixed["gradient_checkpointing"] = ckpt
+    if cfg.offload_activations is not None:
+        fixed["offload"] = cfg.offload_activations
     choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=fixed, lora_r=one.r,
                          lora_targets=sorted({name.rsplit(".", 1)[-1] for name in layers}),
                          quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
                          compute_dtype=PRECISIONS[cfg.precision], lora_dtype=one.lora_A.weight.dtype,
-                         lora_dropout=getattr(one.dropout, "p", 0.0), offload=cfg.offload_activations)
+                         lora_dropout=getattr(one.dropout, "p", 0.0), embedding_on_host=None if world == 1 else False)
     o, plan = choice["options"], choice["plan"]
     options.update(o)
     keeps = " (their recompute keeps its weights)" if o["keep_weights"] and o["gradient_checkpointing"] else ""
+    host = plan["inputs"]["embedding_on_host"]
+    offloads = (f", their inputs{' and the embedding table' if host else ''} in host memory "
+                f"({plan['cpu'] / GiB:.2f} GiB pinned)") if o["offload"] and o["gradient_checkpointing"] else ""
     line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): fast layers, "
             f"{o['cached_layers']}/{L} layers' weights kept dequantized, {o['gradient_checkpointing']}/{L} "
-            f"checkpointed{keeps}, loss chunk {o['loss_chunk']}; predicted peak {plan['total'] / GiB:.2f} GiB at "
-            f"{cfg.batch_size} x {cfg.max_len} tokens")
+            f"checkpointed{keeps}{offloads}, loss chunk {o['loss_chunk']}; predicted peak {plan['total'] / GiB:.2f} "
+            f"GiB at {cfg.batch_size} x {cfg.max_len} tokens")
     if not choice["fits"]:
-        line += "; that exceeds the budget: lower batch_size or max_len, or set offload_activations"
+        line += "; that exceeds the budget: lower batch_size or max_len"
     return options, line
 
 

@@ -1,5 +1,6 @@
-"""The fast paths that exist only on a GPU: the Triton NF4 dequantization, torch's fused RMSNorm kernels, and
-the step replayed as CUDA graphs. Each against what it replaces, on the device it runs on.
+"""The fast paths that exist only on a GPU: the Triton NF4 and SwiGLU kernels, torch's fused RMSNorm kernels,
+the step replayed as CUDA graphs, and activations offloaded on a side stream. Each against what it replaces,
+on the device it runs on.
 
 These need CUDA (Triton kernels, CUDA graphs); on a machine without a GPU they are skipped, and the CPU suite
 covers the same formulas through their CPU code (test_kernels.py). Results of a run on an H100 are kept in
@@ -49,6 +50,45 @@ def test_fused_rms_norm_matches_the_formula():
     assert rel(y, ref) <= 2e-2 and rel(dx, ref_dx) <= 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_kernels_match_the_formula(dtype):
+    from minilora.kernels import swiglu
+
+    gu = torch.randn(3, 50, 2 * 700, device="cuda", dtype=dtype) * 3
+    dm = torch.randn(3, 50, 700, device="cuda", dtype=dtype)
+    gate, up = gu.float().chunk(2, dim=-1)
+    s = torch.sigmoid(gate)
+    ref_m = gate * s * up
+    ref_grad = torch.cat([dm.float() * up * s * (1 + gate * (1 - s)), dm.float() * gate * s], dim=-1)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # one rounding to bf16 (8-bit mantissa), or fp32 ulps
+    assert rel(swiglu.forward(gu), ref_m) <= tol
+    grad = swiglu.backward_(gu, dm)
+    assert grad.data_ptr() == gu.data_ptr() and rel(grad, ref_grad) <= tol  # written over gu
+
+
+def test_offloaded_steps_equal_plain_steps(base_dir):
+    """Several steps with every layer's halves offloaded on the side stream (and the embedding table on the
+    host) against the same layers checkpointed on the GPU: the same losses and LoRA weights (bf16 tolerance).
+    Three steps of different shapes, so copies of one step overlap the next's allocations."""
+    results = []
+    for offload in (False, True):
+        model, tok = _load(base_dir, fast=True, gradient_checkpointing=True, offload=offload)
+        assert (model.model.embed_tokens.weight.device.type == "cpu") == offload
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for batch in _batches(tok, 3):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, n = causal_lm_loss(model, batch)
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        results.append((losses, {k: p.detach().clone() for k, p in ml.lora_state_dict(model).items()}))
+    (plain_losses, plain), (off_losses, off) = results
+    assert off_losses == pytest.approx(plain_losses, rel=1e-2)
+    assert all(rel(off[k], plain[k]) <= 1e-2 for k in plain)
+
+
 def _load(base_dir, **prepare):
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
     torch.manual_seed(0)
@@ -73,7 +113,8 @@ def _batches(tok, n=3):
 def test_fast_path_matches_transformers_on_gpu(base_dir):
     grads = []
     for prepare in (dict(gradient_checkpointing=True), dict(fast=True, gradient_checkpointing=True, keep_weights=True),
-                    dict(fast=True, gradient_checkpointing=False, cached_layers=2)):
+                    dict(fast=True, gradient_checkpointing=False, cached_layers=2),
+                    dict(fast=True, gradient_checkpointing=True, offload=True)):  # side-stream copies, host table
         model, tok = _load(base_dir, **prepare)
         batch = _batches(tok, 1)[0]
         with torch.autocast("cuda", dtype=torch.bfloat16):

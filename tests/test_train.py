@@ -134,20 +134,24 @@ def test_ctrl_c_saves_and_returns(base_dir, tmp_path, monkeypatch):
     assert ml.checkpoint.latest_checkpoint(str(tmp_path)).endswith("checkpoint-3")
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_checkpointing_matches_plain_backward(base_dir, offload):
+@pytest.mark.parametrize("fast,offload", [(False, False), (False, True), (True, False), (True, True)])
+def test_checkpointing_matches_plain_backward(base_dir, fast, offload):
+    """Checkpointed layers (transformers' or fast ones), with or without their inputs offloaded, give the loss
+    and LoRA grads of transformers' layers without checkpointing, in fp32 (1e-5: summation order only).
+    A fast layer offloads as two units (attention, MLP) through kernels/offload.Offload, with its projections
+    dequantizing one member at a time; on the CPU that bookkeeping runs with plain copies."""
     from minilora.data import Collator, encode_rows
     from minilora.loss import causal_lm_loss
 
     results = []
-    for checkpointing in (False, True):
+    for prepare in (dict(gradient_checkpointing=False), dict(gradient_checkpointing=True, fast=fast, offload=offload)):
         torch.manual_seed(0)
         model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
-        ml.add_lora(model, r=8, alpha=16, dropout=0.1)  # dropout: the recompute must replay the same mask
-        with torch.no_grad():
+        ml.add_lora(model, targets=("q_proj", "v_proj", "up_proj"), r=8, alpha=16, dropout=0.1)  # dropout: the
+        with torch.no_grad():  # recompute must replay the same masks; up_proj: a LoRA member of a split projection
             for p in ml.lora_state_dict(model).values():
                 p.normal_(0, 0.1)
-        ml.prepare_for_training(model, gradient_checkpointing=checkpointing, offload=offload)
+        ml.prepare_for_training(model, **prepare)
         model.train()
         examples, _ = encode_rows(ROWS[:4], tok, 128)
         torch.manual_seed(1)

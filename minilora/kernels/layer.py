@@ -18,13 +18,13 @@ checkpointed, and whether its recompute keeps the weights for the backward (`kee
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import swiglu
 from .lora4bit import Projection, compute_dtype
+from .offload import Offload
 
 # cuDNN attention, SDPA's first choice on Hopper, builds a plan for every new sequence length (about 3 ms of
 # host time a call); flash attention needs none, and the others cover what flash cannot run.
@@ -33,19 +33,26 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 
 class FastLayer:
     """How one LlamaDecoderLayer trains: its projections, built from its own (LoRA, 4-bit) modules, and
-    whether it is checkpointed (its input kept, the rest recomputed in the backward; `offload`: that input
-    kept in pinned CPU memory)."""
+    whether it is checkpointed (its input kept, the rest recomputed in the backward).
+
+    offload: the lean mode. The layer is checkpointed as two units, attention and MLP, whose inputs wait in
+    pinned host memory (kernels/offload.py), and projections dequantize their members' weights one at a time:
+    the backward then holds one half's activations and one member's weight at a time.
+    """
 
     def __init__(self, layer: torch.nn.Module, cache=False, keep=False, checkpoint=False, offload=False):
         att, mlp = layer.self_attn, layer.mlp
-        self.qkv = Projection([att.q_proj, att.k_proj, att.v_proj], cache, keep)
+        split = offload and not cache and not keep
+        self.qkv = Projection([att.q_proj, att.k_proj, att.v_proj], cache, keep, split)
         self.o = Projection([att.o_proj], cache, keep)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], cache, keep)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], cache, keep, split)
         self.down = Projection([mlp.down_proj], cache, keep)
-        self.checkpoint, self.offload = checkpoint, offload
-        # the LoRA weights, which a checkpointed layer's single autograd node must name as its inputs
-        self.params = [w for p in (self.qkv, self.o, self.gate_up, self.down) for _, m in p.loras
-                       for w in (m.lora_A.weight, m.lora_B.weight)]
+        self.checkpoint, self.offload = checkpoint, offload and checkpoint
+        # the LoRA weights of each unit, which a checkpointed unit's single autograd node must name as inputs
+        self.params = {part: [w for p in projections for _, m in p.loras for w in (m.lora_A.weight, m.lora_B.weight)]
+                       for part, projections in ((attention_block, (self.qkv, self.o)),
+                                                 (mlp_block, (self.gate_up, self.down)))}
+        self.params[layer_forward] = self.params[attention_block] + self.params[mlp_block]
 
 
 def unsupported(config) -> str | None:
@@ -63,90 +70,114 @@ def is_fast(model) -> bool:
     return "_minilora_fast" in model.model.layers[0].__dict__
 
 
-def model_forward(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+def host_embedding(model) -> torch.Tensor | None:
+    """The embedding table, when prepare_for_training(offload=True) keeps it in host memory (the rest of the
+    model on a GPU); else None."""
+    w = model.model.embed_tokens.weight
+    return w if w.device.type == "cpu" and model.lm_head.weight.is_cuda else None
+
+
+def model_forward(model, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
     """The final-norm hidden states (B, T, H) of a LlamaForCausalLM prepared with fast=True.
 
     attention_mask: None for right-padded rows (causal attention is exact for them), or a boolean
-    (B, 1, T, T) mask, True where a query may attend (the Collator's packed rows).
+    (B, 1, T, T) mask, True where a query may attend (the Collator's packed rows). inputs_embeds: the
+    embedded input_ids, gathered on the host when the table is there (loss.to_device does it).
     """
     inner = model.model
-    h = inner.embed_tokens(input_ids)  # (B, T, H)
-    h = h.to(compute_dtype(h))
+    if inputs_embeds is None:
+        table = host_embedding(model)
+        ids = input_ids if table is None else input_ids.cpu()  # a host table: gather there, then copy
+        inputs_embeds = inner.embed_tokens(ids).to(model.lm_head.weight.device)  # (B, T, H)
+    h = inputs_embeds.to(compute_dtype(inputs_embeds))
     if position_ids is None:
         position_ids = torch.arange(h.shape[1], device=h.device)[None]
     cos, sin = (t.to(h.dtype)[:, :, None] for t in inner.rotary_emb(h, position_ids))  # (1 or B, T, 1, hd)
+    offload = Offload(h.device) if torch.is_grad_enabled() and any(
+        layer._minilora_fast.offload for layer in inner.layers) else None
     with sdpa_kernel(ATTENTION_BACKENDS):
-        h = _layers(inner.layers, h, cos, sin, attention_mask)
+        h = _layers(inner.layers, h, cos, sin, attention_mask, offload)
     return _rms_norm(h, inner.norm)
 
 
-def _layers(layers, h, cos, sin, attention_mask):
+def _layers(layers, h, cos, sin, attention_mask, offload):
     for layer in layers:
         fast = layer._minilora_fast
-        if fast.checkpoint and torch.is_grad_enabled():
-            # offload: the one tensor the layer saves, its input, waits in pinned CPU memory (saved through
-            # autograd's saved-tensor hooks, so save_on_cpu moves just it)
-            with torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if fast.offload else contextlib.nullcontext():
-                h = Recomputed.apply(h, layer, cos, sin, attention_mask, *fast.params)
-        else:
+        if not (fast.checkpoint and torch.is_grad_enabled()):
             h = layer_forward(layer, h, cos, sin, attention_mask)
+            continue
+        for part in (attention_block, mlp_block) if fast.offload else (layer_forward,):
+            h = Recomputed.apply(h, layer, cos, sin, attention_mask, part, offload if fast.offload else None,
+                                 *fast.params[part])
     return h
 
 
 class Recomputed(torch.autograd.Function):
-    """A checkpointed fast layer: the forward keeps only the layer's input (and the RNG state); the backward
-    runs the layer again, with the same dropout masks, and backpropagates through that.
+    """A checkpointed unit of a fast layer (`part`: the whole layer, or its attention or MLP half): the forward
+    keeps only the unit's input (and the RNG state), on the GPU or, with `offload`, in host memory; the
+    backward runs the unit again, with the same dropout masks, and backpropagates through that.
 
-    One autograd node for the whole layer, with the LoRA weights as inputs so that it is part of the graph
-    even when x needs no gradient (the first layer's input). torch.utils.checkpoint's non-reentrant form
-    instead routes every tensor the layer saves through saved-tensor hooks, which costs more host time than
-    the layer's own forward. A projection that keeps its weights (`Projection.keep`) saves them only in the
-    recompute, which lives until this node's backward ends.
+    One autograd node per unit, with its LoRA weights as inputs so that it is part of the graph even when x
+    needs no gradient (the first layer's input). torch.utils.checkpoint's non-reentrant form instead routes
+    every tensor the unit saves through saved-tensor hooks, which costs more host time than the unit's own
+    forward. A projection that keeps its weights (`Projection.keep`) saves them only in the recompute, which
+    lives until this node's backward ends.
     """
 
     @staticmethod
-    def forward(ctx, x, layer, cos, sin, mask, *params):
-        ctx.layer, ctx.mask = layer, mask
+    def forward(ctx, x, layer, cos, sin, mask, part, offload, *params):
+        ctx.layer, ctx.mask, ctx.part, ctx.offload = layer, mask, part, offload
         ctx.rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        ctx.save_for_backward(x)
+        if offload:
+            ctx.slot = offload.save(x)
+        else:
+            ctx.save_for_backward(x)
         ctx.cos_sin = cos, sin  # shared by every layer: not saved (nor offloaded) per layer
         with torch.no_grad():
-            return layer_forward(layer, x, cos, sin, mask)
+            return part(layer, x, cos, sin, mask)
 
     @staticmethod
     def backward(ctx, dy):
-        (x,), (cos, sin) = ctx.saved_tensors, ctx.cos_sin
-        params = ctx.layer._minilora_fast.params
+        x = ctx.offload.load(ctx.slot) if ctx.offload else ctx.saved_tensors[0]
+        cos, sin = ctx.cos_sin
+        params = ctx.layer._minilora_fast.params[ctx.part]
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), sdpa_kernel(ATTENTION_BACKENDS), \
                 torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             (torch.cuda.set_rng_state(ctx.rng, x.device) if x.is_cuda else torch.set_rng_state(ctx.rng))
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            y = layer_forward(ctx.layer, x_, cos, sin, ctx.mask)
+            y = ctx.part(ctx.layer, x_, cos, sin, ctx.mask)
             inputs = ([x_] if x_.requires_grad else []) + params
             grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
         dx = grads[0] if x_.requires_grad else None
-        return dx, None, None, None, None, *grads[len(inputs) - len(params):]
+        return dx, None, None, None, None, None, None, *grads[len(inputs) - len(params):]
 
 
 def layer_forward(layer, x, cos, sin, attention_mask=None):
     """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype."""
+    return mlp_block(layer, attention_block(layer, x, cos, sin, attention_mask))
+
+
+def attention_block(layer, x, cos, sin, attention_mask=None):
+    """x + attention(norm(x)): the layer's first half."""
     fast: FastLayer = layer._minilora_fast
     att = layer.self_attn
     B, T, _ = x.shape
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
-
     a = _rms_norm(x, layer.input_layernorm)
     q, k, v = Rope.apply(fast.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
     # SDPA runs on the backends of ATTENTION_BACKENDS: the callers (model_forward, Recomputed) enter them
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
                                        scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
-    h = fast.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
+    return fast.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
 
-    a = _rms_norm(h, layer.post_attention_layernorm)
-    m = SwiGLU.apply(fast.gate_up(a))  # (B, T, I)
-    return fast.down(m, residual=h)  # h + MLP
+
+def mlp_block(layer, h, cos=None, sin=None, attention_mask=None):
+    """h + MLP(norm(h)): the layer's second half (the unused arguments keep one signature with the first)."""
+    fast: FastLayer = layer._minilora_fast
+    m = SwiGLU.apply(fast.gate_up(_rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
+    return fast.down(m, residual=h)
 
 
 def _rms_norm(x, norm):
@@ -224,20 +255,15 @@ class Rope(torch.autograd.Function):
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up from the stacked (..., 2I) output of the gate/up projection; keeps only that input."""
+    """silu(gate) * up from the stacked (..., 2I) output of the gate/up projection; keeps only that input, and
+    writes its gradient over it (kernels/swiglu.py)."""
 
     @staticmethod
     def forward(ctx, gu):
-        gate, up = gu.chunk(2, dim=-1)
         ctx.save_for_backward(gu)
-        return F.silu(gate) * up
+        return swiglu.forward(gu)
 
     @staticmethod
     def backward(ctx, dm):
         (gu,) = ctx.saved_tensors
-        gate, up = gu.chunk(2, dim=-1)
-        dgu = torch.empty_like(gu)
-        d_gate, d_up = dgu.chunk(2, dim=-1)
-        torch.mul(dm, F.silu(gate), out=d_up)
-        torch.ops.aten.silu_backward.grad_input(dm * up, gate, grad_input=d_gate)  # (dm up) silu'(gate)
-        return dgu
+        return swiglu.backward_(gu, dm.contiguous())

@@ -17,6 +17,9 @@ Against the plain path (bitsandbytes' MatMul4Bit per linear, then two nn.Linear,
   checkpoint's first forward runs without grad and saves nothing, so it costs memory only from recompute to
   backward).
 - `Projection.cache` keeps W dequantized for good: no dequantization at all, for 2 bytes a weight.
+- `Projection.split` dequantizes one member's weight at a time, each used and freed before the next, and
+  writes each member's GEMM into its rows of the output: a projection then holds at most its largest
+  member's weight (gate's, not gate's and up's), for a GEMM launch per member.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class Projection:
     dicts, adapters and merging see nothing new. `cache` and `keep` are set by prepare_for_training.
     """
 
-    def __init__(self, members: list[nn.Module], cache: bool = False, keep: bool = False):
+    def __init__(self, members: list[nn.Module], cache: bool = False, keep: bool = False, split: bool = False):
         self.bases = [m.base if hasattr(m, "lora_A") else m for m in members]
         if any(getattr(b, "lora_A", None) is not None for b in self.bases):
             raise ValueError("nested LoRA layers cannot be projected")
@@ -93,12 +96,36 @@ class Projection:
         # plain weights makes a copy per call instead, which is the rare quant=None case).
         quantized = all(is_4bit(b) for b in self.bases)
         self.cache, self.keep, self.cached = cache and quantized, keep and quantized, None
+        self.split = split and len(self.bases) > 1 and not (self.cache or self.keep)
 
     def bias(self, dtype) -> torch.Tensor | None:
         if not self.has_bias:
             return None
         return torch.cat([b.bias.to(dtype) if b.bias is not None else b.weight.new_zeros(b.out_features, dtype=dtype)
                           for b in self.bases])
+
+    def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, W: torch.Tensor | None = None):
+        """[residual +] x W^T for x (N, in) in the compute dtype, with no bias: (N, out). W: the weight, if
+        the caller has it already."""
+        if not self.split:
+            W = W if W is not None else self.weight(x.dtype)
+            return torch.mm(x, W.t()) if residual is None else torch.addmm(residual, x, W.t())
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device) if residual is None \
+            else residual.clone()
+        for base, rows in zip(self.bases, self.rows):
+            y[:, rows].addmm_(x, dequantize(base, x.dtype).t(), beta=0 if residual is None else 1)
+        return y
+
+    def matmul_t(self, dy: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+        """dy W for dy (N, out): the input gradient of the base GEMM; W: a kept copy of the weight."""
+        if not self.split:
+            return torch.mm(dy, W if W is not None else self.weight(dy.dtype))
+        dx = None
+        for base, rows in zip(self.bases, self.rows):
+            Wj = dequantize(base, dy.dtype)
+            dx = torch.mm(dy[:, rows], Wj) if dx is None else dx.addmm_(dy[:, rows], Wj)
+            del Wj  # freed before the next member's is made
+        return dx
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W (out, in) in dtype: the cached copy, or a fresh dequantization (kept when `cache` is set)."""
@@ -147,8 +174,9 @@ class ProjectFn(torch.autograd.Function):
     def forward(ctx, x, residual, proj: Projection, *lora):
         shape = (*x.shape[:-1], proj.out_features)
         x2 = x.reshape(-1, proj.in_features)  # (N, in)
-        W = proj.weight(x.dtype)  # (out, in)
-        y = torch.mm(x2, W.t()) if residual is None else torch.addmm(residual.reshape(-1, shape[-1]), x2, W.t())
+        # the weight (out, in) is kept for the backward when `keep` says so (and it is not cached anyway)
+        W = proj.weight(x.dtype) if proj.keep and proj.cached is None else None
+        y = proj.matmul(x2, None if residual is None else residual.reshape(-1, shape[-1]), W)
         bias = proj.bias(x.dtype)
         if bias is not None:
             y += bias
@@ -159,7 +187,7 @@ class ProjectFn(torch.autograd.Function):
             xa = torch.mm(xl, A.t())  # (N, r)
             y[:, rows].addmm_(xa, B.t(), alpha=m.scaling)  # y_j += s (xl A^T) B^T, into the member's rows
             saved += [xl, A, B, xa]
-        ctx.save_for_backward(W if proj.keep and proj.cached is None else None, *saved)
+        ctx.save_for_backward(W, *saved)
         ctx.proj, ctx.shared, ctx.x_shape = proj, [xl is None for xl in lora[0::3]], x.shape
         ctx.weight_dtypes = [A.dtype for A in lora[1::3]]
         return y.view(shape)
@@ -171,9 +199,8 @@ class ProjectFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, proj.out_features)  # (N, out)
         dx = None
         if need_x:
-            W = W if W is not None else proj.weight(dy.dtype)
-            dx = torch.mm(dy2, W)  # (N, in)
-        del W  # a fresh dequantization is freed at once, before anything else is allocated
+            dx = proj.matmul_t(dy2, W)  # (N, in); a fresh dequantization is freed at once
+        del W
         grads = []
         for j, (rows, m) in enumerate(proj.loras):
             xl, A, B, xa = saved[4 * j: 4 * j + 4]
