@@ -202,14 +202,30 @@ def load_minilora(spec):
                              device=spec["device"])
     torch.manual_seed(spec["seed"])
     ml.add_lora(model, targets=spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"])
-    ml.prepare_for_training(model, gradient_checkpointing=True, **variant_kwargs(spec["impl"]))
+    opts = variant_kwargs(spec["impl"])
+    ml.prepare_for_training(model, gradient_checkpointing=True, **opts)
+    spec["loss_chunk"] = loss_chunk(model.config, spec, opts)
 
     def loss_fn(ids):  # from host tensors, as train() does: to_device finds the supervised rows on the host
         ids = ids.cpu()
-        loss_sum, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        loss_sum, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, spec["loss_chunk"])
         return loss_sum / n
 
     return model, loss_fn
+
+
+def loss_chunk(config, spec, opts) -> int:
+    """The loss chunk train()'s memory plan would take for fast layers with these options: the largest that
+    leaves the step's predicted peak where the smallest chunk has it. transformers' layers: the default 4096."""
+    from minilora.plan import LOSS_CHUNKS, choose_plan, plan_memory
+
+    if not opts.get("fast"):
+        return LOSS_CHUNKS[0]
+    fixed = dict(gradient_checkpointing=config.num_hidden_layers, cached_layers=0, keep_weights=False,
+                 offload=opts.get("offload", False))
+    kw = dict(lora_r=spec["r"], lora_targets=spec["targets"], lora_dropout=spec["dropout"])
+    floor = plan_memory(config, spec["batch"], spec["seq"], fast=True, loss_chunk=LOSS_CHUNKS[-1], **fixed, **kw)
+    return choose_plan(config, spec["batch"], spec["seq"], floor["total"], fixed=fixed, **kw)["options"]["loss_chunk"]
 
 
 def train_step(model, loss_fn, ids, opt, device):
@@ -322,7 +338,9 @@ def worker(spec: dict) -> dict:
 
         opts = variant_kwargs(spec["impl"])
         plan = plan_memory(model.config, B, T, lora_r=spec["r"], lora_targets=spec["targets"],
-                           offload=opts.get("offload", False), fast=opts.get("fast", False), lora_dropout=spec["dropout"])
+                           offload=opts.get("offload", False), fast=opts.get("fast", False),
+                           lora_dropout=spec["dropout"], loss_chunk=spec["loss_chunk"])
+        res["loss_chunk"] = spec["loss_chunk"]
         res.update(predicted_gib=plan["total"] / GiB, plan_phase=plan["phase"],
                    plan_phases_gib={k: round(v / GiB, 4) for k, v in plan["phases"].items()},
                    plan_gib={k: round(v / GiB, 4) for k, v in plan["breakdown"].items()})
@@ -397,7 +415,9 @@ def text_table(cases: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
-    ap.add_argument("--cases", default="standard", help="'standard' or comma-separated case names, e.g. qv-r64-4x512")
+    ap.add_argument("--cases", default="standard", help="'standard' or comma-separated case names, e.g. "
+                    "qv-r64-4x512; a case may name its own impls after a colon, joined by '/': "
+                    "qv-r64-1x32768:peft/minilora+fast+offload")
     ap.add_argument("--impls", default=None, help="comma-separated; default: peft,minilora and every available "
                     f"variant of {VARIANTS}")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per case")
@@ -415,7 +435,9 @@ def main(argv=None):
                     "more step's allocations and report the N largest tensors alive at its peak")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    cases = [parse_case(n, args.scale) for n in (STANDARD if args.cases == "standard" else args.cases.split(","))]
+    names = STANDARD if args.cases == "standard" else args.cases.split(",")
+    cases = [dict(parse_case(n.split(":")[0], args.scale), impls=n.split(":")[1].split("/") if ":" in n else None)
+             for n in names]
     model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"minilora-bench-{args.shape}")
     print(f"preparing {args.shape} in {model_dir} ...", file=sys.stderr, flush=True)
     env, err, _ = run_child("prepare", {"shape": args.shape, "model_dir": model_dir, "device": args.device}, 600)
@@ -434,7 +456,7 @@ def main(argv=None):
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cases": []}
     durations = []
     for case in cases:
-        for impl in impls:
+        for impl in case.pop("impls") or impls:
             spec = dict(case, impl=impl, case=case["name"], model_dir=model_dir, device=args.device, seed=args.seed,
                         steps=args.steps, warmup=args.warmup, peak_tensors=args.peak_tensors)
             row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq")}

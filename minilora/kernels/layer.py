@@ -26,9 +26,18 @@ from . import swiglu
 from .lora4bit import Projection, compute_dtype
 from .offload import Offload
 
-# cuDNN attention, SDPA's first choice on Hopper, builds a plan for every new sequence length (about 3 ms of
-# host time a call); flash attention needs none, and the others cover what flash cannot run.
+# cuDNN attention builds a plan for every new sequence length (about 3 ms of host time a call), which short
+# batches of changing lengths cannot afford; flash attention needs none, and the others cover what flash cannot
+# run. From LONG_ATTENTION tokens a row the attention's compute dwarfs that, and cuDNN's Hopper kernels run it
+# faster than flash's (benchmarks/NOTES.md).
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+LONG_ATTENTION = 4096
+
+
+def attention_backends(seq_len: int):
+    """SDPA's backends, in priority order, for rows of seq_len tokens."""
+    first = [SDPBackend.CUDNN_ATTENTION] if seq_len >= LONG_ATTENTION else []
+    return sdpa_kernel(first + ATTENTION_BACKENDS, set_priority=True)
 
 
 class FastLayer:
@@ -95,7 +104,7 @@ def model_forward(model, input_ids, attention_mask=None, position_ids=None, inpu
     cos, sin = (t.to(h.dtype)[:, :, None] for t in inner.rotary_emb(h, position_ids))  # (1 or B, T, 1, hd)
     offload = Offload(h.device) if torch.is_grad_enabled() and any(
         layer._minilora_fast.offload for layer in inner.layers) else None
-    with sdpa_kernel(ATTENTION_BACKENDS):
+    with attention_backends(h.shape[1]):
         h = _layers(inner.layers, h, cos, sin, attention_mask, offload)
     return _rms_norm(h, inner.norm)
 
@@ -143,11 +152,13 @@ class Recomputed(torch.autograd.Function):
         cos, sin = ctx.cos_sin
         params = ctx.layer._minilora_fast.params[ctx.part]
         devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), sdpa_kernel(ATTENTION_BACKENDS), \
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), attention_backends(x.shape[1]), \
                 torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             (torch.cuda.set_rng_state(ctx.rng, x.device) if x.is_cuda else torch.set_rng_state(ctx.rng))
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
             y = ctx.part(ctx.layer, x_, cos, sin, ctx.mask)
+            # The backward needs y's graph, not its values (no function saves its own output): free them now.
+            y.untyped_storage().resize_(0)
             inputs = ([x_] if x_.requires_grad else []) + params
             grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
         dx = grads[0] if x_.requires_grad else None
@@ -167,7 +178,7 @@ def attention_block(layer, x, cos, sin, attention_mask=None):
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
     a = _rms_norm(x, layer.input_layernorm)
     q, k, v = Rope.apply(fast.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
-    # SDPA runs on the backends of ATTENTION_BACKENDS: the callers (model_forward, Recomputed) enter them
+    # SDPA runs on the backends of attention_backends: the callers (model_forward, Recomputed) enter them
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
                                        scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
     return fast.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
@@ -243,14 +254,15 @@ class Rope(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         n_q, n_kv = ctx.heads
-        g = torch.cat([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2)  # (B, T, heads, hd)
-        n_rot, half = n_q + n_kv, g.shape[-1] // 2
-        dx = torch.empty_like(g)
-        gr, d = g[:, :, :n_rot], dx[:, :, :n_rot]
-        torch.mul(gr, cos, out=d)
-        d[..., :half].addcmul_(gr[..., half:], sin[..., half:])  # dx1 = g1 c + g2 s
-        d[..., half:].addcmul_(gr[..., :half], sin[..., :half], value=-1)  # dx2 = g2 c - g1 s
-        dx[:, :, n_rot:] = g[:, :, n_rot:]
+        B, _, T, hd = dq.shape
+        half = hd // 2
+        dx = torch.empty(B, T, n_q + 2 * n_kv, hd, dtype=dq.dtype, device=dq.device)  # (B, T, heads, hd)
+        dq_, dk_, dv_ = dx.split([n_q, n_kv, n_kv], dim=2)
+        for g, d in ((dq.transpose(1, 2), dq_), (dk.transpose(1, 2), dk_)):  # each grad rotated into its slot
+            torch.mul(g, cos, out=d)
+            d[..., :half].addcmul_(g[..., half:], sin[..., half:])  # dx1 = g1 c + g2 s
+            d[..., half:].addcmul_(g[..., :half], sin[..., :half], value=-1)  # dx2 = g2 c - g1 s
+        dv_.copy_(dv.transpose(1, 2))
         return dx.flatten(2), None, None, None, None
 
 
