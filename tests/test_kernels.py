@@ -200,3 +200,21 @@ def test_compiled_layers_match_eager(base_dir, fused):
         weights = {tuple(m.weight.quant_state.shape) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
         kept = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in weights]
         assert saved and not kept, f"dequantized weights saved for the backward: {kept}"
+
+
+def test_swiglu_function_matches_autograd_and_writes_over_its_input():
+    """SwiGLU (kernels/layer.py) keeps only the stacked gate/up output and writes its gradient over it; its CPU
+    formulas against autograd through F.silu(gate) * up, in fp32 (1e-6: one rounding per op)."""
+    from minilora.kernels.layer import SwiGLU
+
+    gu = torch.randn(4, 9, 2 * 13, dtype=torch.float64).float()
+    ref_in = gu.clone().requires_grad_(True)
+    gate, up = ref_in.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    dm = torch.randn_like(ref)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, dm)
+    x = gu.clone().requires_grad_(True)
+    m = SwiGLU.apply(x)
+    assert torch.allclose(m, ref, atol=1e-6)
+    (grad,) = torch.autograd.grad(m, x, dm)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)

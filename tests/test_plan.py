@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from minilora.plan import GiB, format_plan, plan_memory
+from minilora.plan import GiB, choose_plan, format_plan, plan_memory
 from minilora.tiny import tiny_config
 
 LLAMA2_7B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -42,6 +42,33 @@ def test_offload_moves_checkpoints_to_host():
     assert offloaded["breakdown"]["activations"] == layer_input  # the one layer being recomputed
     assert offloaded["cpu"] == 32 * layer_input and on_gpu["cpu"] == 0
     assert offloaded["total"] < on_gpu["total"]
+
+
+def test_fast_offload_holds_two_inputs_and_moves_the_embedding_table():
+    """A fast layer offloads as two units fetched one ahead: two (B, T, H) inputs on the GPU in the backward,
+    one unit's saved set and transients at a time, and the embedding table in host memory."""
+    on_gpu = plan_memory(LLAMA2_7B, 2, 2048, fast=True, loss_chunk=1024)
+    offloaded = plan_memory(LLAMA2_7B, 2, 2048, fast=True, offload=True, loss_chunk=1024)  # the plan's chunk
+    layer_input, table = 2 * 2048 * 4096 * 2, 32000 * 4096 * 2
+    assert offloaded["phase"] == "backward"
+    assert offloaded["breakdown"]["activations"] == 2 * layer_input
+    assert offloaded["breakdown"]["embed_lm_head"] == on_gpu["breakdown"]["embed_lm_head"] - table
+    assert offloaded["cpu"] == 2 * 32 * layer_input + table
+    assert offloaded["breakdown"]["layer_backward"] < on_gpu["breakdown"]["layer_backward"]  # half a layer
+    # the table stays on the GPU when asked (data-parallel runs), and with transformers' layers
+    kept = plan_memory(LLAMA2_7B, 2, 2048, fast=True, offload=True, loss_chunk=1024, embedding_on_host=False)
+    assert kept["total"] - offloaded["total"] == table
+    assert plan_memory(LLAMA2_7B, 2, 2048, offload=True)["breakdown"]["embed_lm_head"] == 2 * table
+
+
+def test_choose_plan_offloads_only_when_nothing_else_fits():
+    leanest = plan_memory(LLAMA2_7B, 4, 1024, fast=True, loss_chunk=512)["total"]
+    roomy = choose_plan(LLAMA2_7B, 4, 1024, leanest + GiB)
+    tight = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB)
+    assert roomy["fits"] and not roomy["options"]["offload"]
+    assert tight["fits"] and tight["options"]["offload"] and tight["plan"]["total"] <= leanest - 0.5 * GiB
+    refused = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB, fixed={"offload": False})
+    assert not refused["fits"] and not refused["options"]["offload"]
 
 
 def test_unquantized_weights_cost_four_times_more():
