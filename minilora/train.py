@@ -470,7 +470,8 @@ def _memory_options(model, cfg: TrainConfig, device: torch.device, world: int = 
             f"checkpointed{keeps}{offloads}, loss chunk {o['loss_chunk']}; predicted peak {plan['total'] / GiB:.2f} "
             f"GiB at {cfg.batch_size} x {cfg.max_len} tokens")
     if not choice["fits"]:
-        line += "; that exceeds the budget: lower batch_size or max_len"
+        line += "; that exceeds the budget: lower batch_size or max_len" + (
+            "" if o["offload"] else ", or let it offload (offload_activations=None)")
     return options, line
 
 
