@@ -66,6 +66,24 @@ def test_swiglu_kernels_match_the_formula(dtype):
     assert grad.data_ptr() == gu.data_ptr() and rel(grad, ref_grad) <= tol  # written over gu
 
 
+def test_long_rows_attend_through_cudnn_as_through_flash():
+    """Rows of LONG_ATTENTION tokens or more put cuDNN attention first; on the fast layer's strided q, k, v (views
+    of one (B, T, heads, hd) tensor) it gives flash's output and gradients (bf16 tolerance)."""
+    from minilora.kernels.layer import LONG_ATTENTION, attention_backends
+
+    torch.manual_seed(0)
+    qkv = torch.randn(1, LONG_ATTENTION, 3 * 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, 4, LONG_ATTENTION, 64, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for seq_len in (LONG_ATTENTION, 1):  # cuDNN first, then flash first
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(4, dim=2))
+        with attention_backends(seq_len):
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        results.append((o, torch.autograd.grad(o, qkv, g)[0]))
+    (o_long, g_long), (o_flash, g_flash) = results
+    assert rel(o_long, o_flash) <= 2e-2 and rel(g_long, g_flash) <= 2e-2
+
+
 def test_offloaded_steps_equal_plain_steps(base_dir):
     """Several steps with every layer's halves offloaded on the side stream (and the embedding table on the
     host) against the same layers checkpointed on the GPU: the same losses and LoRA weights (bf16 tolerance).

@@ -29,9 +29,10 @@ from .offload import Offload
 # cuDNN attention builds a plan for every new sequence length (about 3 ms of host time a call), which short
 # batches of changing lengths cannot afford; flash attention needs none, and the others cover what flash cannot
 # run. From LONG_ATTENTION tokens a row the attention's compute dwarfs that, and cuDNN's Hopper kernels run it
-# faster than flash's (benchmarks/NOTES.md).
+# faster than flash's: on an H100, 4% faster steps at 2 x 2048, 25% at 1 x 32768, but 18% slower at 4 x 512
+# (benchmarks/NOTES.md).
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-LONG_ATTENTION = 4096
+LONG_ATTENTION = 2048
 
 
 def attention_backends(seq_len: int):

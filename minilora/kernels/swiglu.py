@@ -7,7 +7,7 @@ place, which the SwiGLU node alone holds:
     d_up   = dm * silu(gate)
     d_gate = dm * up * s * (1 + gate * (1 - s)),   s = sigmoid(gate)
 
-in fp32, rounded once to gu's dtype. Without Triton, or off CUDA, the same formulas run as torch ops.
+in fp32, rounded once to gu's dtype. Without Triton, or off CUDA, torch's silu and silu_backward compute them.
 """
 
 from __future__ import annotations
@@ -42,11 +42,9 @@ def forward(gu: torch.Tensor) -> torch.Tensor:
 def backward_(gu: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     """The gradient for gu, written over gu (whose values are then gone) and returned."""
     gate, up = gu.chunk(2, dim=-1)
-    if not _triton_ok(gu, dm):
-        s = torch.sigmoid(gate.float())
-        g, u, d = gate.float(), up.float(), dm.float()
-        d_gate = d * u * s * (1 + g * (1 - s))
-        up.copy_(d * g * s)
+    if not _triton_ok(gu, dm):  # torch's own silu and silu_backward, then written over gu
+        d_gate = torch.ops.aten.silu_backward(dm * up, gate)  # (dm up) silu'(gate)
+        up.copy_(dm * F.silu(gate))
         gate.copy_(d_gate)
         return gu
     n, cols = dm.numel(), dm.shape[-1]
