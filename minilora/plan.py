@@ -114,7 +114,7 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
         extra = (layer_weights if kept else 0) + P * ldt
         if i < ckpt and units == 2:  # one half recomputed at a time; its input is one of the two held
             half = max(s + t for s, t in lay["halves"]) - S * H * dt + lora_cast
-            return held(i + 1, inputs=min(i + 1, 2) if i else 1), half + extra
+            return held(i + 1, inputs=2 if i else 1), half + extra  # no prefetch below the first
         # a fast layer's recompute saves its input again, which is the checkpointed input already held
         recomputed = saved - (S * H * dt if fast else 0) if i < ckpt else 0
         return held(i + 1), recomputed + lay["transient"] + extra
