@@ -183,14 +183,11 @@ def worker(spec: dict) -> dict | None:
     import minilora as ml
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # under torchrun: one GPU per process, and train() runs data-parallel
-        local = int(os.environ["LOCAL_RANK"])
-        if spec["device"].startswith("cuda"):
-            torch.cuda.set_device(local)
-            spec["device"] = f"cuda:{local}"
-            dist.init_process_group("nccl", device_id=torch.device(spec["device"]))
-        else:
-            dist.init_process_group("gloo")
+    if world > 1:  # under torchrun: the example's set-up (one GPU per process); train() runs data-parallel
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+        from train_guanaco import setup_device
+
+        spec["device"] = setup_device()
     tok = ml.load_tokenizer(spec["tok_dir"])
     rows = guanaco_rows(spec["rows"], spec["vocab"], spec["seed"], spec.get("lengths"))
     examples, _ = ml.data.encode_rows(rows, tok, {**RECIPE, **spec["overrides"]}["max_len"])

@@ -217,7 +217,7 @@ def main(argv=None):
     if device.startswith("cuda"):  # the plan is GPU memory: nothing to say on a CPU run
         check_memory(config, cfg, quant)
     model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
-        source, quant=quant, compute_dtype=compute_dtype, device=device))
+        source, quant=quant, compute_dtype=compute_dtype, device=device, tokenizer=tok, config=config))
     history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
     if dist.is_initialized():
         dist.destroy_process_group()

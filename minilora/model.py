@@ -73,18 +73,21 @@ def load_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
-    tokenizer: str | None = None,
+    tokenizer=None,
+    config=None,
 ):
     """Return `(model, tokenizer)`: an HF `LlamaForCausalLM` whose linears are bitsandbytes 4-bit layers.
 
     quant: "nf4" or "fp4" (4-bit, the QLoRA recipe), or None for plain `compute_dtype` weights.
-    device: "cuda", "cpu", ...; defaults to cuda when available. tokenizer: defaults to `name_or_dir`.
+    device: "cuda", "cpu", ...; defaults to cuda when available. tokenizer: a dir or hub id (default:
+    `name_or_dir`), or one already loaded. config: load_config's result, when the caller has read it already.
     The config and the tokenizer are checked before any weight is built.
     """
     if quant is not None and quant not in QUANT_TYPES:
         raise ValueError(f"unknown quant={quant!r}; use one of {QUANT_TYPES} or None for no quantization")
-    config = load_config(name_or_dir)
-    tok = load_tokenizer(tokenizer or name_or_dir)
+    config = config or load_config(name_or_dir)
+    tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else \
+        load_tokenizer(tokenizer or name_or_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kwargs = {}
     if quant is not None:

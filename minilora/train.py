@@ -214,7 +214,9 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         nonlocal tokens_seen, loss_seen, grad_norm
         values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in pending])
         if world > 1:  # the global step's loss: the sum of every process's part (grad norms are equal already)
-            values[:, 0] = _all_reduce(values[:, 0].contiguous())
+            losses = values[:, 0].contiguous()
+            dist.all_reduce(losses)
+            values[:, 0] = losses
         values = values.tolist()
         for (s, _, n, _), (loss, norm) in zip(pending, values):
             # with a GradScaler an inf grad norm is an overflow: scaler.step() skipped it and lowered the scale
@@ -257,14 +259,15 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             step += 1
             pending.append((step, loss_sum, n_step, norm))
             bar.update()
+            due_log = step % cfg.log_every == 0 or step == total_steps
             due_eval = evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
             due_sample = cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps
             due_save = step == total_steps or (cfg.save_every and step % cfg.save_every == 0)
-            if not (step % cfg.log_every == 0 or step == total_steps or due_eval or due_sample or due_save):
+            if not (due_log or due_eval or due_sample or due_save):
                 continue
             drain()
             seconds += time.perf_counter() - t0  # training time only: evaluations, samples and saves come after
-            if step % cfg.log_every == 0 or step == total_steps:
+            if due_log:
                 # the token-weighted mean over the steps since the last line, not the last step's alone
                 rate = tokens_seen / seconds  # supervised tokens per second of training
                 log({"step": step, "epoch": round(step * cfg.grad_accum / per_epoch, 4),
@@ -533,11 +536,6 @@ def _unsupervised(example: dict) -> dict:
     """A copy of example that supervises nothing: the input of a process whose share of a short last global
     batch is empty. It takes part in the step (DDP needs every process there) and adds nothing to it."""
     return {**example, "labels": [IGNORE] * len(example["labels"])}
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t)
-    return t
 
 
 def _peak_gib(device) -> float | None:
