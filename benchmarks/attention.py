@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""From which row length cuDNN attention should come before flash in the fast layers: one process times the
-fast layers' step (`step.worker`, the same step as step.py) at a case with LONG_ATTENTION set below and above
-the case's length, so that only the attention backend differs.
+"""Two row-length thresholds of the fast layers' attention, each timed in one process with the fast layers'
+step (`step.worker`, the same step as step.py) at cases below and above it, so that only that choice differs:
 
-    python benchmarks/attention.py --out benchmarks/results/h100-attention.json
+  long  LONG_ATTENTION, from which cuDNN attention comes before flash;
+  keep  KEEP_ATTENTION, from which an offloaded attention unit keeps attention's output for its recompute.
+
+    python benchmarks/attention.py --study keep --out benchmarks/results/h100-keep-attention.json
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step  # noqa: E402
 
-RUNS = [("minilora+fast+offload", "qv-r64-2x2048", 4096), ("minilora+fast+offload", "qv-r64-2x2048", 2048),
-        ("minilora+fast", "qv-r64-2x2048", 2048), ("minilora+fast+offload", "qv-r64-4x512", 512),
-        ("minilora+fast+offload", "qv-r64-4x512", 4096)]
+NEVER = 10**9
+STUDIES = {  # per study, the runs: (impl, case, the threshold's value)
+    "long": [("minilora+fast+offload", "qv-r64-2x2048", 4096), ("minilora+fast+offload", "qv-r64-2x2048", 2048),
+             ("minilora+fast", "qv-r64-2x2048", 2048), ("minilora+fast+offload", "qv-r64-4x512", 512),
+             ("minilora+fast+offload", "qv-r64-4x512", 4096)],
+    "keep": [("minilora+fast+offload", case, keep) for case in ("qv-r64-2x2048", "qv-r64-1x4096", "qv-r64-1x8192",
+                                                               "qv-r64-1x16384", "qv-r64-1x32768")
+             for keep in (NEVER, 1)],
+}
+THRESHOLD = {"long": "LONG_ATTENTION", "keep": "KEEP_ATTENTION"}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", choices=list(STUDIES), default="long")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -35,12 +45,13 @@ def main():
     model_dir = os.path.join(tempfile.gettempdir(), "minilora-bench-llama2-7b")
     env = step.prepare({"shape": "llama2-7b", "model_dir": model_dir, "device": None})
     rows = []
-    for impl, case, long_attention in RUNS:
-        layer.LONG_ATTENTION = long_attention  # cuDNN first from this many tokens a row
+    name = THRESHOLD[args.study]
+    for impl, case, threshold in STUDIES[args.study]:
+        setattr(layer, name, threshold)
         spec = dict(step.parse_case(case), impl=impl, case=case, model_dir=model_dir, device="cuda", seed=0,
                     steps=args.steps, warmup=2)
         r = step.worker(spec)
-        rows.append(dict(impl=impl, case=case, long_attention=long_attention, step_s=r["step_s"],
+        rows.append(dict(impl=impl, case=case, **{name.lower(): threshold}, step_s=r["step_s"],
                          tokens_per_s=r["tokens_per_s"], peak_alloc_gib=r["peak_alloc_gib"], step_times=r["step_times"]))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()

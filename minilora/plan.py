@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .kernels.layer import KEEP_ATTENTION
+
 GiB = 2**30
 CUBLAS_WORKSPACES = 2 * 32 * 2**20  # cuBLAS keeps a 32 MiB workspace per (thread, stream): forward + autograd thread
 CUDA_CONTEXT = 512 * 2**20  # driver context + kernels; seen by nvidia-smi, not by torch's allocator counters
@@ -94,10 +96,13 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     # layers keep their full saved set.
     layer_fn = _fast_layer if fast else _hf_layer
     units = 2 if fast and offload else 1  # checkpointed units per layer
+    # from KEEP_ATTENTION tokens a row an offloaded attention unit also keeps attention's output and fp32
+    # logsumexp (right-padded rows, as many kv heads as q heads); they come back with its input
+    kept = S * q * dt + B * nh * T * 4 if units == 2 and T >= KEEP_ATTENTION and q == kv else 0
     lora_cast = sum(lora_r * (lin[t][0] + lin[t][1]) for t in targets) * dt if ldt != dt else 0
     # the layer's LoRA weights, cast to the compute dtype for its matmuls, are kept for the backward
     saved = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout)["saved"] + lora_cast
-    cpu = (units * ckpt * S * H * dt if offload else 0) + (V * H * dt if host_table else 0)
+    cpu = (units * ckpt * S * H * dt + ckpt * kept if offload else 0) + (V * H * dt if host_table else 0)
 
     def held(n, inputs=None):  # activations of the layers 0..n-1 (the later ones' are freed by then)
         inputs = inputs if inputs is not None else min(ckpt, n, 1) if offload else min(ckpt, n)
@@ -112,8 +117,10 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
         lay = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, deq,
                        split=units == 2 and deq)
         extra = (layer_weights if kept else 0) + P * ldt
-        if i < ckpt and units == 2:  # one half recomputed at a time; its input is one of the two held
-            half = max(s + t for s, t in lay["halves"]) - S * H * dt + lora_cast
+        if i < ckpt and units == 2:  # one half recomputed at a time; its input is one of the two held, and
+            # in the MLP half's backward the attention unit's kept tensors are arriving too
+            (att_s, att_t), (mlp_s, mlp_t) = lay["halves"]
+            half = max(att_s + att_t, mlp_s + mlp_t + kept) - S * H * dt + lora_cast
             return held(i + 1, inputs=2 if i else 1), half + extra  # no prefetch below the first
         # a fast layer's recompute saves its input again, which is the checkpointed input already held
         recomputed = saved - (S * H * dt if fast else 0) if i < ckpt else 0

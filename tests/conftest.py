@@ -40,9 +40,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def base_dir(tok_dir, tmp_path_factory):
-    """A tiny random LLaMA-2-shaped checkpoint (fp32) with the test tokenizer beside it."""
+def _tiny_checkpoint(tok_dir, out, **config):
     import shutil
 
     from transformers import LlamaForCausalLM
@@ -50,7 +48,18 @@ def base_dir(tok_dir, tmp_path_factory):
     from minilora.tiny import tiny_config
 
     torch.manual_seed(1234)
-    out = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(tiny_config(vocab_size=512)).save_pretrained(out)
+    LlamaForCausalLM(tiny_config(vocab_size=512, **config)).save_pretrained(out)
     shutil.copy(os.path.join(tok_dir, "tokenizer.model"), out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def base_dir(tok_dir, tmp_path_factory):
+    """A tiny random LLaMA-2-shaped checkpoint (fp32, grouped-query attention) with the test tokenizer beside it."""
+    return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="session")
+def mha_dir(tok_dir, tmp_path_factory):
+    """The same with as many kv heads as q heads, as Llama-2 7B and 13B (the kept-attention path needs it)."""
+    return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("mha"), num_key_value_heads=4)

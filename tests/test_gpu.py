@@ -84,13 +84,44 @@ def test_long_rows_attend_through_cudnn_as_through_flash():
     assert rel(o_long, o_flash) <= 2e-2 and rel(g_long, g_flash) <= 2e-2
 
 
-def test_offloaded_steps_equal_plain_steps(base_dir):
+def test_kept_attention_equals_sdpa():
+    """The kept-attention path (the backend's own forward, then its backward on the kept output and logsumexp)
+    against SDPA's autograd, on the fast layer's strided q, k, v, with cuDNN first and with flash first."""
+    from minilora.kernels.layer import LONG_ATTENTION, KeptAttention, _attention, attention_backends
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, LONG_ATTENTION, 3 * 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 4, LONG_ATTENTION, 128, device="cuda", dtype=torch.bfloat16)
+    for seq_len, backend in ((LONG_ATTENTION, "CUDNN_ATTENTION"), (1, "FLASH_ATTENTION")):
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(4, dim=2))
+        with attention_backends(seq_len):
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1)
+            (ref_grad,) = torch.autograd.grad(ref, qkv, g)
+            with torch.no_grad():
+                kept = _attention(q, k, v, 0.1)
+            assert kept[2][0].name == backend
+            o = KeptAttention.apply(q, k, v, 0.1, kept)
+            (grad,) = torch.autograd.grad(o, qkv, g)
+        assert rel(o, ref) <= 2e-2 and rel(grad, ref_grad) <= 2e-2
+
+
+@pytest.mark.parametrize("keep_attention", [False, True])
+def test_offloaded_steps_equal_plain_steps(base_dir, mha_dir, monkeypatch, keep_attention):
     """Several steps with every layer's halves offloaded on the side stream (and the embedding table on the
     host) against the same layers checkpointed on the GPU: the same losses and LoRA weights (bf16 tolerance).
-    Three steps of different shapes, so copies of one step overlap the next's allocations."""
+    Three steps of different shapes, so copies of one step overlap the next's allocations. keep_attention:
+    the attention units also offload attention's output and logsumexp (every row length; as many kv heads as
+    q heads)."""
+    from minilora.kernels import layer as layer_mod
+
+    kept, attention = [], layer_mod._attention
+    if keep_attention:
+        monkeypatch.setattr(layer_mod, "KEEP_ATTENTION", 1)
+        monkeypatch.setattr(layer_mod, "_attention", lambda *a: kept.append(attention(*a)) or kept[-1])
     results = []
     for offload in (False, True):
-        model, tok = _load(base_dir, fast=True, gradient_checkpointing=True, offload=offload)
+        model, tok = _load(mha_dir if keep_attention else base_dir, fast=True, gradient_checkpointing=True,
+                           offload=offload)
         assert (model.model.embed_tokens.weight.device.type == "cpu") == offload
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         losses = []
@@ -103,6 +134,7 @@ def test_offloaded_steps_equal_plain_steps(base_dir):
             losses.append(loss.item())
         results.append((losses, {k: p.detach().clone() for k, p in ml.lora_state_dict(model).items()}))
     (plain_losses, plain), (off_losses, off) = results
+    assert len(kept) == (2 * 3 if keep_attention else 0) and all(kept)  # every layer's forward kept attention
     assert off_losses == pytest.approx(plain_losses, rel=1e-2)
     assert all(rel(off[k], plain[k]) <= 1e-2 for k in plain)
 

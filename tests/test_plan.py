@@ -47,18 +47,34 @@ def test_offload_moves_checkpoints_to_host():
 def test_fast_offload_holds_two_inputs_and_moves_the_embedding_table():
     """A fast layer offloads as two units fetched one ahead: two (B, T, H) inputs on the GPU in the backward,
     one unit's saved set and transients at a time, and the embedding table in host memory."""
-    on_gpu = plan_memory(LLAMA2_7B, 2, 2048, fast=True, loss_chunk=1024)
-    offloaded = plan_memory(LLAMA2_7B, 2, 2048, fast=True, offload=True, loss_chunk=1024)  # the plan's chunk
-    layer_input, table = 2 * 2048 * 4096 * 2, 32000 * 4096 * 2
+    on_gpu = plan_memory(LLAMA2_7B, 4, 1024, fast=True, loss_chunk=1024)
+    offloaded = plan_memory(LLAMA2_7B, 4, 1024, fast=True, offload=True, loss_chunk=1024)  # the plan's chunk
+    layer_input, table = 4 * 1024 * 4096 * 2, 32000 * 4096 * 2
     assert offloaded["phase"] == "backward"
     assert offloaded["breakdown"]["activations"] == 2 * layer_input
     assert offloaded["breakdown"]["embed_lm_head"] == on_gpu["breakdown"]["embed_lm_head"] - table
     assert offloaded["cpu"] == 2 * 32 * layer_input + table
     assert offloaded["breakdown"]["layer_backward"] < on_gpu["breakdown"]["layer_backward"]  # half a layer
     # the table stays on the GPU when asked (data-parallel runs), and with transformers' layers
-    kept = plan_memory(LLAMA2_7B, 2, 2048, fast=True, offload=True, loss_chunk=1024, embedding_on_host=False)
+    kept = plan_memory(LLAMA2_7B, 4, 1024, fast=True, offload=True, loss_chunk=1024, embedding_on_host=False)
     assert kept["total"] - offloaded["total"] == table
-    assert plan_memory(LLAMA2_7B, 2, 2048, offload=True)["breakdown"]["embed_lm_head"] == 2 * table
+    assert plan_memory(LLAMA2_7B, 4, 1024, offload=True)["breakdown"]["embed_lm_head"] == 2 * table
+
+
+def test_long_rows_offload_attention_outputs_too():
+    """From KEEP_ATTENTION tokens a row an offloaded attention unit also sends attention's (S, q) output and fp32
+    logsumexp to the host; shorter rows do not. They arrive in the MLP half's backward, which stays below the
+    attention half's at the 7B shape, so the peak does not move."""
+    from minilora.kernels.layer import KEEP_ATTENTION
+
+    table = 32000 * 4096 * 2
+    for T in (KEEP_ATTENTION // 2, KEEP_ATTENTION):
+        plan = plan_memory(LLAMA2_7B, 1, T, fast=True, offload=True, loss_chunk=512)
+        inputs, kept = 2 * 32 * T * 4096 * 2, 32 * (T * 4096 * 2 + 32 * T * 4) if T >= KEEP_ATTENTION else 0
+        assert plan["cpu"] == inputs + kept + table
+    with pytest.MonkeyPatch.context() as m:  # the same peak as the plan without kept tensors
+        m.setattr("minilora.plan.KEEP_ATTENTION", 10**9)
+        assert plan_memory(LLAMA2_7B, 1, T, fast=True, offload=True, loss_chunk=512)["total"] == plan["total"]
 
 
 def test_choose_plan_offloads_only_when_nothing_else_fits():

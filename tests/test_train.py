@@ -140,18 +140,40 @@ def test_checkpointing_matches_plain_backward(base_dir, fast, offload):
     and LoRA grads of transformers' layers without checkpointing, in fp32 (1e-5: summation order only).
     A fast layer offloads as two units (attention, MLP) through kernels/offload.Offload, with its projections
     dequantizing one member at a time; on the CPU that bookkeeping runs with plain copies."""
+    _assert_same_backward(base_dir, dict(gradient_checkpointing=True, fast=fast, offload=offload))
+
+
+def test_kept_attention_matches_plain_backward(mha_dir, monkeypatch):
+    """An offloaded attention unit that keeps attention's output and logsumexp (rows of KEEP_ATTENTION tokens or
+    more; here every row) recomputes no attention: its backward runs the backend's own backward on the kept
+    tensors. Loss and LoRA grads equal the plain layers' in fp32 at 1e-5."""
+    from minilora.kernels import layer as layer_mod
+
+    kept, attention = [], layer_mod._attention
+
+    def spy(*args):
+        kept.append(attention(*args))
+        return kept[-1]
+
+    monkeypatch.setattr(layer_mod, "KEEP_ATTENTION", 1)
+    monkeypatch.setattr(layer_mod, "_attention", spy)
+    _assert_same_backward(mha_dir, dict(gradient_checkpointing=True, fast=True, offload=True))
+    assert len(kept) == 2 and all(kept)  # each layer's forward kept its attention
+
+
+def _assert_same_backward(base_dir, prepare):
     from minilora.data import Collator, encode_rows
     from minilora.loss import causal_lm_loss
 
     results = []
-    for prepare in (dict(gradient_checkpointing=False), dict(gradient_checkpointing=True, fast=fast, offload=offload)):
+    for options in (dict(gradient_checkpointing=False), prepare):
         torch.manual_seed(0)
         model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
         ml.add_lora(model, targets=("q_proj", "v_proj", "up_proj"), r=8, alpha=16, dropout=0.1)  # dropout: the
         with torch.no_grad():  # recompute must replay the same masks; up_proj: a LoRA member of a split projection
             for p in ml.lora_state_dict(model).values():
                 p.normal_(0, 0.1)
-        ml.prepare_for_training(model, **prepare)
+        ml.prepare_for_training(model, **options)
         model.train()
         examples, _ = encode_rows(ROWS[:4], tok, 128)
         torch.manual_seed(1)

@@ -33,6 +33,10 @@ from .offload import Offload
 # (benchmarks/NOTES.md).
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 LONG_ATTENTION = 2048
+# From KEEP_ATTENTION tokens a row, an offloaded attention unit also sends attention's output and logsumexp to
+# the host, and its recompute runs no attention forward: on an H100, steps 0.8% faster at 2 x 2048, 4% at
+# 1 x 8192, 10% at 1 x 32768, for one more (B, T, H) tensor a layer in host memory (benchmarks/NOTES.md).
+KEEP_ATTENTION = 2048
 
 
 def attention_backends(seq_len: int):
@@ -47,7 +51,8 @@ class FastLayer:
 
     offload: the lean mode. The layer is checkpointed as two units, attention and MLP, whose inputs wait in
     pinned host memory (kernels/offload.py), and projections dequantize their members' weights one at a time:
-    the backward then holds one half's activations and one member's weight at a time.
+    the backward then holds one half's activations and one member's weight at a time. From KEEP_ATTENTION
+    tokens a row the attention unit also offloads attention's output, which its recompute then reuses.
     """
 
     def __init__(self, layer: torch.nn.Module, cache=False, keep=False, checkpoint=False, offload=False):
@@ -125,7 +130,8 @@ def _layers(layers, h, cos, sin, attention_mask, offload):
 class Recomputed(torch.autograd.Function):
     """A checkpointed unit of a fast layer (`part`: the whole layer, or its attention or MLP half): the forward
     keeps only the unit's input (and the RNG state), on the GPU or, with `offload`, in host memory; the
-    backward runs the unit again, with the same dropout masks, and backpropagates through that.
+    backward runs the unit again, with the same dropout masks, and backpropagates through that. An offloaded
+    attention unit on rows of KEEP_ATTENTION tokens or more also keeps attention's output (`KeptAttention`).
 
     One autograd node per unit, with its LoRA weights as inputs so that it is part of the graph even when x
     needs no gradient (the first layer's input). torch.utils.checkpoint's non-reentrant form instead routes
@@ -144,12 +150,18 @@ class Recomputed(torch.autograd.Function):
         else:
             ctx.save_for_backward(x)
         ctx.cos_sin = cos, sin  # shared by every layer: not saved (nor offloaded) per layer
+        keep = [] if offload and part is attention_block and x.shape[1] >= KEEP_ATTENTION else None
         with torch.no_grad():
-            return part(layer, x, cos, sin, mask)
+            y = part(layer, x, cos, sin, mask, keep)
+        ctx.state = None
+        if keep:  # attention's output and logsumexp go with x; the backend's small state stays here
+            o, lse, ctx.state = keep[0]
+            offload.add(ctx.slot, o, lse)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x = ctx.offload.load(ctx.slot) if ctx.offload else ctx.saved_tensors[0]
+        x, *kept = ctx.offload.load(ctx.slot) if ctx.offload else ctx.saved_tensors
         cos, sin = ctx.cos_sin
         params = ctx.layer._minilora_fast.params[ctx.part]
         devices = [x.device] if x.is_cuda else []
@@ -157,7 +169,7 @@ class Recomputed(torch.autograd.Function):
                 torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             (torch.cuda.set_rng_state(ctx.rng, x.device) if x.is_cuda else torch.set_rng_state(ctx.rng))
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            y = ctx.part(ctx.layer, x_, cos, sin, ctx.mask)
+            y = ctx.part(ctx.layer, x_, cos, sin, ctx.mask, [(*kept, ctx.state)] if kept else None)
             # The backward needs y's graph, not its values (no function saves its own output): free them now.
             y.untyped_storage().resize_(0)
             inputs = ([x_] if x_.requires_grad else []) + params
@@ -166,30 +178,89 @@ class Recomputed(torch.autograd.Function):
         return dx, None, None, None, None, None, None, *grads[len(inputs) - len(params):]
 
 
-def layer_forward(layer, x, cos, sin, attention_mask=None):
+def layer_forward(layer, x, cos, sin, attention_mask=None, keep=None):
     """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype."""
     return mlp_block(layer, attention_block(layer, x, cos, sin, attention_mask))
 
 
-def attention_block(layer, x, cos, sin, attention_mask=None):
-    """x + attention(norm(x)): the layer's first half."""
+def attention_block(layer, x, cos, sin, attention_mask=None, keep=None):
+    """x + attention(norm(x)): the layer's first half.
+
+    keep: an empty list asks to keep attention's output: where the backend allows (causal rows, no mask, as
+    many kv heads as q heads), (o, logsumexp, state) is appended to it. A list holding that runs the recompute
+    of the same unit, whose attention then returns the kept output (KeptAttention).
+    """
     fast: FastLayer = layer._minilora_fast
     att = layer.self_attn
     B, T, _ = x.shape
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
     a = _rms_norm(x, layer.input_layernorm)
     q, k, v = Rope.apply(fast.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
-    # SDPA runs on the backends of attention_backends: the callers (model_forward, Recomputed) enter them
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
-                                       scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
+    if keep:
+        o = KeptAttention.apply(q, k, v, att.scaling, keep[0])
+    elif keep is not None and attention_mask is None and n_kv == n_q and (kept := _attention(q, k, v, att.scaling)):
+        keep.append(kept)
+        o = kept[0]
+    else:  # SDPA on the backends of attention_backends: the callers (model_forward, Recomputed) enter them
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
+                                           scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
     return fast.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
 
 
-def mlp_block(layer, h, cos=None, sin=None, attention_mask=None):
+def mlp_block(layer, h, cos=None, sin=None, attention_mask=None, keep=None):
     """h + MLP(norm(h)): the layer's second half (the unused arguments keep one signature with the first)."""
     fast: FastLayer = layer._minilora_fast
     m = SwiGLU.apply(fast.gate_up(_rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
     return fast.down(m, residual=h)
+
+
+def _attention(q, k, v, scale):
+    """Causal attention's output o (B, heads, T, hd), its fp32 logsumexp, and (backend, state) for
+    KeptAttention's backward, from the backend SDPA would choose here; None where that backend has no such
+    path here (then SDPA runs, and nothing is kept)."""
+    backend = SDPBackend(torch.ops.aten._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale))
+    if not q.is_cuda and backend == SDPBackend.FLASH_ATTENTION:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return o, lse, (backend, ())
+    if q.is_cuda and backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION) and q.shape[-1] % 8 == 0:
+        if backend == SDPBackend.CUDNN_ATTENTION:
+            o, lse, *state, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True,
+                                                                                    False, scale=scale)
+        else:
+            o, lse, *state, _ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False,
+                                                                                    scale=scale)
+        return o, lse, (backend, state)  # state: cum_seq_q, cum_seq_k, max_q, max_k and the two RNG tensors
+    return None
+
+
+class KeptAttention(torch.autograd.Function):
+    """Causal attention in the recompute of a unit that kept its output and logsumexp from the forward
+    (`_attention`): returns that output, and the backward runs the same backend's backward on it with the
+    recomputed q, k, v, which are bitwise those of the forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, kept):
+        o, lse, ctx.state = kept
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        backend, state = ctx.state
+        if not q.is_cuda:
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, q, k, v, o, lse, 0.0, True, scale=ctx.scale)
+        elif backend == SDPBackend.CUDNN_ATTENTION:
+            cum_q, cum_k, max_q, max_k, seed, offset = state
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                do, q, k, v, o, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=ctx.scale)
+        else:
+            cum_q, cum_k, max_q, max_k, seed, offset = state
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=ctx.scale)
+        return *grads, None, None
 
 
 def _rms_norm(x, norm):
