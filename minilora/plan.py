@@ -98,11 +98,11 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     units = 2 if fast and offload else 1  # checkpointed units per layer
     # from KEEP_ATTENTION tokens a row an offloaded attention unit also keeps attention's output and fp32
     # logsumexp (right-padded rows, as many kv heads as q heads); they come back with its input
-    kept = S * q * dt + B * nh * T * 4 if units == 2 and T >= KEEP_ATTENTION and q == kv else 0
+    kept_attention = S * q * dt + B * nh * T * 4 if units == 2 and T >= KEEP_ATTENTION and q == kv else 0
     lora_cast = sum(lora_r * (lin[t][0] + lin[t][1]) for t in targets) * dt if ldt != dt else 0
     # the layer's LoRA weights, cast to the compute dtype for its matmuls, are kept for the backward
     saved = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout)["saved"] + lora_cast
-    cpu = (units * ckpt * S * H * dt + ckpt * kept if offload else 0) + (V * H * dt if host_table else 0)
+    cpu = (units * ckpt * S * H * dt + ckpt * kept_attention if offload else 0) + (V * H * dt if host_table else 0)
 
     def held(n, inputs=None):  # activations of the layers 0..n-1 (the later ones' are freed by then)
         inputs = inputs if inputs is not None else min(ckpt, n, 1) if offload else min(ckpt, n)
@@ -112,15 +112,15 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
         # A fast layer's projections dequantize their weights again here, unless cached, or kept from the
         # recompute (then the layer's dequantized weights are all held through its backward); offloaded, they
         # dequantize one member at a time.
-        kept = fast and keep_weights and i < ckpt and i >= cached and quant is not None
-        deq = fast and quant is not None and not (i < cached or kept)
-        lay = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, deq,
-                       split=units == 2 and deq)
-        extra = (layer_weights if kept else 0) + P * ldt
+        kept_w = fast and keep_weights and i < ckpt and i >= cached and quant is not None
+        deq = fast and quant is not None and not (i < cached or kept_w)
+        fast_options = dict(deq=deq, split=units == 2 and deq, recomputed=i < ckpt) if fast else {}
+        lay = layer_fn(S, B * nh * T, H, I, q, kv, dt, lora_r, targets, lin, lora_dropout, **fast_options)
+        extra = (layer_weights if kept_w else 0) + P * ldt
         if i < ckpt and units == 2:  # one half recomputed at a time; its input is one of the two held, and
             # in the MLP half's backward the attention unit's kept tensors are arriving too
             (att_s, att_t), (mlp_s, mlp_t) = lay["halves"]
-            half = max(att_s + att_t, mlp_s + mlp_t + kept) - S * H * dt + lora_cast
+            half = max(att_s + att_t, mlp_s + mlp_t + kept_attention) - S * H * dt + lora_cast
             return held(i + 1, inputs=2 if i else 1), half + extra  # no prefetch below the first
         # a fast layer's recompute saves its input again, which is the checkpointed input already held
         recomputed = saved - (S * H * dt if fast else 0) if i < ckpt else 0
@@ -151,9 +151,9 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     return plan
 
 
-def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False, split=False):
-    """{"saved", "transient"} bytes of one transformers decoder layer under bf16 autocast, SDPA (deq and split
-    are the fast layer's; here bitsandbytes dequantizes one weight at a time, within the transients).
+def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout):
+    """{"saved", "transient"} bytes of one transformers decoder layer under bf16 autocast, SDPA (bitsandbytes
+    dequantizes one weight at a time, within the transients).
 
     Saved: each RMSNorm keeps an fp32 copy of its input (LlamaRMSNorm upcasts); SDPA keeps q, k, v, its output
     (also o_proj's input) and an fp32 logsumexp per head and row; the MLP keeps gate's output (SiLU's input),
@@ -178,7 +178,7 @@ def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False, s
     return {"saved": attn + mlp, "transient": max(mlp_moment, attn_moment) + S * H * dt}
 
 
-def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False, split=False):
+def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False, split=False, recomputed=False):
     """{"saved", "transient", "halves"} bytes of one fast layer (minilora/kernels/layer.py), as its code keeps
     them; "halves" holds (saved, transient) of the attention and the MLP half alone.
 
@@ -190,7 +190,8 @@ def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False,
     its dequantized weight; the SwiGLU backward, in place; gate/up's input grad beside their weights.
     Attention: o's input grad beside its weight; attention's q, k, v grads and flash's fp32 dq accumulator;
     RoPE's; q/k/v's input grad beside their weights. deq: the weights are dequantized (not cached, not kept
-    from the recompute); split: one member's weight at a time.
+    from the recompute); split: one member's weight at a time. recomputed: the recompute's forward also
+    allocates o's and down's (S, H) outputs beside their weights, with the incoming grad already there.
     """
     norm = S * (H * dt + 4)
     attn_saved = norm + S * (q + 2 * kv) * dt + SH_lse * 4 + S * q * dt
@@ -213,8 +214,9 @@ def _fast_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout, deq=False,
     w = {name: (max if split else sum)(lin[t][0] * lin[t][1] for t in group) * dt if deq else 0
          for name, group in GROUPS.items()}
     g, qkv = S * H * dt, S * (q + 2 * kv) * dt  # g: the grad arriving at the layer's output (and the residual's)
-    mlp = max(g + S * I * dt + w["down"], 2 * g + w["gate_up"])  # gu's grad is written over gu (saved)
-    attn = max(g + S * q * dt + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
+    out = S * H * dt if recomputed else 0
+    mlp = max(g + S * I * dt + w["down"] + out, 2 * g + w["gate_up"])  # gu's grad is written over gu (saved)
+    attn = max(g + max(S * q * dt, out) + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
     return {"saved": attn_saved + mlp_saved, "transient": max(mlp, attn),
             "halves": [(attn_saved, attn), (mlp_saved, mlp)]}
 
