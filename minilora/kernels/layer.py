@@ -179,7 +179,8 @@ class Recomputed(torch.autograd.Function):
 
 
 def layer_forward(layer, x, cos, sin, attention_mask=None, keep=None):
-    """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype."""
+    """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype. (keep, for
+    one signature with the halves: a whole checkpointed layer keeps no attention output.)"""
     return mlp_block(layer, attention_block(layer, x, cos, sin, attention_mask))
 
 
