@@ -160,12 +160,13 @@ def encode(rows, index, tok, cfg, strict: bool):
 
 
 def check_memory(config, cfg, quant):
-    """Before the weights load: warn when even the leanest plan (every layer checkpointed, nothing cached)
-    exceeds the budget. train() prints the plan it picks once the model is there."""
+    """Before the weights load: warn when even the leanest plan that the flags allow (every layer checkpointed
+    unless they say otherwise, nothing cached) exceeds the budget. train() prints the plan it picks once the
+    model is there."""
     free = torch.cuda.mem_get_info()[0]
     budget = cfg.memory_budget_gib * 2**30 if cfg.memory_budget_gib else free
-    fixed = {} if cfg.offload_activations is None else {"offload": cfg.offload_activations}
-    choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget, fixed=fixed, lora_r=cfg.lora_r,
+    choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget,
+                            fixed=cfg.fixed_plan_options(config.num_hidden_layers), lora_r=cfg.lora_r,
                             lora_targets=cfg.targets, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
                             lora_dropout=cfg.lora_dropout)
     if not choice["fits"]:

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, LlamaFor
 
 from .data import looks_local
 from .kernels.layer import ATTENTION_BACKENDS, FastLayer, unsupported
+from .plan import default_embedding_on_host
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -149,7 +150,7 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | 
     layers = model.model.layers
     checkpointed = len(layers) if gradient_checkpointing is True else int(gradient_checkpointing)
     if embedding_on_host is None:
-        embedding_on_host = fast and offload and bool(checkpointed)
+        embedding_on_host = default_embedding_on_host(fast, offload, checkpointed)
     tied = model.model.embed_tokens.weight is model.lm_head.weight
     place_embedding(model, "cpu" if embedding_on_host and model.lm_head.weight.is_cuda and not tied else None)
     for i, layer in enumerate(layers):

@@ -81,7 +81,8 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     # Embeddings and lm_head stay in the compute dtype (no fp32 upcast); one matrix if they are tied. An
     # embedding table in host memory leaves lm_head alone on the GPU.
     tied = getattr(c, "tie_word_embeddings", False)
-    host_table = not tied and (fast and offload and ckpt > 0 if embedding_on_host is None else embedding_on_host)
+    host_table = not tied and (default_embedding_on_host(fast, offload, ckpt) if embedding_on_host is None
+                               else embedding_on_host)
     b["embed_lm_head"] = V * H * dt * (1 if tied or host_table else 2)
     b["norms"] = (2 * L + 1) * H * dt  # two RMSNorm weights per layer and the final one
     # LoRA: A (r, in) and B (out, r) per target per layer, in the adapters' dtype; AdamW's two states likewise.
@@ -149,6 +150,12 @@ def plan_memory(config, batch, seq_len, lora_r=64, lora_targets=("q_proj", "v_pr
     if print_breakdown:
         print(format_plan(plan))
     return plan
+
+
+def default_embedding_on_host(fast: bool, offload: bool, checkpointed: int) -> bool:
+    """What embedding_on_host=None means, in prepare_for_training and plan_memory: the frozen embedding table
+    waits in host memory in the lean mode, fast layers that offload their checkpoints."""
+    return bool(fast and offload and checkpointed)
 
 
 def _hf_layer(S, SH_lse, H, I, q, kv, dt, r, targets, lin, dropout):

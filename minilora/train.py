@@ -90,6 +90,16 @@ class TrainConfig:
     def __post_init__(self):
         _check(self)
 
+    def fixed_plan_options(self, num_layers: int) -> dict:
+        """The memory plan's options that this config decides itself (choose_plan's `fixed`): its None fields
+        are the plan's to choose."""
+        fixed = {"loss_chunk": self.loss_chunk} if self.loss_chunk else {}
+        if self.gradient_checkpointing is not None:
+            fixed["gradient_checkpointing"] = num_layers if self.gradient_checkpointing else 0
+        if self.offload_activations is not None:
+            fixed["offload"] = self.offload_activations
+        return fixed
+
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
     """Fine-tune the model's LoRA weights on `train_rows`; return the history (the lines of metrics.jsonl).
@@ -194,7 +204,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             k = (epoch + 1) * per_epoch
 
     stream = micro_batches(step * cfg.grad_accum)
-    bar = _progress(cfg, step, total_steps, rank)
+    bar = _progress(show, step, total_steps)
     if not step:
         log({"step": 0, "train_rows": stats.rows, "examples": len(examples), "skipped_rows": dict(stats.skipped),
              "truncated_rows": stats.truncated, "supervised_tokens": stats.supervised,
@@ -452,13 +462,8 @@ def _memory_options(model, cfg: TrainConfig, device: torch.device, world: int = 
         budget, source = free + torch.cuda.memory_allocated(device), f"free on {torch.cuda.get_device_name(device)}"
     layers = lora_layers(model)
     one = next(iter(layers.values()))
-    fixed = {"loss_chunk": cfg.loss_chunk} if cfg.loss_chunk else {}  # what the config decided itself
-    if cfg.gradient_checkpointing is not None:
-        fixed["gradient_checkpointing"] = ckpt
-    if cfg.offload_activations is not None:
-        fixed["offload"] = cfg.offload_activations
-    choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=fixed, lora_r=one.r,
-                         lora_targets=sorted({name.rsplit(".", 1)[-1] for name in layers}),
+    choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan_options(L),
+                         lora_r=one.r, lora_targets=sorted({name.rsplit(".", 1)[-1] for name in layers}),
                          quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
                          compute_dtype=PRECISIONS[cfg.precision], lora_dtype=one.lora_A.weight.dtype,
                          lora_dropout=getattr(one.dropout, "p", 0.0), embedding_on_host=None if world == 1 else False)
@@ -542,11 +547,10 @@ def _peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _progress(cfg, step, total, rank=0):
+def _progress(show: bool, step, total):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=step, disable=not cfg.progress or rank != 0, desc="train", unit="step",
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=step, disable=not show, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _plot(history, out_dir):

@@ -197,6 +197,16 @@ def test_half_precisions_train(base_dir, tmp_path, precision, dtype):
     assert lora_dtypes == {torch.float32}  # fp32 master weights under either half precision
 
 
+def test_fixed_plan_options_are_the_fields_the_config_sets():
+    """The memory plan chooses what the config leaves None (train() on a GPU, and the example's memory check
+    before the weights load); the rest it takes as given."""
+    assert ml.TrainConfig(output_dir="x").fixed_plan_options(32) == {}
+    cfg = ml.TrainConfig(output_dir="x", gradient_checkpointing=False, offload_activations=True, loss_chunk=512)
+    assert cfg.fixed_plan_options(32) == {"gradient_checkpointing": 0, "offload": True, "loss_chunk": 512}
+    assert ml.TrainConfig(output_dir="x", gradient_checkpointing=True).fixed_plan_options(32) == {
+        "gradient_checkpointing": 32}
+
+
 def test_config_errors(base_dir, tmp_path):
     for bad, match in [(dict(precision="fp8"), "precision='fp8'"), (dict(schedule="linear"), "schedule='linear'"),
                        (dict(batch_size=0), "batch_size=0"), (dict(optimizer="sgd"), "optimizer='sgd'")]:

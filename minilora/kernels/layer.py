@@ -9,7 +9,7 @@ kernels and keeps fewer activations:
 - RoPE rotates q and k in one pass and copies v beside them, so attention keeps one (B, T, heads, hd) tensor
   and the projection's output is freed;
 - attention is SDPA with is_causal and no mask for right-padded rows (a causal model never looks right, so
-  padding needs no mask), on flash attention: no per-shape plan, unlike cuDNN's;
+  padding needs no mask), on flash attention (no per-shape plan), or cuDNN's from LONG_ATTENTION tokens a row;
 - SwiGLU keeps only gate and up (one tensor) for its backward, where autograd would also keep silu(gate);
 - RMSNorm keeps x and its fp32 1/rms only, and runs torch's fused kernels on CUDA.
 The memory plan decides per layer whether its weights stay dequantized for good (`cache`), whether it is
