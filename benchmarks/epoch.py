@@ -135,7 +135,8 @@ def run_peft(spec, model_dir, tok, rows):
     import torch
 
     import minilora as ml
-    from minilora.data import batches, encode_rows
+    from minilora.data import batches
+    from minilora.template import encode_rows
     from step import load_peft
 
     device = torch.device(spec["device"])

@@ -10,10 +10,11 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 from .checkpoint import load_adapter, save_adapter  # noqa: E402
-from .data import Collator, MalformedRow, encode_chat, encode_rows, load_rows, render_chat, split_eval  # noqa: E402
+from .data import Collator, load_rows, split_eval  # noqa: E402
 from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
 from .model import load_model, load_tokenizer, prepare_for_training  # noqa: E402
 from .plan import choose_plan, format_plan, plan_memory  # noqa: E402
+from .template import MalformedRow, encode_chat, encode_rows, render_chat  # noqa: E402
 from .train import TrainConfig, generate, train  # noqa: E402
 
 __all__ = [

@@ -1,5 +1,70 @@
-"""`python -m minilora inspect SOURCE --tokenizer DIR`: the data inspector of minilora.data."""
+"""`python -m minilora inspect SOURCE --tokenizer DIR [--max-len 1024]`: the data inspector.
 
-from .data import main
+It loads the rows and encodes them as training does, prints the first examples with each supervised run
+marked, then the dataset's totals and a histogram of token lengths.
+"""
 
-main()
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from .data import load_rows
+from .model import load_tokenizer
+from .template import IGNORE, encode_rows
+
+
+def _show(ex: dict, tok, color: bool) -> str:
+    """The example as text, then as pieces, with each supervised run marked."""
+    mark = (lambda s: f"\033[32m{s}\033[0m") if color else (lambda s: f"«{s}»")
+    plain = (lambda s: f"\033[2m{s}\033[0m") if color else (lambda s: s)
+    runs = []  # [(supervised, ids)], contiguous
+    for i, label in zip(ex["input_ids"], ex["labels"]):
+        if runs and runs[-1][0] == (label != IGNORE):
+            runs[-1][1].append(i)
+        else:
+            runs.append((label != IGNORE, [i]))
+    text = "".join((mark if sup else plain)(tok.decode(ids)) for sup, ids in runs)
+    pieces = " ".join((mark if sup else plain)(" ".join(tok.convert_ids_to_tokens(ids))) for sup, ids in runs)
+    return f"{text}\n  pieces: {pieces}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minilora", description=(
+        "Inspect chat data for LLaMA 2: encoded examples with their supervised tokens marked, and the totals."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show encoded examples, supervised tokens marked, and dataset totals")
+    p.add_argument("source", help="a .jsonl/.json/.parquet/.csv file or a hub dataset id")
+    p.add_argument("--tokenizer", required=True, help="tokenizer dir or hub id")
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--n", type=int, default=3, help="examples to show")
+    p.add_argument("--split", default="train")
+    p.add_argument("--skip-malformed", action="store_true")
+    args = parser.parse_args(argv)
+
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        examples, stats = encode_rows(load_rows(args.source, args.split), tok, args.max_len, args.skip_malformed)
+    except (OSError, ValueError) as e:  # a bad file, row or tokenizer: the message names it and what to do
+        parser.exit(2, f"error: {e}\n")
+    color = sys.stdout.isatty()
+    for k, ex in enumerate(examples[:args.n]):
+        print(f"--- example {k}{' (truncated)' if ex['truncated'] else ''}\n{_show(ex, tok, color)}\n")
+    print(f"rows: {stats.rows}\nturns: {stats.turns}\ntokens: {stats.tokens}\nsupervised tokens: {stats.supervised}"
+          f"\ntruncated rows: {stats.truncated}\nempty questions: {stats.empty_questions}\nempty answers: "
+          f"{stats.empty_answers}\nskipped rows: {sum(stats.skipped.values())}")
+    for reason, count in stats.skipped.most_common():
+        print(f"  {count:6d}  {reason}")
+    if stats.malformed:
+        print("malformed rows: " + ", ".join(str(i) for i, _ in stats.malformed[:20])
+              + (" ..." if len(stats.malformed) > 20 else ""))
+    width = max(1, args.max_len // 8)
+    hist = Counter(len(ex["input_ids"]) // width for ex in examples)
+    print("token lengths:")
+    for b in range(min(hist), max(hist) + 1):
+        print(f"  {b * width:6d}-{(b + 1) * width:<6d} {hist[b]:6d} {'#' * round(40 * hist[b] / max(hist.values()))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from .kernels.layer import host_embedding, is_fast, model_forward
-
-IGNORE = -100
+from .template import IGNORE
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -13,7 +13,7 @@ import random
 
 from transformers import LlamaConfig
 
-from .data import render_chat
+from .template import render_chat
 
 
 def train_tokenizer(texts, out_dir: str, vocab_size: int = 512) -> str:

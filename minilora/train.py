@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import latest_checkpoint, load_training_state, resume_latest, save_adapter, save_checkpoint
-from .data import IGNORE, Collator, DataStats, batches, encode_prompt, encode_rows
+from .data import Collator, batches
+from .template import IGNORE, DataStats, encode_prompt, encode_rows
 from .lora import add_lora, lora_layers, lora_state_dict
 from .kernels.layer import host_embedding, unsupported
 from .kernels.lora4bit import is_4bit

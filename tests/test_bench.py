@@ -95,7 +95,7 @@ def test_epoch_benchmark_runs_minilora_and_peft_on_the_same_batches(tmp_path):
     assert fast["supervised_tokens"] == peft["supervised_tokens"] > 0 and fast["tokens"] == peft["tokens"]
     assert "fast layers" in fast["memory_plan"] and "x PEFT" in proc.stdout
     # the first row's turns, under the word tokenizer, have the lengths the file gives
-    from minilora.data import encode_chat
+    from minilora.template import encode_chat
     from minilora.model import load_tokenizer
 
     tok = load_tokenizer(str(tmp_path / "model" / "word-tokenizer"))

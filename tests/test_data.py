@@ -1,12 +1,14 @@
-"""minilora.data: template and parsing, ids and labels, truncation, padded and packed collation, batching,
-loading, and the inspect CLI.
+"""minilora.template and minilora.data: template and parsing, ids and labels, truncation, padded and packed
+collation, batching, loading, and the inspect CLI (minilora.__main__).
 
 The expected ids are rebuilt here from the template's definition (BOS id, "[INST] ... [/INST]" encoded, the
-answer encoded on its own, EOS id), independently of data.py's helpers.
+answer encoded on its own, EOS id), independently of template.py's helpers.
 """
 
 import csv
 import json
+import runpy
+import sys
 
 import pytest
 import torch
@@ -15,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
-from minilora.data import (
-    IGNORE, Collator, MalformedRow, SkipExample, batches, check_eval_size, encode_chat, encode_prompt, encode_rows,
-    load_rows, main, parse_text, render_chat, split_eval,
+from minilora.data import Collator, batches, check_eval_size, load_rows, split_eval
+from minilora.template import (
+    IGNORE, MalformedRow, SkipExample, encode_chat, encode_prompt, encode_rows, parse_text, render_chat,
 )
 from minilora.tiny import tiny_config
 
@@ -512,12 +514,14 @@ def test_batches_deterministic_per_seed_and_epoch():
 
 # ---------------------------------------------------------------- CLI
 
-def test_inspect_cli(tmp_path, tok_dir, capsys):
+def test_inspect_cli(tmp_path, tok_dir, capsys, monkeypatch):
     rows = [{"text": render_chat(messages(p, SYSTEM))} for p in CONVERSATIONS.values()]
     rows += [{"text": render_chat(messages([(LONG_Q, "Paris.")]))}, {"text": "not a chat row"}]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    main(["inspect", str(path), "--tokenizer", tok_dir, "--max-len", "64", "--n", "2", "--skip-malformed"])
+    argv = ["inspect", str(path), "--tokenizer", tok_dir, "--max-len", "64", "--n", "2", "--skip-malformed"]
+    monkeypatch.setattr(sys, "argv", ["minilora", *argv])
+    runpy.run_module("minilora", run_name="__main__")  # python -m minilora inspect ...
     out = capsys.readouterr().out
     assert out.count("--- example") == 2 and "«Paris.</s>»" in out
     assert "rows: 5\n" in out and "turns: " in out and "truncated rows: " in out

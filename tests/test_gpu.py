@@ -152,7 +152,8 @@ def _load(base_dir, **prepare):
 
 def _batches(tok, n=3):
     """n padded batches of 2, 3, 4, ... examples: n different shapes."""
-    from minilora.data import Collator, encode_rows
+    from minilora.data import Collator
+    from minilora.template import encode_rows
     from minilora.tiny import instruction_rows
 
     examples, _ = encode_rows(instruction_rows(4 * n, seed=5), tok, 256)
