@@ -4,6 +4,7 @@ batches. The template and tokenize-and-mask are in template.py.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -111,26 +112,13 @@ def load_rows(source: str, split: str = "train", text_field: str = "text", messa
     """Rows from a local .jsonl/.json/.parquet/.csv file or a hub id (datasets.load_dataset): the values of
     text_field (guanaco strings) or, when there is none, of messages_field (message lists).
 
-    Invalid JSON is reported with the file and its line. A name that is neither a file here nor a dataset on
-    the hub fails in seconds; a hub dataset loaded once before loads from the cache when the hub is out of
-    reach or HF_HUB_OFFLINE=1.
+    A UTF-8 byte-order mark is skipped; a byte that is not UTF-8 and invalid JSON are reported with the file
+    and its line. A name that is neither a file here nor a dataset on the hub fails in seconds; a hub dataset
+    loaded once before loads from the cache when the hub is out of reach or HF_HUB_OFFLINE=1.
     """
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source):
-        if ext == ".jsonl":
-            with open(source, encoding="utf-8") as f:  # lines count from 1, blank ones included, as in an editor
-                records = [_json(line, source, n) for n, line in enumerate(f, 1) if line.strip()]
-        elif ext == ".json":
-            with open(source, encoding="utf-8") as f:
-                records = _json(f.read(), source) if os.path.getsize(source) else []
-        elif ext == ".parquet":
-            import pyarrow.parquet as pq
-            records = pq.read_table(source).to_pylist()
-        elif ext == ".csv":
-            with open(source, encoding="utf-8", newline="") as f:
-                records = list(csv.DictReader(f))
-        else:
-            raise ValueError(f"cannot read {source!r}: use one of {', '.join(_FILE_TYPES)}")
+        records = _read_file(source, ext)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise ValueError(f"{source!r} must hold a list of objects, one per row")
         fields = list(records[0]) if records else []
@@ -146,6 +134,35 @@ def load_rows(source: str, split: str = "train", text_field: str = "text", messa
         raise ValueError(f"{source!r} has neither {text_field!r} nor {messages_field!r}; its fields are {fields}; "
                        "pass text_field= or messages_field=")
     return list(records[name]) if not isinstance(records, list) else [r[name] for r in records]
+
+
+def _read_file(source: str, ext: str):
+    """What a local file holds: a list of records, or for .json whatever JSON value it is."""
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(source).to_pylist()
+    if ext not in _FILE_TYPES:
+        raise ValueError(f"cannot read {source!r}: use one of {', '.join(_FILE_TYPES)}")
+    text = _read_text(source)
+    if ext == ".csv":
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    lines = io.StringIO(text, newline=None)  # \r\n and \r read as \n
+    if ext == ".jsonl":  # lines count from 1, blank ones included, as in an editor
+        return [_json(line, source, n) for n, line in enumerate(lines, 1) if line.strip()]
+    return _json(lines.read(), source) if text else []
+
+
+def _read_text(source: str) -> str:
+    """A text file decoded as UTF-8, without its byte-order mark if it has one. A byte that is not UTF-8 is
+    named with its line and column, lines ending in \\n, \\r\\n or \\r as in an editor."""
+    with open(source, "rb") as f:
+        data = f.read().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        raise ValueError(f"{source!r}, line {len(before)}: not UTF-8 (byte 0x{data[e.start]:02x} at column "
+                         f"{len(before[-1]) + 1}); save the file as UTF-8") from None
 
 
 def _json(text: str, source: str, line: int | None = None):

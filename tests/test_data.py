@@ -5,7 +5,9 @@ The expected ids are rebuilt here from the template's definition (BOS id, "[INST
 answer encoded on its own, EOS id), independently of template.py's helpers.
 """
 
+import codecs
 import csv
+import io
 import json
 import runpy
 import sys
@@ -415,6 +417,45 @@ def test_load_rows_errors(tmp_path):
     (tmp_path / "bad.json").write_text('[\n  {"text": "a"},\n  {"text": "b"\n]', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.json', line 4 column 1: invalid JSON"):
         load_rows(str(tmp_path / "bad.json"))
+
+
+def _csv(records: list[dict]) -> str:
+    out = io.StringIO(newline="")
+    w = csv.DictWriter(out, list(records[0]))  # lines end in \r\n, as the csv module writes them
+    w.writeheader()
+    w.writerows(records)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv"])
+def test_load_rows_skips_a_byte_order_mark(tmp_path, ext):
+    # Notepad and Excel ("CSV UTF-8") open their UTF-8 files with the bytes EF BB BF
+    records = [{"text": t, "id": i} for i, t in enumerate(ROWS)]  # the mark would stick to the first field's name
+    text = {"jsonl": "".join(json.dumps(r) + "\n" for r in records), "json": json.dumps(records),
+            "csv": _csv(records)}[ext]
+    (tmp_path / f"bom.{ext}").write_bytes(codecs.BOM_UTF8 + text.encode("utf-8"))
+    assert load_rows(str(tmp_path / f"bom.{ext}")) == ROWS
+
+
+def test_load_rows_names_the_line_that_is_not_utf8(tmp_path):
+    good = json.dumps({"text": GOOD}, ensure_ascii=False).encode("utf-8")
+    bad = '{"text": "Привет '.encode("utf-8") + b'\xff"}'  # column 18: characters count, not bytes
+    (tmp_path / "rows.jsonl").write_bytes(b"\n".join([good] * 4 + [b"", good, bad, good]) + b"\n")
+    with pytest.raises(ValueError, match=r"^'[^']*rows\.jsonl', line 7: not UTF-8 \(byte 0xff at column 18\); "
+                                         "save the file as UTF-8$"):
+        load_rows(str(tmp_path / "rows.jsonl"))
+
+    # Latin-1 "é" (0xe9) in files with \r\n line ends, one of them after a byte-order mark
+    rows = [{"id": 0, "text": GOOD}, {"id": 1, "text": "café"}]
+    for name, text in [("rows.json", json.dumps(rows, indent=1, ensure_ascii=False).replace("\n", "\r\n")),
+                       ("rows.csv", _csv(rows))]:
+        lines = text.encode("latin-1").split(b"\r\n")
+        line = next(k for k, b in enumerate(lines, 1) if b"\xe9" in b)
+        column = lines[line - 1].index(b"\xe9") + 1
+        (tmp_path / name).write_bytes(codecs.BOM_UTF8 + text.encode("latin-1"))
+        with pytest.raises(ValueError, match=rf"'[^']*{name}', line {line}: not UTF-8 \(byte 0xe9 at column "
+                                             rf"{column}\); save the file as UTF-8"):
+            load_rows(str(tmp_path / name))
 
 
 @pytest.fixture
