@@ -2,14 +2,18 @@
 
     python examples/chat.py --model out/tiny/base --adapter out/tiny/adapter --prompt "Which is bigger, 3 or 8?"
     python examples/chat.py --model NousResearch/Llama-2-7b-chat-hf --adapter out/guanaco/adapter   # interactive
+    python examples/chat.py --model out/tiny/base --adapter out/tiny/adapter --save-merged out/tiny/merged
+    python examples/chat.py --model out/tiny/merged --prompt "Which is bigger, 3 or 8?"   # the merged model alone
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
 import minilora as ml
+from minilora.adapter import check_adapter
 from minilora.train import PRECISIONS, default_precision
 
 
@@ -20,19 +24,38 @@ def main(argv=None):
     p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
     p.add_argument("--system", help="system prompt for the conversation")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the (dequantized) weights first")
+    p.add_argument("--save-merged", metavar="DIR",
+                   help="fold the adapter in and write the model with its tokenizer to DIR, a checkpoint that "
+                        "--model DIR loads alone; then answer --prompt, if given")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
     p.add_argument("--precision", choices=list(PRECISIONS),
                    help="default: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on a CPU")
     p.add_argument("--max-new-tokens", type=int, default=256)
     args = p.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        p.error("--prompt is empty; give a message, or leave --prompt out to chat interactively")
+    if (args.merge or args.save_merged) and not args.adapter:
+        p.error("--merge and --save-merged fold an adapter in: give --adapter DIR")
+    try:  # before the model loads: an adapter dir that is not one fails in a second
+        if args.adapter:
+            check_adapter(args.adapter)
+        if args.save_merged and os.path.exists(os.path.join(args.save_merged, "config.json")):
+            raise ValueError(f"{args.save_merged} already holds a model; choose another --save-merged dir")
+    except (OSError, ValueError) as e:
+        p.exit(2, f"error: {e}\n")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = PRECISIONS[args.precision or default_precision(device)]
-    model, tok = ml.load_model(args.model, quant=None if args.quant == "none" else args.quant,
-                               compute_dtype=dtype, device=device)
+    try:
+        model, tok = ml.load_model(args.model, quant=None if args.quant == "none" else args.quant,
+                                   compute_dtype=dtype, device=device)
+    except (OSError, ValueError) as e:
+        p.exit(2, f"error: could not load model {args.model!r}: {str(e).splitlines()[0]}\n")
     if args.adapter:
         ml.load_adapter(model, args.adapter)
-        if args.merge:
+        if args.save_merged:
+            print(f"merged model and tokenizer: {ml.save_merged(model, tok, args.save_merged)}")
+        elif args.merge:
             ml.merge_lora(model)
     model.eval()
 
@@ -44,8 +67,9 @@ def main(argv=None):
         turns.append({"role": "assistant", "content": reply})  # an empty reply is a turn too
         return reply
 
-    if args.prompt:
-        print(answer(args.prompt))
+    if args.prompt is not None or args.save_merged:
+        if args.prompt is not None:
+            print(answer(args.prompt))
         return 0
     print("chatting; an empty line or Ctrl-D ends")
     while True:

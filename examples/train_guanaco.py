@@ -11,6 +11,7 @@ format; `examples/chat.py` talks to it.
 
 import argparse
 import os
+import shlex
 import sys
 
 import torch
@@ -18,14 +19,17 @@ import torch.distributed as dist
 
 import minilora as ml
 from minilora.data import check_eval_size
-from minilora.model import load_config
+from minilora.checkpoint import check_resume, claim, latest_checkpoint, run_shape
+from minilora.lora import check_targets
+from minilora.model import linear_names, load_config
 from minilora.train import PRECISIONS, default_precision
 
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
 
 # --preset tiny: a small LLaMA-2 built and pretrained on the spot (minilora.tiny.build_base), then fine-tuned
-# with the same 4-bit base, LoRA and loop on synthetic instructions. Flags given explicitly still win.
+# with the same 4-bit base, LoRA and loop on synthetic instructions. Flags given explicitly still win, except
+# --model and --dataset, which the preset replaces (it refuses them).
 TINY = dict(output_dir="out/tiny", max_steps=300, batch_size=8, lr=2e-3, max_len=256, lora_r=16, lora_alpha=32,
             lora_dropout=0.05, eval_every=100, log_every=10, precision="fp32")
 TINY_PROMPTS = ("Which is bigger, 3 or 8?", "What is the opposite of fast?", "Repeat after me: moon ship bread")
@@ -38,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=500, help="--preset tiny: steps that pretrain the base")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local dir of a LLaMA-2 checkpoint")
     p.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id, or a .jsonl/.json/.parquet/.csv file")
+    p.add_argument("--text-field", default="text", help="the dataset's field of guanaco-format strings")
+    p.add_argument("--messages-field", default="messages",
+                   help="the field of message lists, read when there is no --text-field")
     p.add_argument("--output-dir", default="out/guanaco")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -53,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=list(PRECISIONS),
                    help="default: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on a CPU")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--resume", help="a checkpoint dir, or 'latest'")
+    p.add_argument("--resume", help="a checkpoint dir, or 'latest': continue the run in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --output-dir (its checkpoints, adapter and metrics are deleted)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations on the held-out split")
     p.add_argument("--eval-size", type=eval_size, default=0.05,
                    help="held-out rows: a fraction below 1 (0.05), a whole number (50), or 0 for no evaluation")
@@ -78,8 +87,10 @@ def parse_args(argv=None):
                    "minilora's)")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit or paged_adamw")
     args = p.parse_args(argv)
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     if args.preset == "tiny":  # preset values, unless the flag was given on the command line
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        if given & {"--model", "--dataset"}:
+            p.error("--preset tiny builds its own model and data; drop --model and --dataset, or drop --preset")
         for key, value in TINY.items():
             if "--" + key.replace("_", "-") not in given:
                 setattr(args, key, value)
@@ -131,7 +142,8 @@ def load_data(args, cfg):
         rows += held_out
     else:
         source = args.model
-        rows = attempt(f"dataset {args.dataset!r}", lambda: ml.load_rows(args.dataset))
+        rows = attempt(f"dataset {args.dataset!r}",
+                       lambda: ml.load_rows(args.dataset, text_field=args.text_field, messages_field=args.messages_field))
         try:
             parts = ml.split_eval(range(len(rows)), args.eval_size, seed=args.seed)
         except ValueError as e:
@@ -197,6 +209,7 @@ def setup_device() -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = setup_device()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(args.seed)
     try:  # every setting is checked here, before anything loads
         cfg = ml.TrainConfig(
@@ -209,20 +222,49 @@ def main(argv=None):
             compile=args.compile, optimizer=args.optimizer,
             memory_budget_gib=args.memory_budget, fast=args.fast, cuda_graphs=args.cuda_graphs,
             gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
-            sample_prompts=TINY_PROMPTS if args.preset == "tiny" else GUANACO_PROMPTS,
+            sample_prompts=TINY_PROMPTS if args.preset == "tiny" else GUANACO_PROMPTS, overwrite=args.overwrite,
         )
+        run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's output dir, locked, or refused
     except ValueError as e:
         fail(str(e))
     source, config, tok, train_data, eval_data = load_data(args, cfg)
+    try:  # the targets against the architecture, and a resumed checkpoint against this run, still without weights
+        check_targets(linear_names(config), cfg.targets)
+        check_resume(run, run_shape(cfg, train_data[0], source, world), cfg)
+    except ValueError as e:
+        fail(str(e))
+    if cfg.max_len > config.max_position_embeddings:
+        print(f"warning: --max-len {cfg.max_len} is beyond the {config.max_position_embeddings} positions this model "
+              "was trained on; longer examples may train poorly", file=sys.stderr)
     quant, compute_dtype = None if args.quant == "none" else args.quant, PRECISIONS[cfg.precision]
     if device.startswith("cuda"):  # the plan is GPU memory: nothing to say on a CPU run
         check_memory(config, cfg, quant)
-    model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
-        source, quant=quant, compute_dtype=compute_dtype, device=device, tokenizer=tok, config=config))
-    history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
+    try:
+        model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
+            source, quant=quant, compute_dtype=compute_dtype, device=device, tokenizer=tok, config=config))
+        history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
+    except KeyboardInterrupt as e:
+        return interrupted(e, cfg, argv)
+    except (FloatingPointError, ml.CheckpointWriteError) as e:  # a diverged run; a full disk
+        fail(str(e))
     if dist.is_initialized():
         dist.destroy_process_group()
     return report(history, cfg, args.preset == "tiny")
+
+
+def interrupted(e: KeyboardInterrupt, cfg, argv) -> int:
+    """Ctrl-C: say what was saved and how to go on; exit status 130, as a shell reports an interrupted command."""
+    print(f"\n{e}" if isinstance(e, ml.Interrupted) else "\ninterrupted at once: the steps since the last "
+          "checkpoint are lost", file=sys.stderr)
+    if latest_checkpoint(cfg.output_dir):
+        words, kept = argv if argv is not None else sys.argv[1:], []
+        for k, word in enumerate(words):  # the same command, with --resume latest in place of --resume/--overwrite
+            if word in ("--resume", "--overwrite") or word.startswith("--resume=") or words[k - 1:k] == ["--resume"]:
+                continue
+            kept.append(word)
+        print("resume with:  python " + shlex.join(["examples/train_guanaco.py", *kept, "--resume", "latest"]),
+              file=sys.stderr)
+    return 130
 
 
 def report(history, cfg, is_demo: bool) -> int:

@@ -5,23 +5,24 @@ import logging
 # bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is missing. The
 # kernel it names only speeds up bnb's packed CPU inference path, which has a built-in fallback and which
 # minilora turns off (model.load_model), so the line is noise on every run. The filter drops that one message
-# and nothing else; it must be in place before bitsandbytes is first imported (by .checkpoint, through .lora).
+# and nothing else; it must be in place before bitsandbytes is first imported (by .adapter, through .lora).
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
-from .checkpoint import load_adapter, save_adapter  # noqa: E402
+from .adapter import load_adapter, save_adapter  # noqa: E402
+from .checkpoint import CheckpointWriteError, ResumeMismatch, RunDirError  # noqa: E402
 from .data import Collator, load_rows, split_eval  # noqa: E402
 from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
-from .model import load_model, load_tokenizer, prepare_for_training  # noqa: E402
+from .model import load_model, load_tokenizer, prepare_for_training, save_merged  # noqa: E402
 from .plan import choose_plan, format_plan, plan_memory  # noqa: E402
 from .template import MalformedRow, encode_chat, encode_rows, render_chat  # noqa: E402
-from .train import TrainConfig, generate, train  # noqa: E402
+from .train import Interrupted, TrainConfig, generate, train  # noqa: E402
 
 __all__ = [
     "LoRALinear", "add_lora", "lora_state_dict", "mark_only_lora_trainable", "merge_lora",
-    "load_model", "load_tokenizer", "prepare_for_training",
-    "load_adapter", "save_adapter",
+    "load_model", "load_tokenizer", "prepare_for_training", "save_merged",
+    "load_adapter", "save_adapter", "CheckpointWriteError", "ResumeMismatch", "RunDirError",
     "Collator", "MalformedRow", "encode_chat", "encode_rows", "load_rows", "render_chat", "split_eval",
-    "TrainConfig", "generate", "train",
+    "Interrupted", "TrainConfig", "generate", "train",
     "choose_plan", "format_plan", "plan_memory",
 ]

@@ -1,197 +1,301 @@
-"""Adapter files in PEFT's format, and training checkpoints that are written atomically and load safely.
+"""The run directory and its training checkpoints.
 
-An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with keys such as
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so PEFT loads it and minilora loads PEFT's.
+One run owns its output_dir: `claim` locks it (a second run into it is refused while the first lives), and a
+directory that already holds a run is continued only with resume and replaced only with overwrite. Each
+checkpoint-STEP/ holds the adapter, the training state and `run.json`: the run's id and what shaped its state
+(base model, LoRA, batch, processes, seed, data...), so that resume refuses a checkpoint that does not match
+and says which settings it applies anew. A run writes and deletes only its own files.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import uuid
+from array import array
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .lora import add_lora, lora_layers, lora_state_dict
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
-
-class CorruptFile(ValueError):
-    """An adapter or training-state file that cannot be read back: truncated, or not what its name says."""
-
-
-def adapter_config(model: torch.nn.Module) -> dict:
-    """The PEFT `LoraConfig` fields that describe the model's LoRA layers."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers to save; call minilora.add_lora(model, ...) first")
-    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for m in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one adapter config")
-    (r, alpha, dropout), = settings
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
-
-
-def save_adapter(model: torch.nn.Module, out_dir: str) -> str:
-    """Write the LoRA weights and config in PEFT's format into `out_dir` (atomically); returns out_dir."""
-    atomic_dir(out_dir, lambda tmp: _write_adapter(model, tmp))
-    return out_dir
-
-
-def _write_adapter(model, out_dir: str):
-    config = adapter_config(model)
-    tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
-    """Load an adapter saved by minilora or PEFT. Adds the LoRA layers first if the model has none.
-
-    Raises on missing, unexpected or mis-shaped keys: a silently half-loaded adapter is the base model.
-    Every check runs before a weight is copied, and LoRA layers added here are removed again when one fails,
-    so a failed load leaves the model as it was.
-    """
-    config_path, weights_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist; an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        state = load_file(weights_path)
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise CorruptFile(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
-    _check_supported(config, adapter_dir)
-    added, trainable = not lora_layers(model), {p: p.requires_grad for p in model.parameters()}
-    try:
-        if added:
-            targets = config["target_modules"]
-            add_lora(model, targets=[targets] if isinstance(targets, str) else targets,
-                     r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0))
-        pairs = _matched_weights(model, state, config, adapter_dir)
-    except Exception:
-        if added:  # undo add_lora: the base linears back in place, requires_grad as it was
-            for name, layer in lora_layers(model).items():
-                model.set_submodule(name, layer.base)
-            for p, flag in trainable.items():
-                p.requires_grad_(flag)
-        raise
-    with torch.no_grad():
-        for param, value in pairs:
-            param.copy_(value)
-    return model
-
-
-def _matched_weights(model, state: dict, config: dict, adapter_dir: str) -> list[tuple]:
-    """[(the model's LoRA weight, the file's tensor for it)], once every tensor is known to fit one to one."""
-    if {m.scaling for m in lora_layers(model).values()} != {config["lora_alpha"] / config["r"]}:
-        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = {config['lora_alpha']}/{config['r']}")
-    own = lora_state_dict(model)
-    state = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in state.items()}
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"the adapter in {adapter_dir} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}; "
-            "load it onto the base model it was trained on"
-        )
-    return [(param, state[k]) for k, param in own.items()]
-
-
-def _check_supported(config: dict, where: str):
-    problems = []
-    if config.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type={config.get('peft_type')!r}")
-    for key in ("use_rslora", "use_dora"):
-        if config.get(key):
-            problems.append(f"{key}=true")
-    if config.get("bias", "none") != "none":
-        problems.append(f"bias={config['bias']!r}")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
-        if config.get(key):  # per-layer ranks, scalings or layer subsets: one (r, alpha) cannot describe them
-            problems.append(f"{key}={config[key]}")
-    if problems or "r" not in config or "lora_alpha" not in config or "target_modules" not in config:
-        raise ValueError(f"unsupported adapter config in {where}: {problems or 'missing r, lora_alpha or target_modules'}; "
-                         "minilora loads plain LoRA adapters (bias 'none', one r and alpha, no rsLoRA/DoRA, no modules_to_save)")
-
-
-def atomic_dir(out_dir: str, write) -> None:
-    """Call `write(tmp_dir)`, then move tmp_dir to out_dir, so a crash never leaves a half-written out_dir."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write(tmp)
-        if os.path.exists(out_dir):  # replace an existing dir: move it aside, move the new one in, delete the old
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
+from .adapter import CorruptFile, load_adapter, save_adapter, write_atomic
 
 STATE_NAME = "training_state.pt"
 STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda"}  # what save_checkpoint writes
+RECORD_NAME = "run.json"
+LOCK_NAME = ".minilora.lock"
+RUN_FILES = ("adapter", "train_config.json", "metrics.jsonl", "loss.png")  # besides checkpoint-STEP/: a run's own
+# TrainConfig fields that shape a checkpoint's state or the data it continues on: resume refuses a change of them
+SHAPE_FIELDS = ("batch_size", "grad_accum", "seed", "max_len", "pack", "group_by_length", "precision", "optimizer")
+NOT_SETTINGS = {"output_dir", "resume", "overwrite", "progress"}  # fields that describe the invocation, not the run
 
 
-def save_checkpoint(model, output_dir: str, step: int, optimizer, scheduler, scaler, keep_last: int = 2,
-                    rank: int = 0, world: int = 1) -> str:
-    """Write output_dir/checkpoint-STEP/: the adapter plus everything needed to resume bit-exactly.
+class RunDirError(ValueError):
+    """An output directory or a resume checkpoint that cannot be used as asked; the message says what to do."""
 
-    The directory appears only when complete (atomic_dir), so a crash mid-save leaves the previous one.
-    Data-parallel (world > 1): every process must call it; process 0 writes, with every process's RNG states.
+
+class ResumeMismatch(RunDirError):
+    """A checkpoint whose run differs from this one in something that shaped its state."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, say); the previous one is intact."""
+
+
+@dataclasses.dataclass
+class Run:
+    """This process's claim on an output directory: its lock, the run's id, and the checkpoint to resume."""
+
+    output_dir: str
+    run_id: str
+    resume_from: str | None  # a checkpoint dir, or None for a fresh start
+    lock: object = None  # the open, locked lock file (process 0 only)
+
+    def checkpoints(self) -> list[str]:
+        """This run's complete checkpoints in output_dir, oldest first."""
+        return [p for p in checkpoints(self.output_dir) if read_record(p).get("run_id") == self.run_id]
+
+    def release(self):
+        _claims.pop(self.output_dir, None)
+        if self.lock is not None:
+            os.remove(self.lock.name)  # unlinked while still locked: no other process is between the two
+            self.lock.close()
+            self.lock = None
+
+
+_claims: dict[str, Run] = {}  # output_dir -> this process's claim on it
+
+
+def claim(output_dir: str, resume: str | None = None, overwrite: bool = False, rank: int = 0) -> Run:
+    """Take output_dir for one run, or raise RunDirError saying why not and what to do.
+
+    Process 0 locks it (the lock goes with the process, so a dead owner's lock is free). A directory holding
+    minilora's files of an earlier run is refused unless resume="latest" or a checkpoint path continues it, or
+    overwrite=True replaces it: that run's files are deleted then, and named. Calling it again in the same
+    process returns the same claim.
     """
-    path = os.path.join(output_dir, f"checkpoint-{step}")
-    rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    output_dir = os.path.abspath(output_dir)
+    if output_dir in _claims:
+        return _claims[output_dir]
+    if resume and overwrite:
+        raise RunDirError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                          "overwrite replaces it")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise RunDirError(f"output_dir {output_dir} is a file; pass a directory")
+    lock = _lock(output_dir) if rank == 0 else None
+    try:
+        found = _run_files(output_dir)
+        if found and not (resume or overwrite):
+            raise RunDirError(f"output_dir {output_dir} already holds a run ({', '.join(found[:4])}"
+                              f"{' ...' if len(found) > 4 else ''}); continue it with resume='latest' (--resume "
+                              "latest), replace it with overwrite=True (--overwrite), or choose another output_dir")
+        if overwrite and found and rank == 0:
+            for name in found:
+                path = os.path.join(output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            print(f"overwrite: removed the earlier run's {', '.join(found)} from {output_dir}")
+        resume_from = _resume_target(output_dir, resume)
+        read_history(output_dir, float("inf") if resume_from else 0)  # a damaged metrics.jsonl fails here, not later
+        if resume == "latest" and resume_from is None and rank == 0:
+            print(f"resume='latest': no checkpoint in {output_dir}, starting from step 0")
+        run_id = read_record(resume_from).get("run_id") if resume_from else None
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    run = _claims[output_dir] = Run(output_dir, run_id or uuid.uuid4().hex, resume_from, lock)
+    return run
+
+
+def _lock(output_dir: str):
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        f = open(os.path.join(output_dir, LOCK_NAME), "a+")
+    except OSError as e:
+        raise RunDirError(f"cannot write to output_dir {output_dir} ({e.strerror}); choose a directory you can "
+                          "write to") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(f"output_dir {output_dir} is in use by {owner}; wait for it to finish, or choose "
+                          "another output_dir") from None
+    if not os.path.exists(f.name) or not os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
+        f.close()  # its owner removed it between our open and our lock: lock the file that is there now
+        return _lock(output_dir)
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
+    f.flush()
+    return f
+
+
+def _run_files(output_dir: str) -> list[str]:
+    """The names in output_dir that a minilora run writes."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [os.path.basename(p) for p in checkpoints(output_dir, complete=False)]
+    return names + [n for n in RUN_FILES if os.path.exists(os.path.join(output_dir, n))]
+
+
+def _resume_target(output_dir: str, resume: str | None) -> str | None:
+    """The checkpoint dir to resume from: the newest in output_dir for "latest" (None if there is none), or the
+    one named, which must be a checkpoint and not be older than a checkpoint already in output_dir."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = os.path.abspath(resume)
+    if not os.path.isfile(os.path.join(path, STATE_NAME)):
+        what = "does not exist" if not os.path.exists(path) else f"is not a minilora checkpoint (no {STATE_NAME})"
+        raise RunDirError(f"resume={resume!r} {what}; pass a checkpoint-STEP dir, or 'latest'")
+    later = [p for p in checkpoints(output_dir) if _step(p) > _step(path)]
+    if later:
+        raise RunDirError(f"output_dir {output_dir} holds {os.path.basename(later[-1])}, later than {resume}: resuming "
+                          "there would mix two continuations of the run; resume into another output_dir")
+    return path
+
+
+def checkpoints(output_dir: str, complete: bool = True) -> list[str]:
+    """The checkpoint-STEP dirs in output_dir, by step (complete ones hold the training state)."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir)
+             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]  # skips .tmp- leftovers
+    paths = [os.path.join(output_dir, f"checkpoint-{s}") for s in sorted(steps)]
+    return [p for p in paths if os.path.isfile(os.path.join(p, STATE_NAME))] if complete else paths
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint-STEP dir in output_dir, or None."""
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def read_history(output_dir: str, step: float) -> list[dict]:
+    """The records of output_dir/metrics.jsonl up to `step` (none for step 0). A line cut short at the end (a
+    kill mid-write) is dropped; a bad line before the end raises RunDirError naming it."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not step or not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:
+                raise RunDirError(f"{path}, line {k + 1}, is not JSON; fix or delete that line to resume") from None
+    return [r for r in records if r.get("step", 0) <= step]
+
+
+def _step(path: str) -> int:
+    return int(os.path.basename(path).split("-")[1])
+
+
+def read_record(path: str) -> dict:
+    """A checkpoint's run.json, or {} when it has none."""
+    try:
+        with open(os.path.join(path, RECORD_NAME)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ---------------------------------------------------------------- what a run is, and whether it may resume
+
+def data_fingerprint(examples: list[dict]) -> str:
+    """A hash of the encoded training examples (ids and labels, in order)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(array("q", ex["input_ids"]).tobytes() + b"|" + array("q", ex["labels"]).tobytes() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def run_shape(cfg, examples: list[dict], base_model: str | None, world: int, lora: dict | None = None) -> dict:
+    """What shapes a checkpoint's state: compared on resume. lora: the model's LoRA settings when it has LoRA
+    layers already (else cfg's apply)."""
+    if base_model and os.path.isdir(base_model):
+        base_model = os.path.realpath(base_model)
+    lora = lora or dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=sorted(cfg.targets))
+    return {"base_model": base_model or None, **{f"lora_{k}": v for k, v in lora.items()},
+            **{name: getattr(cfg, name) for name in SHAPE_FIELDS}, "processes": world,
+            "data": data_fingerprint(examples)}
+
+
+def check_resume(run: Run, shape: dict, cfg) -> dict:
+    """Raise ResumeMismatch naming every field in which run.resume_from's run differs from `shape`; return the
+    other settings that differ ({name: (old, new)}), which this run applies from its first step."""
+    record = read_record(run.resume_from) if run.resume_from else {}
+    old_shape = record.get("shape") or {}
+    diffs = [f"{k} {old_shape[k]!r} -> {shape[k]!r}" for k in shape if k in old_shape and old_shape[k] != _jsonable(shape[k])]
+    if diffs:
+        raise ResumeMismatch(f"cannot resume from {run.resume_from}: this run differs in {'; '.join(diffs)}; resume "
+                             "with the settings it was trained with, or start a new run in another output_dir")
+    old = record.get("config") or {}
+    new = _jsonable(dataclasses.asdict(cfg))
+    return {k: (old[k], new[k]) for k in new if k in old and k not in NOT_SETTINGS and old[k] != new[k]}
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))  # tuples become lists, as in run.json
+
+
+# ---------------------------------------------------------------- writing and reading checkpoints
+
+def rng_state() -> tuple:
+    """(CPU RNG state, every CUDA device's RNG state): what a checkpoint restores so that dropout continues."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, keep_last: int = 2,
+                    rank: int = 0, world: int = 1) -> str:
+    """Write output_dir/checkpoint-STEP/: the adapter, the training state and run.json; delete this run's
+    checkpoints beyond the newest keep_last. training: (optimizer, scheduler, scaler, rng_state()).
+
+    The directory appears only when complete, so a crash or a full disk mid-save leaves the previous one; a
+    failed write raises CheckpointWriteError saying so. Data-parallel (world > 1): every process calls it, and
+    process 0 writes, with every process's RNG states.
+    """
+    optimizer, scheduler, scaler, (rng_cpu, rng_cuda) = training
+    path = os.path.join(run.output_dir, f"checkpoint-{step}")
     ranks = None
     if world > 1:
         ranks = [None] * world
         torch.distributed.all_gather_object(ranks, (rng_cpu, rng_cuda))
         if rank:
             return path
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng_cpu": rng_cpu,
-        "rng_cuda": rng_cuda,
-        **({"rng_ranks": ranks} if ranks else {}),  # [(cpu, cuda)] per process, 0 first
-    }
-
-    def write(tmp):
-        _write_adapter(model, tmp)
-        torch.save(state, os.path.join(tmp, STATE_NAME))
-
-    atomic_dir(path, write)
-    for old in _checkpoints(output_dir)[:-keep_last]:
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
+             **({"rng_ranks": ranks} if ranks else {})}  # [(cpu, cuda)] per process, 0 first
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp)
+        write_atomic(os.path.join(tmp, STATE_NAME), lambda f: torch.save(state, f))
+        write_atomic(os.path.join(tmp, RECORD_NAME), json.dumps({"run_id": run.run_id, "step": step, **record},
+                                                                indent=2, default=str).encode())
+        if os.path.exists(path):  # the same step again (a resumed run that stops where it started): replace it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = (run.checkpoints() or [None])[-1]
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(run.output_dir).free < 2**20
+        raise CheckpointWriteError(
+            f"could not write {path}: {'the disk is full' if full else e}; "
+            + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint of this run exists")
+            + "; free some space and resume with resume='latest'" * full) from e
+    for old in run.checkpoints()[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -214,8 +318,8 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler, rank: in
         raise CorruptFile(f"{state_path} cannot be read back: it is truncated or corrupt")
     written_by = len(state.get("rng_ranks") or [None])
     if written_by != world:
-        raise ValueError(f"{path} was written by {written_by} data-parallel process(es); resume it with as many "
-                         f"(this run has {world}), e.g. torchrun --nproc-per-node {written_by}")
+        raise ResumeMismatch(f"{path} was written by {written_by} data-parallel process(es); resume it with as many "
+                             f"(this run has {world}), e.g. torchrun --nproc-per-node {written_by}")
     load_adapter(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -227,32 +331,23 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler, rank: in
     return state["step"]
 
 
-def resume_latest(model, output_dir: str, optimizer, scheduler, scaler, rank: int = 0, world: int = 1) -> int:
-    """load_training_state from the newest checkpoint in output_dir that reads back; return its step, or 0.
-
-    A corrupt checkpoint (a file cut short by a full disk, say) is named and the one before it is tried.
-    """
-    found = _checkpoints(output_dir)
-    for path in reversed(found):
+def resume(model, run: Run, optimizer, scheduler, scaler, rank: int = 0, world: int = 1) -> int:
+    """load_training_state from run.resume_from; return its step, or 0 for a fresh start. With "latest", a
+    corrupt checkpoint (a file cut short, say) is named and the one before it is tried."""
+    if run.resume_from is None:
+        return 0
+    tried = [p for p in checkpoints(run.output_dir) if _step(p) <= _step(run.resume_from)]
+    for path in reversed(tried if run.resume_from in tried else [run.resume_from]):
         try:
-            return load_training_state(model, path, optimizer, scheduler, scaler, rank, world)
+            step = load_training_state(model, path, optimizer, scheduler, scaler, rank, world)
+            run.resume_from = path
+            return step
         except CorruptFile as e:
+            if run.resume_from not in tried:
+                raise
             if not rank:
                 print(f"resume='latest': {e}; trying the checkpoint before it")
     if not rank:
-        print(f"resume='latest': no {'readable ' if found else ''}checkpoint in {output_dir}, starting from step 0")
+        print(f"resume='latest': no readable checkpoint in {run.output_dir}, starting from step 0")
+    run.resume_from = None
     return 0
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint-STEP dir in output_dir, or None."""
-    found = _checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def _checkpoints(output_dir: str) -> list[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir)
-             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]  # skips .tmp-/.old- leftovers
-    return [os.path.join(output_dir, f"checkpoint-{s}") for s in sorted(steps)]

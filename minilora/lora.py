@@ -110,17 +110,26 @@ def add_lora(
     dtype: the LoRA weights' dtype, float32 by default (master weights; the compute stays in autocast's
     dtype). torch.bfloat16 halves their memory, as the QLoRA reference does, at some cost in accuracy.
     """
-    if isinstance(targets, str):
-        targets = (targets,)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
     linears = [n for n, m in model.named_modules() if _is_linear(m) and not n.endswith(("lora_A", "lora_B"))]
-    names = [n for n in linears if n.split(".")[-1] in targets and not n.endswith("lm_head")]
-    if not names:
-        existing = sorted({n.split(".")[-1] for n in linears})
-        raise ValueError(f"no linear layer matches targets={list(targets)}; the model's linear names are {existing}")
+    check_targets(linears, targets)
+    names = [n for n in linears if n.split(".")[-1] in targets]
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype))
     mark_only_lora_trainable(model)
     return names
+
+
+def check_targets(linear_names: list[str], targets) -> None:
+    """Raise ValueError unless every target names a linear layer of the decoder (by the last part of its name).
+    lm_head is not one: minilora's loss reads its weight directly, so LoRA there would never train."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    existing = sorted({n.split(".")[-1] for n in linear_names} - {"lm_head"})
+    bad = [t for t in targets if t not in existing]
+    if bad or not targets:
+        why = "lm_head cannot carry LoRA here (the loss reads its weight directly)" if "lm_head" in bad else (
+            f"{bad} match no linear layer" if bad else "no target given")
+        raise ValueError(f"targets={list(targets)}: {why}; the model's linear layers are {existing}")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module):

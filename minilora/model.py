@@ -195,3 +195,22 @@ def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *ar
     pin = offload and torch.cuda.is_available()
     with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
         return checkpoint(train_forward, *args, use_reentrant=False, **kwargs)
+
+
+def linear_names(config) -> list[str]:
+    """The names of the linear layers of the LLaMA model that `config` describes, from the config alone (the
+    model is built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def save_merged(model: torch.nn.Module, tokenizer, out_dir: str) -> str:
+    """Fold the LoRA updates into the weights (merge_lora) and write an ordinary HF checkpoint with its tokenizer
+    to out_dir, which `load_model(out_dir)` and examples/chat.py then load alone; returns out_dir."""
+    from .lora import merge_lora
+
+    merge_lora(model)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -8,6 +8,8 @@ import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import latest_checkpoint, load_training_state, resume_latest, save_adapter, save_checkpoint
+from .adapter import adapter_config, save_adapter
+from .checkpoint import check_resume, claim, read_history, resume, rng_state, run_shape, save_checkpoint
 from .data import Collator, batches
 from .template import IGNORE, DataStats, encode_prompt, encode_rows
 from .lora import add_lora, lora_layers, lora_state_dict
@@ -86,6 +89,7 @@ class TrainConfig:
     save_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_last: int = 2  # checkpoints kept; older ones are deleted
     resume: str | None = None  # a checkpoint dir, or "latest" for the newest one in output_dir
+    overwrite: bool = False  # replace the earlier run in output_dir (its files are deleted); else it is refused
     progress: bool = True  # show a tqdm bar
 
     def __post_init__(self):
@@ -128,6 +132,22 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
     if show:  # before the progress bar exists, so that it does not land on the bar's line
         print(stats.summary(cfg.max_len))
+    # the output directory is this run's (or refused) before the model is touched, and a resumed checkpoint
+    # must come from a run of the same shape
+    run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)
+    try:
+        shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, _lora_settings(model))
+        changed = check_resume(run, shape, cfg)
+        return _train(model, tokenizer, cfg, (examples, stats, evals), run, {"shape": shape, "changed": changed})
+    finally:
+        run.release()
+
+
+def _train(model, tokenizer, cfg, data, run, record):
+    examples, stats, evals = data
+    device = next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    show = cfg.progress and rank == 0
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
@@ -168,17 +188,20 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     # A GradScaler multiplies the fp16 loss so small gradients survive, and skips steps whose grads overflow.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    step = (resume_latest(model, cfg.output_dir, opt, sched, scaler, rank, world) if cfg.resume == "latest"
-            else load_training_state(model, cfg.resume, opt, sched, scaler, rank, world) if cfg.resume else 0)
-    history = _history_until(cfg.output_dir, step)  # a resumed run continues the metrics it resumed from
+    step = resume(model, run, opt, sched, scaler, rank, world)
+    _apply_settings(opt, sched, cfg)  # a resumed optimizer and schedule come back with the values they were saved with
+    history = read_history(cfg.output_dir, step)  # a resumed run continues the metrics it resumed from
+    saved = {"shape": record["shape"], "config": dataclasses.asdict(cfg)}  # what each checkpoint's run.json holds
     if world > 1:
         dist.barrier()  # every process has read what process 0 is about to rewrite
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") if rank == 0 else None
     if rank == 0:
         with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        metrics.writelines(json.dumps(record) + "\n" for record in history)
+        metrics.writelines(json.dumps(line) + "\n" for line in history)
+    if step and record["changed"] and rank == 0:
+        print(f"resumed from {run.resume_from} at step {step}, with changed settings applied from here on: "
+              + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in record["changed"].items()))
 
     def log(record):
         history.append(record)
@@ -232,9 +255,11 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         for (s, _, n, _), (loss, norm) in zip(pending, values):
             # with a GradScaler an inf grad norm is an overflow: scaler.step() skipped it and lowered the scale
             if not math.isfinite(loss) or (not math.isfinite(norm) and not scaler.is_enabled()):
+                last = (run.checkpoints() or [None])[-1]
                 raise FloatingPointError(
-                    f"loss {loss / n} / grad norm {norm} at step {s}; stopped without saving it or any later "
-                    f"step. The last good checkpoint is {latest_checkpoint(cfg.output_dir)}; try a lower lr or bf16")
+                    f"loss {loss / n} / grad norm {norm} at step {s}; stopped without saving it or any later step. "
+                    + (f"The last good checkpoint is {last}" if last else "This run has saved no checkpoint yet")
+                    + "; try a lower lr" + (", or bf16" if cfg.precision == "fp16" else ""))
             tokens_seen, loss_seen, grad_norm = tokens_seen + n, loss_seen + loss, norm
         pending.clear()
 
@@ -251,6 +276,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         return loss.detach()
 
     t0 = time.perf_counter()
+    stop = _StopRequest(world == 1)
     try:
         while step < total_steps:
             micro = [next(stream) for _ in range(cfg.grad_accum)]
@@ -273,7 +299,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             due_log = step % cfg.log_every == 0 or step == total_steps
             due_eval = evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
             due_sample = cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps
-            due_save = step == total_steps or (cfg.save_every and step % cfg.save_every == 0)
+            due_save = step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop.asked
             if not (due_log or due_eval or due_sample or due_save):
                 continue
             drain()
@@ -292,19 +318,15 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             if due_sample:
                 _sample(model, tokenizer, cfg, step, log, rank)
             if due_save:
-                save_checkpoint(model, cfg.output_dir, step, opt, sched, scaler, cfg.keep_last, rank, world)
+                save_checkpoint(model, run, step, (opt, sched, scaler, rng_state()), saved, cfg.keep_last, rank, world)
+            if stop.asked:
+                raise Interrupted(f"interrupted after step {step}: saved {run.output_dir}/checkpoint-{step}; resume it "
+                                  "with resume='latest', bit for bit as if never stopped")
             t0 = time.perf_counter()
+        stop.close()
         _sample(model, tokenizer, cfg, step, log, rank)
-    except KeyboardInterrupt:
-        if world > 1:  # saving takes every process, which a signal does not reach together
-            raise
-        # Stop cleanly: the last completed step is a consistent state, so save it (once it is known finite).
-        opt.zero_grad(set_to_none=True)
-        if pending:
-            drain()
-        print(f"\ninterrupted: saved {save_checkpoint(model, cfg.output_dir, step, opt, sched, scaler, cfg.keep_last)}")
-        return history
     finally:
+        stop.close()
         bar.close()
         if metrics:
             metrics.close()
@@ -425,7 +447,7 @@ def _check(cfg: TrainConfig):
                          "about 10 tokens, and an example needs room for a question and an answer")
     # each condition holds for good values; NaN fails every comparison, so it is refused too
     rules = [("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number such as 2e-4"),
-             ("epochs", cfg.epochs > 0, "positive"),
+             ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0, "a positive number"),
              ("max_grad_norm", cfg.max_grad_norm > 0, "positive"),
              ("lora_alpha", cfg.lora_alpha > 0, "positive"),
              ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
@@ -509,21 +531,48 @@ def _lr_factor(warmup: int, total: int, schedule: str):
     return factor
 
 
-def _history_until(output_dir, step) -> list[dict]:
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if not step or not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = f.read().splitlines()
-    records = []
-    for k, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if k < len(lines) - 1:
-                raise ValueError(f"{path}, line {k + 1}, is not JSON; fix or remove it to resume") from None
-            # a kill mid-write cuts the last line short; the step it logged is after the checkpoint anyway
-    return [r for r in records if r["step"] <= step]
+def _apply_settings(opt, sched, cfg: TrainConfig):
+    """This config's lr and weight decay in the optimizer and the schedule, at the schedule's current step (the
+    same values LambdaLR sets itself; on resume, the saved states bring back the values they were saved with)."""
+    sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, lr=cfg.lr * factor(sched.last_epoch))
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+
+def _lora_settings(model) -> dict | None:
+    """The model's LoRA r, alpha, dropout and targets, or None when it has no LoRA layers yet."""
+    if not lora_layers(model):
+        return None
+    c = adapter_config(model)
+    return dict(r=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], targets=c["target_modules"])
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped train() at a step boundary, after saving a checkpoint there; the message names it."""
+
+
+class _StopRequest:
+    """Ctrl-C while the loop runs asks it to stop after the step in progress: the loop then saves a checkpoint
+    at that step boundary (with the RNG state of the steps to come, so resume is bit-exact) and raises
+    Interrupted. A second Ctrl-C interrupts at once (KeyboardInterrupt). Only in the main thread of a single
+    process: a signal does not reach data-parallel processes together, and there it interrupts at once."""
+
+    def __init__(self, enabled: bool):
+        self.asked, self.previous = False, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._ask)
+
+    def _ask(self, signum, frame):
+        self.asked = True
+        self.close()
+        print("\nCtrl-C: stopping after this step to save a checkpoint (press it again to stop at once, losing the "
+              "steps since the last checkpoint)", flush=True)
+
+    def close(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 class _Loss(torch.nn.Module):

@@ -89,8 +89,8 @@ def test_two_process_resume_is_bit_exact(base_dir, tmp_path):
     data_parallel(base_dir, tmp_path / "resumed", batch_size=2, resume="latest")
     a, b = adapter(tmp_path / "straight" / "adapter"), adapter(tmp_path / "resumed" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="written by 2 data-parallel process"):  # resume needs the same N
-        single(base_dir, tmp_path / "resumed", batch_size=4, resume=str(tmp_path / "straight" / "checkpoint-4"))
+    with pytest.raises(ml.ResumeMismatch, match="processes 2 -> 1"):  # resume needs the same N
+        single(base_dir, tmp_path / "one", batch_size=2, resume=str(tmp_path / "straight" / "checkpoint-4"))
 
 
 def test_example_under_torchrun_equals_one_process_at_twice_the_batch(tmp_path):

@@ -54,7 +54,8 @@ def assert_unchanged(model, before):
     (dict(warmup_ratio=1.0), r"warmup_ratio=1.0 must be in \[0, 1\)"), (dict(weight_decay=-0.1), "weight_decay"),
     (dict(max_grad_norm=0), "max_grad_norm=0 must be positive"), (dict(optimizer="sgd"), "optimizer='sgd'"),
     (dict(precision="fp8"), "precision='fp8'"), (dict(eval_every=0), "eval_every=0 must be at least 1, or None"),
-    (dict(lora_dropout=1.0), "lora_dropout"), (dict(epochs=0), "epochs=0 must be positive"),
+    (dict(lora_dropout=1.0), "lora_dropout"), (dict(epochs=0), "epochs=0 must be a positive number"),
+    (dict(epochs=math.inf), "epochs=inf must be a positive number"),
 ])
 def test_config_is_refused_when_made(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,167 @@
+"""Adapter files in PEFT's format, each written atomically, and loaded all or nothing.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with keys such as
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so PEFT loads it and minilora loads PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .lora import add_lora, lora_layers, lora_state_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class CorruptFile(ValueError):
+    """An adapter or training-state file that cannot be read back: truncated, or not what its name says."""
+
+
+def adapter_config(model: torch.nn.Module) -> dict:
+    """The PEFT `LoraConfig` fields that describe the model's LoRA layers."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save; call minilora.add_lora(model, ...) first")
+    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for m in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one adapter config")
+    (r, alpha, dropout), = settings
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str) -> str:
+    """Write the LoRA weights and config in PEFT's format into `out_dir`; returns out_dir.
+
+    Only the two adapter files are written, each to a temporary file that is then renamed over its name, so
+    a crash leaves the old file or the new one, never half of one; nothing else in out_dir is touched.
+    """
+    config = adapter_config(model)  # a model without LoRA fails here, before anything is written
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir} is a file; save_adapter writes a directory, so pass another path")
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
+    write_atomic(os.path.join(out_dir, CONFIG_NAME), json.dumps(config, indent=2).encode())
+    return out_dir
+
+
+def write_atomic(path: str, data) -> str:
+    """Write `data` (bytes, or a function that writes to a binary file) to path through a temporary file beside
+    it and a rename: path holds its old content or all of the new, never part of it. Returns path."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:  # Python's own file: a full disk is an OSError with errno ENOSPC
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
+    """Load an adapter saved by minilora or PEFT. Adds the LoRA layers first if the model has none.
+
+    Raises on missing, unexpected or mis-shaped keys: a silently half-loaded adapter is the base model.
+    Every check runs before a weight is copied, and LoRA layers added here are removed again when one fails,
+    so a failed load leaves the model as it was.
+    """
+    config = check_adapter(adapter_dir)
+    try:
+        state = load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
+    except (SafetensorError, OSError) as e:
+        raise CorruptFile(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
+    added, trainable = not lora_layers(model), {p: p.requires_grad for p in model.parameters()}
+    try:
+        if added:
+            targets = config["target_modules"]
+            add_lora(model, targets=[targets] if isinstance(targets, str) else targets,
+                     r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0))
+        pairs = _matched_weights(model, state, config, adapter_dir)
+    except Exception:
+        if added:  # undo add_lora: the base linears back in place, requires_grad as it was
+            for name, layer in lora_layers(model).items():
+                model.set_submodule(name, layer.base)
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+        raise
+    with torch.no_grad():
+        for param, value in pairs:
+            param.copy_(value)
+    return model
+
+
+def check_adapter(adapter_dir: str) -> dict:
+    """The adapter config in adapter_dir, once both adapter files are there and the config is one minilora
+    loads; raises FileNotFoundError, CorruptFile or ValueError saying what is wrong. Reads no weights."""
+    config_path, weights_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist; an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, OSError) as e:
+        raise CorruptFile(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
+    _check_supported(config, adapter_dir)
+    return config
+
+
+def _matched_weights(model, state: dict, config: dict, adapter_dir: str) -> list[tuple]:
+    """[(the model's LoRA weight, the file's tensor for it)], once every tensor is known to fit one to one."""
+    if {m.scaling for m in lora_layers(model).values()} != {config["lora_alpha"] / config["r"]}:
+        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = {config['lora_alpha']}/{config['r']}")
+    own = lora_state_dict(model)
+    state = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in state.items()}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"the adapter in {adapter_dir} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}; "
+            "load it onto the base model it was trained on"
+        )
+    return [(param, state[k]) for k, param in own.items()]
+
+
+def _check_supported(config: dict, where: str):
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type={config.get('peft_type')!r}")
+    for key in ("use_rslora", "use_dora"):
+        if config.get(key):
+            problems.append(f"{key}=true")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if config.get(key):  # per-layer ranks, scalings or layer subsets: one (r, alpha) cannot describe them
+            problems.append(f"{key}={config[key]}")
+    if problems or "r" not in config or "lora_alpha" not in config or "target_modules" not in config:
+        raise ValueError(f"unsupported adapter config in {where}: {problems or 'missing r, lora_alpha or target_modules'}; "
+                         "minilora loads plain LoRA adapters (bias 'none', one r and alpha, no rsLoRA/DoRA, no modules_to_save)")
