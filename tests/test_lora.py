@@ -146,6 +146,32 @@ def test_merge_matches_unmerged(base_dir, tmp_path, quant, dtype, bound):
         assert torch.equal(reloaded(x).logits.float(), after)
 
 
+def test_fresh_lora_is_zero_b_and_kaiming_uniform_a(base_dir):
+    """On a fresh add_lora every lora_B is exactly zero (step 0 is the base model) and lora_A is Kaiming-uniform
+    with a=sqrt(5), as PEFT's: U(-b, b) with b = gain * sqrt(3 / in) and gain = sqrt(2 / (1 + a^2)), that is
+    b = 1 / sqrt(in_features). Every value lies within b, and each A's mean and variance agree with U(-b, b)'s
+    (0 and b^2 / 3) within 5 standard errors of their estimates over its n values: b / sqrt(3 n) for the mean,
+    sqrt(4 / 45) b^2 / sqrt(n) for the variance (Var(X^2) = E X^4 - (E X^2)^2 = b^4 / 5 - b^4 / 9). At r=64,
+    n is 8192 or 16384, so the variance is pinned within about 5%: a bound of sqrt(3 / in) or sqrt(6 / in) (the
+    other usual gains), or a normal init (values beyond b), fail. The seed is fixed (conftest), so the outcome
+    is too."""
+    model = load(base_dir, None)
+    ml.add_lora(model, targets=ALL_SEVEN, r=64, alpha=16)  # in_features 128, and 256 for down_proj
+    layers = lora_layers(model)
+    assert len(layers) == 2 * len(ALL_SEVEN)
+    for name, layer in layers.items():
+        B, A = layer.lora_B.weight, layer.lora_A.weight
+        assert torch.equal(B, torch.zeros_like(B)), name
+        fan_in = layer.base.in_features
+        assert A.shape == (64, fan_in)
+        b, n, a = 1 / fan_in**0.5, A.numel(), A.detach().double().flatten()
+        assert a.abs().max() <= b, name
+        assert abs(a.mean()) <= 5 * b / (3 * n) ** 0.5, name
+        assert abs(a.var(correction=0) - b**2 / 3) <= 5 * (4 / 45) ** 0.5 * b**2 / n**0.5, name
+    a0, a1 = (layers[f"model.layers.{i}.self_attn.q_proj"].lora_A.weight for i in (0, 1))
+    assert not torch.equal(a0, a1)  # drawn for each layer, not copied
+
+
 def test_layer_merge_is_explicit_and_idempotent():
     layer = LoRALinear(torch.nn.Linear(64, 32), r=4, alpha=8)
     torch.nn.init.normal_(layer.lora_B.weight)
