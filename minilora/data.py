@@ -132,7 +132,7 @@ def load_rows(source: str, split: str = "train", text_field: str = "text", messa
     name = text_field if text_field in fields else messages_field
     if name not in fields:
         raise ValueError(f"{source!r} has neither {text_field!r} nor {messages_field!r}; its fields are {fields}; "
-                       "pass text_field= or messages_field=")
+                         "name the field with text_field= or messages_field= (--text-field or --messages-field)")
     return list(records[name]) if not isinstance(records, list) else [r[name] for r in records]
 
 
