@@ -290,3 +290,18 @@ def test_a_diverging_run_ends_in_one_line(messy, base_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     assert "This run has saved no checkpoint yet; try a lower lr\n" in err and "bf16" not in err  # an fp32 run
+
+
+def test_a_max_len_beyond_the_models_positions_warns_before_loading(messy, base_dir, tmp_path, monkeypatch, capsys):
+    ex = example()
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped where the weights would load")
+
+    monkeypatch.setattr(ex.ml, "load_model", stop)
+    with pytest.raises(SystemExit):
+        ex.main(["--model", base_dir, "--dataset", str(messy), "--output-dir", str(tmp_path / "out"), "--max-len",
+                 "2048"])
+    err = capsys.readouterr().err
+    assert "warning: --max-len 2048 is beyond the 1024 positions this model was trained on" in err
+    assert err.index("warning: --max-len") < err.index("stopped where the weights would load")
