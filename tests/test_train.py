@@ -15,7 +15,6 @@ import minilora as ml
 from minilora.data import batches
 from minilora.tiny import instruction_rows
 
-train_module = importlib.import_module("minilora.train")  # `minilora.train` is also the function
 checkpoint_module = importlib.import_module("minilora.checkpoint")
 ROWS = instruction_rows(16, seed=3)  # 16 rows, 4 micro-batches of 4 per epoch
 
