@@ -40,14 +40,14 @@ def main():
     args = ap.parse_args()
     import torch
 
-    import minilora.kernels.layer as layer
+    import minilora.kernels.attention as attention
 
     model_dir = os.path.join(tempfile.gettempdir(), "minilora-bench-llama2-7b")
     env = step.prepare({"shape": "llama2-7b", "model_dir": model_dir, "device": None})
     rows = []
     name = THRESHOLD[args.study]
     for impl, case, threshold in STUDIES[args.study]:
-        setattr(layer, name, threshold)
+        setattr(attention, name, threshold)
         spec = dict(step.parse_case(case), impl=impl, case=case, model_dir=model_dir, device="cuda", seed=0,
                     steps=args.steps, warmup=2)
         r = step.worker(spec)

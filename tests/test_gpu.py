@@ -15,7 +15,7 @@ import torch
 
 import minilora as ml
 from minilora.kernels import nf4
-from minilora.kernels.layer import FUSED_RMS_NORM, RMSNorm
+from minilora.kernels.rmsnorm import FUSED_RMS_NORM, RMSNorm
 from minilora.loss import causal_lm_loss, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels and CUDA graphs need a GPU")
@@ -69,7 +69,7 @@ def test_swiglu_kernels_match_the_formula(dtype):
 def test_long_rows_attend_through_cudnn_as_through_flash():
     """Rows of LONG_ATTENTION tokens or more put cuDNN attention first; on the fast layer's strided q, k, v (views
     of one (B, T, heads, hd) tensor) it gives flash's output and gradients (bf16 tolerance)."""
-    from minilora.kernels.layer import LONG_ATTENTION, attention_backends
+    from minilora.kernels.attention import LONG_ATTENTION, attention_backends
 
     torch.manual_seed(0)
     qkv = torch.randn(1, LONG_ATTENTION, 3 * 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -87,7 +87,7 @@ def test_long_rows_attend_through_cudnn_as_through_flash():
 def test_kept_attention_equals_sdpa():
     """The kept-attention path (the backend's own forward, then its backward on the kept output and logsumexp)
     against SDPA's autograd, on the fast layer's strided q, k, v, with cuDNN first and with flash first."""
-    from minilora.kernels.layer import LONG_ATTENTION, KeptAttention, _attention, attention_backends
+    from minilora.kernels.attention import LONG_ATTENTION, KeptAttention, attention_backends, keep_attention
 
     torch.manual_seed(0)
     qkv = torch.randn(2, LONG_ATTENTION, 3 * 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -98,7 +98,7 @@ def test_kept_attention_equals_sdpa():
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1)
             (ref_grad,) = torch.autograd.grad(ref, qkv, g)
             with torch.no_grad():
-                kept = _attention(q, k, v, 0.1)
+                kept = keep_attention(q, k, v, 0.1)
             assert kept[2][0].name == backend
             o = KeptAttention.apply(q, k, v, 0.1, kept)
             (grad,) = torch.autograd.grad(o, qkv, g)
@@ -112,12 +112,12 @@ def test_offloaded_steps_equal_plain_steps(base_dir, mha_dir, monkeypatch, keep_
     Three steps of different shapes, so copies of one step overlap the next's allocations. keep_attention:
     the attention units also offload attention's output and logsumexp (every row length; as many kv heads as
     q heads)."""
-    from minilora.kernels import layer as layer_mod
+    from minilora.kernels import attention as attention_mod
 
-    kept, attention = [], layer_mod._attention
+    kept, attention = [], attention_mod.keep_attention
     if keep_attention:
-        monkeypatch.setattr(layer_mod, "KEEP_ATTENTION", 1)
-        monkeypatch.setattr(layer_mod, "_attention", lambda *a: kept.append(attention(*a)) or kept[-1])
+        monkeypatch.setattr(attention_mod, "KEEP_ATTENTION", 1)
+        monkeypatch.setattr(attention_mod, "keep_attention", lambda *a: kept.append(attention(*a)) or kept[-1])
     results = []
     for offload in (False, True):
         model, tok = _load(mha_dir if keep_attention else base_dir, fast=True, gradient_checkpointing=True,
@@ -184,7 +184,8 @@ def test_graphed_steps_equal_eager_steps(base_dir):
     results = []
     for graphed in (False, True):
         model, tok = _load(base_dir, fast=True, gradient_checkpointing=False, cached_layers=2)
-        steps = GraphedSteps(model, 4096)
+        steps = GraphedSteps([p for p in model.parameters() if p.requires_grad],
+                             lambda b: causal_lm_loss(model, b, 4096)[0])
         losses = []
         for batch in _batches(tok, 3) * 2:  # three shapes, each replayed again
             b = to_device(batch, "cuda", model.lm_head.weight.shape[0], dense=True)

@@ -171,7 +171,7 @@ def test_model_fused_matches_plain(base_dir, gradient_checkpointing):
     model = load(base_dir)
     x = torch.randint(3, 512, (2, 24))
     ref = model_step(ml.prepare_for_training(model, gradient_checkpointing=False), x)
-    got = model_step(ml.prepare_for_training(model, gradient_checkpointing, fused=True), x)
+    got = model_step(ml.prepare_for_training(model, gradient_checkpointing=gradient_checkpointing, fused=True), x)
     assert_same_step(got, ref, 1e-5, 1e-5)
 
 
@@ -203,9 +203,9 @@ def test_compiled_layers_match_eager(base_dir, fused):
 
 
 def test_swiglu_function_matches_autograd_and_writes_over_its_input():
-    """SwiGLU (kernels/layer.py) keeps only the stacked gate/up output and writes its gradient over it; its CPU
+    """SwiGLU (kernels/swiglu.py) keeps only the stacked gate/up output and writes its gradient over it; its CPU
     formulas against autograd through F.silu(gate) * up, in fp32 (1e-6: one rounding per op)."""
-    from minilora.kernels.layer import SwiGLU
+    from minilora.kernels.swiglu import SwiGLU
 
     gu = torch.randn(4, 9, 2 * 13, dtype=torch.float64).float()
     ref_in = gu.clone().requires_grad_(True)

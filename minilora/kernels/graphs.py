@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from ..loss import causal_lm_loss
-
 PAD_MULTIPLE = 64  # tokens; guanaco's batches then take ~16 shapes and ~7% more tokens than exact padding
 
 
 class GraphedSteps:
-    """forward + backward of causal_lm_loss per dense batch, through one CUDA graph per batch shape."""
+    """forward + backward of `loss_fn` (a dense batch -> its summed loss) per batch shape, through one CUDA graph
+    each. params: the trainable parameters, whose gradients every replay accumulates into."""
 
-    def __init__(self, model, chunk_size: int):
-        self.model, self.chunk = model, chunk_size
+    def __init__(self, params: list[torch.Tensor], loss_fn):
+        self.params, self.loss_fn = params, loss_fn
         self.graphs = {}  # (B, T) -> (graph, static inputs, static loss)
         self.pool = torch.cuda.graph_pool_handle()
         self.warm = False
@@ -39,7 +38,7 @@ class GraphedSteps:
         call overwrites. batch: from loss.to_device(dense=True), right-padded (no attention_mask)."""
         if not self.warm:  # the first one eagerly: lazy initialisation, weight caches
             self.warm = True
-            loss, _ = causal_lm_loss(self.model, batch, self.chunk)
+            loss = self.loss_fn(batch)
             (loss * scale).backward()
             return loss.detach()
         key = tuple(batch["input_ids"].shape)
@@ -55,8 +54,8 @@ class GraphedSteps:
         return loss
 
     def _capture(self, batch):
-        for p in self.model.parameters():
-            if p.requires_grad and p.grad is None:
+        for p in self.params:
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)  # fixed addresses that every replay accumulates into
         static = {name: batch[name].clone() for name in ("input_ids", "targets", "row_weights")}
         static["scale"] = torch.ones((), device=batch["input_ids"].device)
@@ -64,6 +63,6 @@ class GraphedSteps:
         dtype = torch.get_autocast_dtype("cuda")
         with torch.cuda.graph(graph, pool=self.pool), torch.autocast("cuda", dtype=dtype, cache_enabled=False,
                                                                      enabled=torch.is_autocast_enabled("cuda")):
-            loss, _ = causal_lm_loss(self.model, {**static, "n_tokens": None}, self.chunk)
+            loss = self.loss_fn({**static, "n_tokens": None})
             (loss * static["scale"]).backward()
         return graph, static, loss.detach()

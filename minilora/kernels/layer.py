@@ -7,11 +7,13 @@ kernels and keeps fewer activations:
 - q, k, v are one GEMM over their stacked weights (one dequantization pass), and so are gate and up; LoRA
   terms and the residual adds land in GEMM epilogues (lora4bit.Projection);
 - RoPE rotates q and k in one pass and copies v beside them, so attention keeps one (B, T, heads, hd) tensor
-  and the projection's output is freed;
+  and the projection's output is freed (rope.py);
 - attention is SDPA with is_causal and no mask for right-padded rows (a causal model never looks right, so
-  padding needs no mask), on flash attention (no per-shape plan), or cuDNN's from LONG_ATTENTION tokens a row;
-- SwiGLU keeps only gate and up (one tensor) for its backward, where autograd would also keep silu(gate);
-- RMSNorm keeps x and its fp32 1/rms only, and runs torch's fused kernels on CUDA.
+  padding needs no mask), on flash attention (no per-shape plan), or cuDNN's from LONG_ATTENTION tokens a row
+  (attention.py);
+- SwiGLU keeps only gate and up (one tensor) for its backward, where autograd would also keep silu(gate)
+  (swiglu.py);
+- RMSNorm keeps x and its fp32 1/rms only, and runs torch's fused kernels on CUDA (rmsnorm.py).
 The memory plan decides per layer whether its weights stay dequantized for good (`cache`), whether it is
 checkpointed, and whether its recompute keeps the weights for the backward (`keep`); see lora4bit.py.
 """
@@ -20,29 +22,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import swiglu
+from . import attention  # KEEP_ATTENTION and keep_attention are read through it at call time: patchable there
+from .attention import KeptAttention, attention_backends
 from .lora4bit import Projection, compute_dtype
 from .offload import Offload
-
-# cuDNN attention builds a plan for every new sequence length (about 3 ms of host time a call), which short
-# batches of changing lengths cannot afford; flash attention needs none, and the others cover what flash cannot
-# run. From LONG_ATTENTION tokens a row the attention's compute dwarfs that, and cuDNN's Hopper kernels run it
-# faster than flash's: on an H100, 4% faster steps at 2 x 2048, 25% at 1 x 32768, but 18% slower at 4 x 512
-# (benchmarks/NOTES.md).
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-LONG_ATTENTION = 2048
-# From KEEP_ATTENTION tokens a row, an offloaded attention unit also sends attention's output and logsumexp to
-# the host, and its recompute runs no attention forward: on an H100, steps 0.8% faster at 2 x 2048, 4% at
-# 1 x 8192, 10% at 1 x 32768, for one more (B, T, H) tensor a layer in host memory (benchmarks/NOTES.md).
-KEEP_ATTENTION = 2048
-
-
-def attention_backends(seq_len: int):
-    """SDPA's backends, in priority order, for rows of seq_len tokens."""
-    first = [SDPBackend.CUDNN_ATTENTION] if seq_len >= LONG_ATTENTION else []
-    return sdpa_kernel(first + ATTENTION_BACKENDS, set_priority=True)
+from .rmsnorm import rms_norm
+from .rope import Rope
+from .swiglu import SwiGLU
 
 
 class FastLayer:
@@ -81,8 +68,27 @@ def unsupported(config) -> str | None:
     return None
 
 
+def attach_fast(layer: torch.nn.Module, fast: FastLayer):
+    """Make `layer` (a LlamaDecoderLayer) train through `fast` in model_forward. Kept outside the module's
+    submodules and parameters: state dicts, adapters and generation see the layer as it was."""
+    layer.__dict__[_FAST] = fast
+
+
+def detach_fast(model: torch.nn.Module):
+    """Drop every decoder layer's FastLayer, and with it the weights it keeps dequantized."""
+    for layer in model.model.layers:
+        layer.__dict__.pop(_FAST, None)
+
+
+def fast_layer(layer: torch.nn.Module) -> FastLayer:
+    return layer.__dict__[_FAST]
+
+
 def is_fast(model) -> bool:
-    return "_minilora_fast" in model.model.layers[0].__dict__
+    return _FAST in model.model.layers[0].__dict__
+
+
+_FAST = "_minilora_fast"  # where a decoder layer holds its FastLayer: read and written only by the functions above
 
 
 def host_embedding(model) -> torch.Tensor | None:
@@ -109,15 +115,15 @@ def model_forward(model, input_ids, attention_mask=None, position_ids=None, inpu
         position_ids = torch.arange(h.shape[1], device=h.device)[None]
     cos, sin = (t.to(h.dtype)[:, :, None] for t in inner.rotary_emb(h, position_ids))  # (1 or B, T, 1, hd)
     offload = Offload(h.device) if torch.is_grad_enabled() and any(
-        layer._minilora_fast.offload for layer in inner.layers) else None
+        fast_layer(layer).offload for layer in inner.layers) else None
     with attention_backends(h.shape[1]):
         h = _layers(inner.layers, h, cos, sin, attention_mask, offload)
-    return _rms_norm(h, inner.norm)
+    return rms_norm(h, inner.norm)
 
 
 def _layers(layers, h, cos, sin, attention_mask, offload):
     for layer in layers:
-        fast = layer._minilora_fast
+        fast = fast_layer(layer)
         if not (fast.checkpoint and torch.is_grad_enabled()):
             h = layer_forward(layer, h, cos, sin, attention_mask)
             continue
@@ -138,6 +144,9 @@ class Recomputed(torch.autograd.Function):
     every tensor the unit saves through saved-tensor hooks, which costs more host time than the unit's own
     forward. A projection that keeps its weights (`Projection.keep`) saves them only in the recompute, which
     lives until this node's backward ends.
+
+    Forward: y = part(x), run without grad. Backward: part(x) again with grad (same RNG state and autocast),
+    then dx and the LoRA weights' gradients as the vector-Jacobian product of that recompute with dy.
     """
 
     @staticmethod
@@ -150,7 +159,7 @@ class Recomputed(torch.autograd.Function):
         else:
             ctx.save_for_backward(x)
         ctx.cos_sin = cos, sin  # shared by every layer: not saved (nor offloaded) per layer
-        keep = [] if offload and part is attention_block and x.shape[1] >= KEEP_ATTENTION else None
+        keep = [] if offload and part is attention_block and x.shape[1] >= attention.KEEP_ATTENTION else None
         with torch.no_grad():
             y = part(layer, x, cos, sin, mask, keep)
         ctx.state = None
@@ -163,7 +172,7 @@ class Recomputed(torch.autograd.Function):
     def backward(ctx, dy):
         x, *kept = ctx.offload.load(ctx.slot) if ctx.offload else ctx.saved_tensors
         cos, sin = ctx.cos_sin
-        params = ctx.layer._minilora_fast.params[ctx.part]
+        params = fast_layer(ctx.layer).params[ctx.part]
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), attention_backends(x.shape[1]), \
                 torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
@@ -191,15 +200,16 @@ def attention_block(layer, x, cos, sin, attention_mask=None, keep=None):
     many kv heads as q heads), (o, logsumexp, state) is appended to it. A list holding that runs the recompute
     of the same unit, whose attention then returns the kept output (KeptAttention).
     """
-    fast: FastLayer = layer._minilora_fast
+    fast: FastLayer = fast_layer(layer)
     att = layer.self_attn
     B, T, _ = x.shape
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
-    a = _rms_norm(x, layer.input_layernorm)
+    a = rms_norm(x, layer.input_layernorm)
     q, k, v = Rope.apply(fast.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
     if keep:
         o = KeptAttention.apply(q, k, v, att.scaling, keep[0])
-    elif keep is not None and attention_mask is None and n_kv == n_q and (kept := _attention(q, k, v, att.scaling)):
+    elif (keep is not None and attention_mask is None and n_kv == n_q
+          and (kept := attention.keep_attention(q, k, v, att.scaling))):
         keep.append(kept)
         o = kept[0]
     else:  # SDPA on the backends of attention_backends: the callers (model_forward, Recomputed) enter them
@@ -210,145 +220,6 @@ def attention_block(layer, x, cos, sin, attention_mask=None, keep=None):
 
 def mlp_block(layer, h, cos=None, sin=None, attention_mask=None, keep=None):
     """h + MLP(norm(h)): the layer's second half (the unused arguments keep one signature with the first)."""
-    fast: FastLayer = layer._minilora_fast
-    m = SwiGLU.apply(fast.gate_up(_rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
+    fast: FastLayer = fast_layer(layer)
+    m = SwiGLU.apply(fast.gate_up(rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
     return fast.down(m, residual=h)
-
-
-def _attention(q, k, v, scale):
-    """Causal attention's output o (B, heads, T, hd), its fp32 logsumexp, and (backend, state) for
-    KeptAttention's backward, from the backend SDPA would choose here; None where that backend has no such
-    path here (then SDPA runs, and nothing is kept)."""
-    backend = SDPBackend(torch.ops.aten._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale))
-    if not q.is_cuda and backend == SDPBackend.FLASH_ATTENTION:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-        return o, lse, (backend, ())
-    if q.is_cuda and backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION) and q.shape[-1] % 8 == 0:
-        if backend == SDPBackend.CUDNN_ATTENTION:
-            o, lse, *state, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True,
-                                                                                    False, scale=scale)
-        else:
-            o, lse, *state, _ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False,
-                                                                                    scale=scale)
-        return o, lse, (backend, state)  # state: cum_seq_q, cum_seq_k, max_q, max_k and the two RNG tensors
-    return None
-
-
-class KeptAttention(torch.autograd.Function):
-    """Causal attention in the recompute of a unit that kept its output and logsumexp from the forward
-    (`_attention`): returns that output, and the backward runs the same backend's backward on it with the
-    recomputed q, k, v, which are bitwise those of the forward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, kept):
-        o, lse, ctx.state = kept
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        backend, state = ctx.state
-        if not q.is_cuda:
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                do, q, k, v, o, lse, 0.0, True, scale=ctx.scale)
-        elif backend == SDPBackend.CUDNN_ATTENTION:
-            cum_q, cum_k, max_q, max_k, seed, offset = state
-            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                do, q, k, v, o, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=ctx.scale)
-        else:
-            cum_q, cum_k, max_q, max_k, seed, offset = state
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=ctx.scale)
-        return *grads, None, None
-
-
-def _rms_norm(x, norm):
-    return RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
-
-
-# torch's own fused RMSNorm kernels, where this build has them for CUDA; otherwise the formula in plain ops
-FUSED_RMS_NORM = all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
-                     for op in ("aten::_fused_rms_norm", "aten::_fused_rms_norm_backward"))
-
-
-class RMSNorm(torch.autograd.Function):
-    """LlamaRMSNorm, w * (x / rms(x)) computed in fp32, keeping only x and the (N, 1) fp32 1/rms for the
-    backward (autograd through transformers' version also keeps fp32 copies of x). On CUDA it runs torch's
-    fused kernels, one launch each way, where the build has them; elsewhere the same formula in plain ops."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        w = weight.to(x.dtype)
-        if x.is_cuda and FUSED_RMS_NORM:
-            y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)
-        else:
-            xf = x.float()
-            rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-            y = w * (xf * rstd).to(x.dtype)
-        ctx.save_for_backward(x, rstd, w)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, rstd, w = ctx.saved_tensors
-        if x.is_cuda and FUSED_RMS_NORM:
-            dx, _ = torch.ops.aten._fused_rms_norm_backward(g, x, [x.shape[-1]], rstd, w, [True, False])
-            return dx, None, None
-        n = x.float() * rstd  # x / rms(x)
-        gn = (g * w).float()
-        # d/dx of n = x * rstd: rstd * (gn - n * mean(gn * n))
-        return (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype), None, None
-
-
-class Rope(torch.autograd.Function):
-    """q, k, v (B, heads, T, hd) from the qkv projection's (B, T, (n_q + 2 n_kv) hd) output, with the rotary
-    embedding on q and k: x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1) over the two halves of hd.
-    v is copied beside them, so the three are views of one new tensor and the projection's output is freed.
-    Saves nothing but cos and sin, which every layer shares."""
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
-        B, T, _ = qkv.shape
-        x = qkv.view(B, T, n_q + 2 * n_kv, -1)  # (B, T, heads, hd)
-        n_rot, half = n_q + n_kv, x.shape[-1] // 2
-        out = torch.empty_like(x)
-        xr, o = x[:, :, :n_rot], out[:, :, :n_rot]
-        torch.mul(xr, cos, out=o)
-        o[..., :half].addcmul_(xr[..., half:], sin[..., :half], value=-1)  # x1 c - x2 s
-        o[..., half:].addcmul_(xr[..., :half], sin[..., half:])  # x2 c + x1 s
-        out[:, :, n_rot:] = x[:, :, n_rot:]
-        ctx.save_for_backward(cos, sin)
-        ctx.heads = (n_q, n_kv)
-        return tuple(t.transpose(1, 2) for t in out.split([n_q, n_kv, n_kv], dim=2))
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        cos, sin = ctx.saved_tensors
-        n_q, n_kv = ctx.heads
-        B, _, T, hd = dq.shape
-        half = hd // 2
-        dx = torch.empty(B, T, n_q + 2 * n_kv, hd, dtype=dq.dtype, device=dq.device)  # (B, T, heads, hd)
-        dq_, dk_, dv_ = dx.split([n_q, n_kv, n_kv], dim=2)
-        for g, d in ((dq.transpose(1, 2), dq_), (dk.transpose(1, 2), dk_)):  # each grad rotated into its slot
-            torch.mul(g, cos, out=d)
-            d[..., :half].addcmul_(g[..., half:], sin[..., half:])  # dx1 = g1 c + g2 s
-            d[..., half:].addcmul_(g[..., :half], sin[..., :half], value=-1)  # dx2 = g2 c - g1 s
-        dv_.copy_(dv.transpose(1, 2))
-        return dx.flatten(2), None, None, None, None
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up from the stacked (..., 2I) output of the gate/up projection; keeps only that input, and
-    writes its gradient over it (kernels/swiglu.py)."""
-
-    @staticmethod
-    def forward(ctx, gu):
-        ctx.save_for_backward(gu)
-        return swiglu.forward(gu)
-
-    @staticmethod
-    def backward(ctx, dm):
-        (gu,) = ctx.saved_tensors
-        return swiglu.backward_(gu, dm.contiguous())

@@ -168,6 +168,10 @@ class ProjectFn(torch.autograd.Function):
     lora holds (xl, A, B) per LoRA member; xl is None when the member has no dropout: x then feeds both
     branches and their input gradients are summed inside one GEMM. Inputs are flattened to 2-D inside, where
     autograd records no view of them.
+
+    Forward: y = [residual +] x W^T [+ b], y[:, R_j] += s_j (xl_j A_j^T) B_j^T. Backward, dy_j = dy[:, R_j]:
+    dx = dy W (+ s_j dy_j B_j A_j for a member without dropout), dxl_j = s_j dy_j B_j A_j (one with dropout),
+    dA_j = s_j (dy_j B_j)^T xl_j, dB_j = s_j dy_j^T (xl_j A_j^T), d residual = dy; W and b get none.
     """
 
     @staticmethod

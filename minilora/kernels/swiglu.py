@@ -52,6 +52,25 @@ def backward_(gu: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     return gu
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up from the stacked (..., 2I) output of the gate/up projection; keeps only that input, and
+    writes its gradient over it (`forward`, `backward_`).
+
+    Forward: m = silu(gate) * up. Backward: d_up = dm silu(gate), d_gate = dm up silu'(gate), with
+    silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); both into gu's storage, returned as gu's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, gu):
+        ctx.save_for_backward(gu)
+        return forward(gu)
+
+    @staticmethod
+    def backward(ctx, dm):
+        (gu,) = ctx.saved_tensors
+        return backward_(gu, dm.contiguous())
+
+
 if triton is not None:
 
     @triton.jit
