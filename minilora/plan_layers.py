@@ -1,0 +1,133 @@
+"""The byte models of one decoder layer for minilora.plan: the sizes of a training step, and what one layer's
+autograd keeps for the backward ("saved") and allocates beside it there ("transient"), for transformers'
+decoder layer and for minilora's fast one (minilora/kernels/layer.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}  # the projections of the fast layer: linears that read one input
+
+
+@dataclass(frozen=True)
+class StepSizes:
+    """The sizes of one training step that the plan reads: the batch, the model's widths, the adapter."""
+
+    B: int  # rows of the batch
+    T: int  # tokens a row
+    H: int  # hidden size
+    I: int  # intermediate (MLP) size
+    V: int  # vocabulary size
+    L: int  # decoder layers
+    heads: int  # attention (query) heads
+    q: int  # q_proj's output features
+    kv: int  # k_proj's (and v_proj's) output features
+    dt: int  # bytes per element of the compute dtype
+    ldt: int  # bytes per element of the adapters' dtype
+    r: int  # LoRA rank
+    targets: list  # the linears with LoRA
+    lin: dict  # (in, out) features of each linear of one decoder layer
+    dropout: float  # LoRA dropout
+
+    @property
+    def S(self) -> int:
+        """Tokens through the decoder."""
+        return self.B * self.T
+
+    @property
+    def N(self) -> int:
+        """Supervised rows (position t predicts token t+1)."""
+        return self.B * (self.T - 1)
+
+    @property
+    def lse(self) -> int:
+        """Entries of attention's logsumexp: one per head and row."""
+        return self.B * self.heads * self.T
+
+    @property
+    def layer_weights(self) -> int:
+        """Bytes of one layer's linears, dequantized."""
+        return sum(i * o for i, o in self.lin.values()) * self.dt
+
+    @property
+    def layer_lora(self) -> int:
+        """LoRA parameters of one layer: A (r, in) and B (out, r) per target."""
+        return sum(self.r * (self.lin[t][0] + self.lin[t][1]) for t in self.targets)
+
+    @property
+    def lora_bytes(self) -> int:
+        """Bytes of every layer's adapters, in their dtype (and of their grads)."""
+        return self.L * self.layer_lora * self.ldt
+
+
+def hf_layer_bytes(z: StepSizes) -> dict:
+    """{"saved", "transient"} bytes of one transformers decoder layer under bf16 autocast, SDPA (bitsandbytes
+    dequantizes one weight at a time, within the transients).
+
+    Saved: each RMSNorm keeps an fp32 copy of its input (LlamaRMSNorm upcasts); SDPA keeps q, k, v, its output
+    (also o_proj's input) and an fp32 logsumexp per head and row; the MLP keeps gate's output (SiLU's input),
+    silu(gate) and up's output. A 4-bit base linear saves no input; a LoRA layer keeps its input for lora_A
+    (shared by q/k/v, by gate/up) and lora_A's (S, r) output; with dropout, each target keeps its own dropped
+    copy and a 1-byte bool mask (CUDA's fused dropout; the CPU keeps a bf16 mask instead).
+    Backward, at the larger of two moments, plus the grad arriving at the layer's output. MLP: the product's
+    incoming grad and the grads of its two factors, or the incoming grad + down_proj's dequantized weight held
+    for its matmul. Attention (MLP freed): flash's grads of q, k, v, of its output, and its fp32 dq accumulator.
+    """
+    S, H, I, q, kv, dt = z.S, z.H, z.I, z.q, z.kv, z.dt
+    attn = S * H * 4 + S * (2 * q + 2 * kv) * dt + z.lse * 4
+    mlp = S * H * 4 + 3 * S * I * dt
+    for group, size, is_attn in ((GROUPS["qkv"], S * H, True), (GROUPS["gate_up"], S * H, False),
+                                 (GROUPS["down"], S * I, False)):
+        if z.dropout == 0 and any(t in z.targets for t in group):
+            attn, mlp = (attn + size * dt, mlp) if is_attn else (attn, mlp + size * dt)
+    for t in z.targets:
+        extra = S * z.r * dt + (S * z.lin[t][0] * (dt + 1) if z.dropout > 0 else 0)
+        attn, mlp = (attn + extra, mlp) if t in GROUPS["qkv"] + GROUPS["o"] else (attn, mlp + extra)
+    mlp_moment = S * I * dt + max(2 * S * I * dt, I * H * dt)
+    attn_moment = -mlp + S * (2 * q + 2 * kv) * dt + S * q * 4
+    return {"saved": attn + mlp, "transient": max(mlp_moment, attn_moment) + S * H * dt}
+
+
+def fast_layer_bytes(z: StepSizes, deq=False, split=False, recomputed=False) -> dict:
+    """{"saved", "transient", "halves"} bytes of one fast layer (minilora/kernels/layer.py), as its code keeps
+    them; "halves" holds (saved, transient) of the attention and the MLP half alone.
+
+    Saved: each RMSNorm its input and an fp32 (S, 1) 1/rms; attention one (S, q + 2 kv) tensor of rotated q, k
+    and v, its output and the fp32 logsumexp; SwiGLU the (S, 2I) gate/up output; and per projection with LoRA:
+    its input (shared by the members without dropout; o_proj's is attention's output, already kept), or per
+    member with dropout a dropped copy and a 1-byte bool mask, and each member's (S, r) x A^T.
+    Backward, at the largest of its moments, each with the incoming grad. MLP: down's input grad (S, I) beside
+    its dequantized weight; the SwiGLU backward, in place; gate/up's input grad beside their weights.
+    Attention: o's input grad beside its weight; attention's q, k, v grads and flash's fp32 dq accumulator;
+    RoPE's; q/k/v's input grad beside their weights. deq: the weights are dequantized (not cached, not kept
+    from the recompute); split: one member's weight at a time. recomputed: the recompute's forward also
+    allocates o's and down's (S, H) outputs beside their weights, with the incoming grad already there.
+    """
+    S, H, I, q, kv, dt = z.S, z.H, z.I, z.q, z.kv, z.dt
+    norm = S * (H * dt + 4)
+    attn_saved = norm + S * (q + 2 * kv) * dt + z.lse * 4 + S * q * dt
+    mlp_saved = norm + 2 * S * I * dt
+    for name, group in GROUPS.items():
+        members = [t for t in group if t in z.targets]
+        n_in = z.lin[group[0]][0]
+        extra = 0
+        if not members:
+            continue
+        if z.dropout > 0:
+            extra += len(members) * S * n_in * (dt + 1)
+        elif name != "o":
+            extra += S * n_in * dt
+        extra += len(members) * S * z.r * dt
+        if name in ("qkv", "o"):
+            attn_saved += extra
+        else:
+            mlp_saved += extra
+    w = {name: (max if split else sum)(z.lin[t][0] * z.lin[t][1] for t in group) * dt if deq else 0
+         for name, group in GROUPS.items()}
+    g, qkv = S * H * dt, S * (q + 2 * kv) * dt  # g: the grad arriving at the layer's output (and the residual's)
+    out = S * H * dt if recomputed else 0
+    mlp = max(g + S * I * dt + w["down"] + out, 2 * g + w["gate_up"])  # gu's grad is written over gu (saved)
+    attn = max(g + max(S * q * dt, out) + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
+    return {"saved": attn_saved + mlp_saved, "transient": max(mlp, attn),
+            "halves": [(attn_saved, attn), (mlp_saved, mlp)]}
