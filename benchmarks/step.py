@@ -225,7 +225,7 @@ def loss_chunk(config, spec, opts) -> int:
                  offload=opts.get("offload", False))
     kw = dict(lora_r=spec["r"], lora_targets=spec["targets"], lora_dropout=spec["dropout"])
     floor = plan_memory(config, spec["batch"], spec["seq"], fast=True, loss_chunk=LOSS_CHUNKS[-1], **fixed, **kw)
-    return choose_plan(config, spec["batch"], spec["seq"], floor["total"], fixed=fixed, **kw)["options"]["loss_chunk"]
+    return choose_plan(config, spec["batch"], spec["seq"], floor["total"], fixed=fixed, **kw)["options"].loss_chunk
 
 
 def train_step(model, loss_fn, ids, opt, device):

@@ -1,7 +1,7 @@
 """Talk to a LLaMA-2 base model plus a LoRA adapter (minilora's or PEFT's) with the LLaMA-2 chat template.
 
     python examples/chat.py --model out/tiny/base --adapter out/tiny/adapter --prompt "Which is bigger, 3 or 8?"
-    python examples/chat.py --model NousResearch/Llama-2-7b-chat-hf --adapter out/guanaco/adapter   # interactive
+    python examples/chat.py --model NousResearch/Llama-2-7b-chat-hf --adapter out/adapter   # interactive
     python examples/chat.py --model out/tiny/base --adapter out/tiny/adapter --save-merged out/tiny/merged
     python examples/chat.py --model out/tiny/merged --prompt "Which is bigger, 3 or 8?"   # the merged model alone
 """
@@ -14,7 +14,7 @@ import torch
 
 import minilora as ml
 from minilora.adapter import check_adapter
-from minilora.train import PRECISIONS, default_precision
+from minilora.config import PRECISIONS, default_precision
 
 
 def main(argv=None):

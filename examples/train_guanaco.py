@@ -10,7 +10,10 @@ format; `examples/chat.py` talks to it.
 """
 
 import argparse
+import dataclasses
+import inspect
 import os
+import re
 import shlex
 import sys
 
@@ -19,10 +22,11 @@ import torch.distributed as dist
 
 import minilora as ml
 from minilora.data import check_eval_size
-from minilora.checkpoint import check_resume, claim, latest_checkpoint, run_shape
+from minilora.checkpoint import check_resume, run_shape
 from minilora.lora import check_targets
 from minilora.model import linear_names, load_config
-from minilora.train import PRECISIONS, default_precision
+from minilora.rundir import claim, latest_checkpoint
+from minilora.config import PRECISIONS, default_precision
 
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
@@ -36,6 +40,10 @@ TINY_PROMPTS = ("Which is bigger, 3 or 8?", "What is the opposite of fast?", "Re
 GUANACO_PROMPTS = ("What is a large language model?", "Escribe un poema corto sobre el mar.")
 
 
+# TrainConfig fields that the example sets itself rather than by a flag of the same name
+OWN = {"sample_prompts": "the preset's or the recipe's prompts", "skip_malformed": "--strict"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny"], help="tiny: the offline CPU demo")
@@ -45,47 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--text-field", default="text", help="the dataset's field of guanaco-format strings")
     p.add_argument("--messages-field", default="messages",
                    help="the field of message lists, read when there is no --text-field")
-    p.add_argument("--output-dir", default="out/guanaco")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.1)
-    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated linear names")
-    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
-    p.add_argument("--precision", choices=list(PRECISIONS),
-                   help="default: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on a CPU")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--resume", help="a checkpoint dir, or 'latest': continue the run in --output-dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the earlier run in --output-dir (its checkpoints, adapter and metrics are deleted)")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations on the held-out split")
     p.add_argument("--eval-size", type=eval_size, default=0.05,
                    help="held-out rows: a fraction below 1 (0.05), a whole number (50), or 0 for no evaluation")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping it")
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--pack", action="store_true", help="pack several examples into each row")
-    p.add_argument("--memory-budget", type=float, metavar="GIB",
-                   help="GPU memory the run may use (default: what the card has free); the memory plan then picks "
-                        "the fastest way to train that fits, and the log says what it picked")
-    p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="auto: the memory plan decides per layer; on: every layer; off: none")
-    p.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
-                   help="checkpointed activations and the embedding table in CPU memory, copied on a side stream; "
-                        "auto: when the memory plan needs it")
-    p.add_argument("--no-fast", dest="fast", action="store_false",
-                   help="train through transformers' decoder layers instead of minilora's (kernels/layer.py)")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run every step eagerly, not as replayed CUDA graphs")
-    p.add_argument("--fused", action="store_true", help="with --no-fast: fused LoRA autograd function")
-    p.add_argument("--compile", action="store_true", help="torch.compile transformers' decoder layers (replaces "
-                   "minilora's)")
-    p.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit or paged_adamw")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"], help="the base's 4-bit type, or none")
+    config_flags(p.add_argument_group("training (minilora.TrainConfig; defaults: the classic guanaco recipe)"))
     args = p.parse_args(argv)
     given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     if args.preset == "tiny":  # preset values, unless the flag was given on the command line
@@ -95,6 +67,31 @@ def parse_args(argv=None):
             if "--" + key.replace("_", "-") not in given:
                 setattr(args, key, value)
     return args
+
+
+def config_flags(group):
+    """A flag for each TrainConfig field, with the field's default and its comment in config.py as the help: a
+    default exists once. bool fields are switches (--pack, --no-fast); bool-or-None ones take auto/on/off;
+    tuples take comma-separated names."""
+    comments = dict(re.findall(r"^    (\w+): [^=]+=.*?#\s*(.*)$", inspect.getsource(ml.TrainConfig), re.M))
+    for f in dataclasses.fields(ml.TrainConfig):
+        if f.name in OWN:
+            continue
+        flag, kind, text = "--" + f.name.replace("_", "-"), str(f.type), comments.get(f.name, "")
+        if kind == "bool":
+            off = f.default is True
+            group.add_argument(flag.replace("--", "--no-") if off else flag, dest=f.name, default=f.default,
+                               action="store_false" if off else "store_true",
+                               help=f"turn off: {text}" if off else text)
+        elif kind == "bool | None":
+            group.add_argument(flag, dest=f.name, choices=[None, True, False], default=None, metavar="auto|on|off",
+                               type=lambda v: {"auto": None, "on": True, "off": False}.get(v, v),
+                               help=f"{text} (auto: None)")
+        else:
+            parse = {"tuple": lambda v: tuple(v.split(",")) if v else ()}.get(kind) or \
+                {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            group.add_argument(flag, dest=f.name, type=parse, default=f.default,
+                               help=f"{text} (default: {','.join(f.default) if kind == 'tuple' else f.default})")
 
 
 def eval_size(text: str) -> float | int:
@@ -150,7 +147,7 @@ def load_data(args, cfg):
             fail(str(e))
     config = attempt(f"model {source!r}", lambda: load_config(source))
     tok = attempt(f"tokenizer of {source!r}", lambda: ml.load_tokenizer(source))
-    train_data, eval_data = (encode(rows, index, tok, cfg, args.strict) if index else None for index in parts)
+    train_data, eval_data = (encode(rows, index, tok, cfg) if index else None for index in parts)
     malformed = sorted(m for data in (train_data, eval_data) if data for m in data[1].malformed)
     if malformed:
         shown = ", ".join(f"{i} ({reason})" for i, reason in malformed[:5]) + (" ..." if len(malformed) > 5 else "")
@@ -158,10 +155,10 @@ def load_data(args, cfg):
     return source, config, tok, train_data, eval_data
 
 
-def encode(rows, index, tok, cfg, strict: bool):
+def encode(rows, index, tok, cfg):
     """encode_rows over rows[i] for i in index; a malformed row is named by its place in the whole dataset."""
     try:
-        examples, stats = ml.encode_rows([rows[i] for i in index], tok, cfg.max_len, skip_malformed=not strict)
+        examples, stats = ml.encode_rows([rows[i] for i in index], tok, cfg.max_len, cfg.skip_malformed)
     except ml.MalformedRow as e:
         e.index = index[e.index]
         fail(str(e))
@@ -178,7 +175,7 @@ def check_memory(config, cfg, quant):
     free = torch.cuda.mem_get_info()[0]
     budget = cfg.memory_budget_gib * 2**30 if cfg.memory_budget_gib else free
     choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget,
-                            fixed=cfg.fixed_plan_options(config.num_hidden_layers), lora_r=cfg.lora_r,
+                            fixed=cfg.fixed_plan(config.num_hidden_layers), lora_r=cfg.lora_r,
                             lora_targets=cfg.targets, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
                             lora_dropout=cfg.lora_dropout)
     if not choice["fits"]:
@@ -212,18 +209,10 @@ def main(argv=None):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(args.seed)
     try:  # every setting is checked here, before anything loads
-        cfg = ml.TrainConfig(
-            output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
-            grad_accum=args.grad_accum, lr=args.lr, max_len=args.max_len, lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=tuple(args.targets.split(",")),
-            precision=args.precision or default_precision(device), seed=args.seed, resume=args.resume,
-            eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, pack=args.pack,
-            offload_activations={"auto": None, "on": True, "off": False}[args.offload], fused=args.fused,
-            compile=args.compile, optimizer=args.optimizer,
-            memory_budget_gib=args.memory_budget, fast=args.fast, cuda_graphs=args.cuda_graphs,
-            gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
-            sample_prompts=TINY_PROMPTS if args.preset == "tiny" else GUANACO_PROMPTS, overwrite=args.overwrite,
-        )
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ml.TrainConfig) if f.name not in OWN}
+        cfg = ml.TrainConfig(**fields, skip_malformed=not args.strict,
+                             sample_prompts=TINY_PROMPTS if args.preset == "tiny" else GUANACO_PROMPTS)
+        cfg.precision = cfg.precision or default_precision(device)
         run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's output dir, locked, or refused
     except ValueError as e:
         fail(str(e))

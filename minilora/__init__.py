@@ -10,13 +10,16 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 from .adapter import load_adapter, save_adapter  # noqa: E402
-from .checkpoint import CheckpointWriteError, ResumeMismatch, RunDirError  # noqa: E402
+from .checkpoint import CheckpointWriteError, ResumeMismatch  # noqa: E402
 from .data import Collator, load_rows, split_eval  # noqa: E402
 from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
 from .model import load_model, load_tokenizer, prepare_for_training, save_merged  # noqa: E402
-from .plan import choose_plan, format_plan, plan_memory  # noqa: E402
+from .rundir import RunDirError  # noqa: E402
+from .plan import PlanOptions, Setup, choose_plan, format_plan, plan_memory  # noqa: E402
 from .template import MalformedRow, encode_chat, encode_rows, render_chat  # noqa: E402
-from .train import Interrupted, TrainConfig, generate, train  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .generate import generate  # noqa: E402
+from .train import Interrupted, train  # noqa: E402
 
 __all__ = [
     "LoRALinear", "add_lora", "lora_state_dict", "mark_only_lora_trainable", "merge_lora",
@@ -24,5 +27,5 @@ __all__ = [
     "load_adapter", "save_adapter", "CheckpointWriteError", "ResumeMismatch", "RunDirError",
     "Collator", "MalformedRow", "encode_chat", "encode_rows", "load_rows", "render_chat", "split_eval",
     "Interrupted", "TrainConfig", "generate", "train",
-    "choose_plan", "format_plan", "plan_memory",
+    "PlanOptions", "Setup", "choose_plan", "format_plan", "plan_memory",
 ]

@@ -12,8 +12,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
 
 from .data import looks_local
-from .kernels.layer import ATTENTION_BACKENDS, FastLayer, unsupported
-from .plan import default_embedding_on_host
+from .kernels.attention import ATTENTION_BACKENDS
+from .kernels.layer import FastLayer, attach_fast, detach_fast, unsupported
+from .plan import PlanOptions, plan_options
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -110,28 +111,28 @@ def load_model(
     return model, tok
 
 
-def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | int = True, offload: bool = False,
-                         fused: bool = False, compile: bool = False, fast: bool = False, cached_layers: int = 0,
-                         keep_weights: bool = False, embedding_on_host: bool | None = None):
-    """Freeze everything but LoRA and choose how each decoder layer trains; returns the model.
+def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = None, *, fused: bool = False,
+                         compile: bool = False, **fields):
+    """Freeze everything but LoRA and make each decoder layer train as `options` says; returns the model.
 
+    options: a PlanOptions (choose_plan's), or its fields by name (gradient_checkpointing=True for every layer,
+    False for none, a number for the first that many; offload=True; fast=True; ...). Without either:
+    transformers' layers, every one checkpointed.
     Embeddings and lm_head keep their dtype: upcasting them to fp32 costs memory and buys nothing.
-    gradient_checkpointing: True checkpoints every decoder layer (only its input is kept, the backward
-    recomputes the rest), False none, a number the first that many. transformers' layers use non-reentrant
-    checkpointing, which needs no `requires_grad` on the layer inputs, so a frozen embedding needs no
-    input-grad hook (the reentrant form does, and has been measured 2x slower); a fast layer is one autograd
-    node of its own (kernels/layer.py, Recomputed).
-    offload: keep each checkpointed layer's saved input in pinned CPU memory instead of on the GPU. A fast
-      layer then checkpoints its halves, with inputs copied on a side stream and fetched one unit ahead
-      (kernels/offload.py), and dequantizes its projections' weights one member at a time.
-    embedding_on_host: keep the frozen embedding table in pinned host memory; each batch's rows are gathered
-      on the host and copied (loss.to_device). None: with fast and offload on a GPU, when the table is not
-      lm_head's too. Generation and transformers' forward need it on the device: `place_embedding` moves it.
-    fast: minilora's loss runs the decoder through minilora/kernels/layer.py: the same weights and formula in
-    fewer kernels. transformers' forward stays for everything else (generation, a direct model(...) call).
-      cached_layers: keep the dequantized weights of the first that many layers for the whole run.
-      keep_weights: a checkpointed layer's recompute keeps its dequantized weights for the backward.
-    Otherwise each layer's transformers forward is wrapped:
+    - A checkpointed layer keeps only its input; the backward recomputes the rest. transformers' layers use
+      non-reentrant checkpointing, which needs no `requires_grad` on the layer inputs, so a frozen embedding
+      needs no input-grad hook (the reentrant form does, and has been measured 2x slower); a fast layer is one
+      autograd node of its own (kernels/layer.py, Recomputed).
+    - offload: a checkpointed layer's saved input waits in pinned CPU memory. A fast layer then checkpoints its
+      halves, with inputs copied on a side stream and fetched one unit ahead (kernels/offload.py), and
+      dequantizes its projections' weights one member at a time.
+    - The embedding table waits in pinned host memory where options.host_embedding says; each batch's rows are
+      gathered on the host and copied (loss.to_device). Generation and transformers' forward need it on the
+      device: `place_embedding` moves it.
+    - fast: minilora's loss runs the decoder through kernels/layer.py, the same weights and formula in fewer
+      kernels (cached_layers keep their dequantized weights for the run; keep_weights: a recompute keeps them
+      for the backward). transformers' forward stays for everything else (generation, a direct model(...)).
+    Otherwise each transformers layer is wrapped (the benchmarks' variants):
       fused: every LoRA layer trains through one autograd function (kernels/lora4bit.py); same numbers.
       compile: torch.compile each decoder layer's forward. The checkpoint wraps the compiled forward, so its
       recompute replays the very graph that ran forward, and its hooks and RNG bookkeeping stay in eager code.
@@ -139,29 +140,29 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | 
     """
     from .lora import lora_layers, mark_only_lora_trainable
 
-    if fast and compile:
-        raise ValueError("fast=True and compile=True are exclusive: fast replaces the forward that compile compiles")
-    if fast and (why := unsupported(model.config)):
-        raise ValueError(f"fast=True cannot train this model: {why}; use fast=False")
+    options = plan_options(options or PlanOptions(fast=False), **fields)
+    if options.fast and (compile or fused):
+        raise ValueError("fast layers replace the forward that compile and fused change: pass fast=False with them")
+    if options.fast and (why := unsupported(model.config)):
+        raise ValueError(f"fast layers cannot train this model: {why}; use fast=False")
     mark_only_lora_trainable(model)
     model.config.use_cache = False  # a KV cache is useless in training and would be rebuilt on recompute
     for lora in lora_layers(model).values():
         lora.fused = fused
     layers = model.model.layers
-    checkpointed = len(layers) if gradient_checkpointing is True else int(gradient_checkpointing)
-    if embedding_on_host is None:
-        embedding_on_host = default_embedding_on_host(fast, offload, checkpointed)
+    n = options.layers_checkpointed(len(layers))
     tied = model.model.embed_tokens.weight is model.lm_head.weight
-    place_embedding(model, "cpu" if embedding_on_host and model.lm_head.weight.is_cuda and not tied else None)
+    place_embedding(model, "cpu" if options.host_embedding(len(layers), tied) and model.lm_head.weight.is_cuda
+                    else None)
+    detach_fast(model)
     for i, layer in enumerate(layers):
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward
-        layer.__dict__.pop("_minilora_fast", None)
-        if fast:
-            layer._minilora_fast = FastLayer(layer, cache=i < cached_layers, keep=keep_weights and i < checkpointed,
-                                             checkpoint=i < checkpointed, offload=offload)
-        elif i < checkpointed or compile:
+        if options.fast:
+            attach_fast(layer, FastLayer(layer, cache=i < options.cached_layers, keep=options.keep_weights and i < n,
+                                         checkpoint=i < n, offload=options.offload))
+        elif i < n or compile:
             train_forward = _flash_first(torch.compile(layer.forward) if compile else layer.forward)
-            layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, i < checkpointed, offload)
+            layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, i < n, options.offload)
     return model
 
 

@@ -238,6 +238,13 @@ class DataStats:
                 f"supervised tokens; {self.truncated} truncated to {max_len} tokens; empty questions: "
                 f"{self.empty_questions}, empty answers: {self.empty_answers}; skipped: {dict(self.skipped) or 'none'}")
 
+    def record(self) -> dict:
+        """The counts as the first line of metrics.jsonl holds them."""
+        return {"train_rows": self.rows, "examples": self.rows - sum(self.skipped.values()),
+                "skipped_rows": dict(self.skipped), "truncated_rows": self.truncated,
+                "supervised_tokens": self.supervised, "empty_questions": self.empty_questions,
+                "empty_answers": self.empty_answers}
+
 
 def encode_rows(rows: Iterable, tokenizer, max_len: int = 1024, skip_malformed: bool = False
                 ) -> tuple[list[dict], DataStats]:

@@ -188,7 +188,7 @@ def test_bad_input_gets_one_line_and_exit_2_before_any_model_loads(messy, base_d
         (["--model", base_dir, "--epochs", "inf", *data], "epochs=inf must be a positive number"),
         (["--model", base_dir, "--targets", "q_proj,v_porj", *data], "['v_porj'] match no linear layer; the model's "
          "linear layers are ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
-        (["--model", base_dir, "--targets", "", *data], "[''] match no linear layer"),
+        (["--model", base_dir, "--targets", "", *data], "targets=[]: no target given"),
         (["--model", base_dir, "--resume", str(tmp_path / "nowhere"), *data], "nowhere' does not exist; pass a "
          "checkpoint-STEP dir, or 'latest'"),
         (["--model", base_dir, "--dataset", str(messy), "--output-dir", str(messy)], f"output_dir {messy} is a file"),
@@ -209,7 +209,7 @@ def test_bad_input_gets_one_line_and_exit_2_before_any_model_loads(messy, base_d
     assert [ex.parse_args(["--eval-size", s]).eval_size for s in ("1", "2", "0.5", "0")] == [1, 2, 0.5, 0]
 
     args = ex.parse_args(["--model", base_dir, "--eval-size", "0", *data])
-    cfg = ex.ml.TrainConfig(output_dir=args.output_dir, max_len=args.max_len)
+    cfg = ex.ml.TrainConfig(output_dir=args.output_dir, max_len=args.max_len, skip_malformed=not args.strict)
     _, _, _, train_data, eval_data = ex.load_data(args, cfg)
     assert eval_data is None and train_data[1].rows == 19  # 0: no held-out split at all
 
@@ -258,10 +258,10 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_resumes_bit_exactly(messy,
     from safetensors.torch import load_file
 
     ex = example()
-    train_module = importlib.import_module("minilora.train")
+    step_module = importlib.import_module("minilora.step")
     common = ["--model", base_dir, "--dataset", str(messy), "--eval-size", "0", "--lora-r", "4", "--max-steps", "5"]
     assert ex.main(common + ["--output-dir", str(tmp_path / "straight")]) == 0  # LoRA dropout 0.1, the default
-    real_loss, calls = train_module.causal_lm_loss, []
+    real_loss, calls = step_module.causal_lm_loss, []
 
     def interrupted(model, batch, chunk):
         calls.append(1)
@@ -269,14 +269,14 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_resumes_bit_exactly(messy,
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(model, batch, chunk)
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", interrupted)
+    monkeypatch.setattr(step_module, "causal_lm_loss", interrupted)
     capsys.readouterr()
     assert ex.main(common + ["--output-dir", str(tmp_path / "stopped")]) == 130
     out, err = capsys.readouterr()
     assert "interrupted after step 3: saved" in err and "adapter:" not in out
     command = err.split("resume with:  python ")[1].strip().split()
     assert command[0] == "examples/train_guanaco.py" and command[-2:] == ["--resume", "latest"]
-    monkeypatch.setattr(train_module, "causal_lm_loss", real_loss)
+    monkeypatch.setattr(step_module, "causal_lm_loss", real_loss)
     assert ex.main(command[1:]) == 0
     a, b = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("straight", "stopped"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -17,7 +17,7 @@ from minilora.checkpoint import CorruptFile, load_training_state
 from minilora.data import encode_rows
 from minilora.tiny import instruction_rows
 
-train_module = importlib.import_module("minilora.train")  # `minilora.train` is also the function
+generate_module = importlib.import_module("minilora.generate")
 ROWS = instruction_rows(12, seed=3)
 EMPTY_Q = "<s>[INST] Hi [/INST] Hello! </s><s>[INST]  [/INST] Anything else? </s>"
 EMPTY_A = "<s>[INST] Say nothing. [/INST]  </s>"
@@ -161,8 +161,8 @@ def test_generate_is_greedy_in_eval_mode_and_follows_the_model_dtype(base_dir, m
             p.normal_(0, 0.5)  # a LoRA update that matters, so dropout would change the answers
     model.train()  # as train() leaves it
     precisions = []
-    real_autocast = train_module._autocast
-    monkeypatch.setattr(train_module, "_autocast", lambda device, p: precisions.append(p) or real_autocast(device, p))
+    real_autocast = generate_module.autocast
+    monkeypatch.setattr(generate_module, "autocast", lambda device, p: precisions.append(p) or real_autocast(device, p))
     answers = {ml.generate(model, tok, "What is the capital of France?", max_new_tokens=12) for _ in range(3)}
     assert len(answers) == 1 and model.training  # greedy means one answer; the mode is given back
     assert precisions == ["fp32"] * 3  # an fp32 model generates in fp32
@@ -175,10 +175,10 @@ def test_generate_is_greedy_in_eval_mode_and_follows_the_model_dtype(base_dir, m
 
 
 def test_default_precision(monkeypatch):
-    assert train_module.default_precision("cpu") == "fp32"
+    assert ml.config.default_precision("cpu") == "fp32"
     for supported, expected in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
-        assert train_module.default_precision(torch.device("cuda")) == expected
+        assert ml.config.default_precision(torch.device("cuda")) == expected
 
 
 def test_load_model_refuses_other_architectures_before_building_anything(tmp_path, monkeypatch):

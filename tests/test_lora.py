@@ -215,7 +215,8 @@ def test_add_lora_targets_and_trainable_count(base_dir, quant, targets):
 
 def test_bad_inputs(base_dir, tmp_path):
     model = load(base_dir, None)
-    with pytest.raises(ValueError, match=r"no linear layer matches targets=\['qkv'\].*q_proj"):
+    with pytest.raises(ValueError, match=r"targets=\['qkv'\]: \['qkv'\] match no linear layer; the model's linear "
+                                         r"layers are .*q_proj"):
         ml.add_lora(model, targets=("qkv",))
     with pytest.raises(ValueError, match="r=0 must be a positive integer"):
         ml.add_lora(model, r=0)
@@ -253,3 +254,14 @@ def test_bad_inputs(base_dir, tmp_path):
     ml.add_lora(wider, r=16, alpha=32)  # same scaling, other shapes
     with pytest.raises(ValueError, match="shape mismatches"):
         ml.load_adapter(wider, tmp_path / "a")
+
+
+def test_mark_only_lora_trainable_freezes_all_else(base_dir):
+    model = load(base_dir, "nf4")
+    ml.add_lora(model, r=4, alpha=8)
+    for p in model.parameters():
+        p.requires_grad_(p.is_floating_point())  # as a user's code might leave them (4-bit weights cannot)
+    ml.mark_only_lora_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if ".lora_A." in n or ".lora_B." in n}
+    assert len(trainable) == 2 * len(lora_layers(model)) == 2 * 2 * model.config.num_hidden_layers

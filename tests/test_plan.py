@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+import minilora as ml
 from minilora.plan import GiB, choose_plan, format_plan, plan_memory
 from minilora.tiny import tiny_config
 
@@ -67,7 +68,7 @@ def test_long_rows_offload_attention_outputs_too():
     """From KEEP_ATTENTION tokens a row an offloaded attention unit also sends attention's (S, q) output and fp32
     logsumexp to the host; shorter rows do not. They come back during the MLP half's backward, which may then
     be the peak: by at most their size, and not at 32k tokens, where the attention half's is far larger."""
-    from minilora.kernels.layer import KEEP_ATTENTION
+    from minilora.kernels.attention import KEEP_ATTENTION
 
     table = 32000 * 4096 * 2
     for T in (KEEP_ATTENTION // 2, KEEP_ATTENTION, 32768):
@@ -85,10 +86,10 @@ def test_choose_plan_offloads_only_when_nothing_else_fits():
     leanest = plan_memory(LLAMA2_7B, 4, 1024, fast=True, loss_chunk=512)["total"]
     roomy = choose_plan(LLAMA2_7B, 4, 1024, leanest + GiB)
     tight = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB)
-    assert roomy["fits"] and not roomy["options"]["offload"]
-    assert tight["fits"] and tight["options"]["offload"] and tight["plan"]["total"] <= leanest - 0.5 * GiB
+    assert roomy["fits"] and not roomy["options"].offload
+    assert tight["fits"] and tight["options"].offload and tight["plan"]["total"] <= leanest - 0.5 * GiB
     refused = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB, fixed={"offload": False})
-    assert not refused["fits"] and not refused["options"]["offload"]
+    assert not refused["fits"] and not refused["options"].offload
 
 
 def test_unquantized_weights_cost_four_times_more():
@@ -263,3 +264,15 @@ def test_fast_layer_saved_set_matches_autograd(one_layer_dir, targets):
     planned = plan_memory(model.config, B, T, lora_r=16, lora_targets=targets, gradient_checkpointing=False,
                           fast=True)
     assert measured == pytest.approx(planned["breakdown"]["activations"], rel=0.01)
+
+
+def test_options_and_setup_dataclasses_equal_their_keywords():
+    """plan_memory takes a PlanOptions and a Setup, or their fields by name; gradient_checkpointing (True, False
+    or a count) is read once, as PlanOptions.checkpointed."""
+    by_class = plan_memory(LLAMA2_7B, 2, 512, ml.PlanOptions(fast=True, checkpointed=5, offload=True),
+                           ml.Setup(lora_r=16, lora_dropout=0.1))
+    by_name = plan_memory(LLAMA2_7B, 2, 512, fast=True, gradient_checkpointing=5, offload=True, lora_r=16,
+                          lora_dropout=0.1)
+    assert by_class == by_name and by_class["inputs"]["checkpointed"] == 5
+    assert plan_memory(LLAMA2_7B, 2, 512, gradient_checkpointing=True) == plan_memory(LLAMA2_7B, 2, 512)
+    assert plan_memory(LLAMA2_7B, 2, 512, gradient_checkpointing=True)["inputs"]["checkpointed"] == 32

@@ -14,10 +14,10 @@ from shutil import _ntuple_diskusage as shutil_usage
 from safetensors.torch import load_file
 
 import minilora as ml
-from minilora.checkpoint import claim, latest_checkpoint
+from minilora.rundir import claim, latest_checkpoint
 from minilora.tiny import instruction_rows
 
-train_module = importlib.import_module("minilora.train")  # `minilora.train` is also the function
+step_module = importlib.import_module("minilora.step")  # where the loop calls the loss
 checkpoint_module = importlib.import_module("minilora.checkpoint")
 ROWS = instruction_rows(16, seed=3)  # 4 micro-batches of 4 per epoch
 
@@ -82,7 +82,7 @@ def test_a_second_run_into_a_used_directory_is_refused_and_overwrite_replaces_it
 
 def test_a_running_directory_is_locked_against_another_process(base_dir, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from minilora.checkpoint import claim; claim(sys.argv[1]); print('held', flush=True); "
+        "import sys, time; from minilora.rundir import claim; claim(sys.argv[1]); print('held', flush=True); "
         "time.sleep(60)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -118,9 +118,10 @@ def test_resume_refuses_a_checkpoint_of_another_shape(base_dir, tmp_path):
     with pytest.raises(ml.ResumeMismatch, match="data '[0-9a-f]+' -> '[0-9a-f]+'"):
         run(base_dir, tmp_path, rows=instruction_rows(16, seed=4), max_steps=4, resume="latest")
     rec = checkpoint_module.run_shape(config(tmp_path), [], None, 2)
+    held = claim(str(tmp_path), "latest")
     with pytest.raises(ml.ResumeMismatch, match="processes 1 -> 2"):
-        checkpoint_module.check_resume(claim(str(tmp_path), "latest"), rec, config(tmp_path))
-    checkpoint_module._claims.clear()
+        checkpoint_module.check_resume(held, rec, config(tmp_path))
+    held.release()
 
 
 def test_resume_applies_a_changed_lr_and_says_so(base_dir, tmp_path, capsys):
@@ -157,7 +158,7 @@ def test_resume_errors_come_before_the_model(base_dir, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly_with_dropout(base_dir, tmp_path, monkeypatch):
     run(base_dir, tmp_path / "straight", max_steps=6)
-    real_loss, calls = train_module.causal_lm_loss, []
+    real_loss, calls = step_module.causal_lm_loss, []
 
     def interrupted(model, batch, chunk):
         calls.append(1)
@@ -165,11 +166,11 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly_with_dropout(base_di
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(model, batch, chunk)
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", interrupted)
+    monkeypatch.setattr(step_module, "causal_lm_loss", interrupted)
     with pytest.raises(ml.Interrupted, match="interrupted after step 4: saved .*checkpoint-4; resume it"):
         run(base_dir, tmp_path / "stopped", max_steps=6)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
-    monkeypatch.setattr(train_module, "causal_lm_loss", real_loss)
+    monkeypatch.setattr(step_module, "causal_lm_loss", real_loss)
     assert not (tmp_path / "stopped" / "adapter").exists()
     history = run(base_dir, tmp_path / "stopped", max_steps=6, resume="latest")
     assert steps(history) == [1, 2, 3, 4, 5, 6]
@@ -178,14 +179,14 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly_with_dropout(base_di
 
 
 def test_nan_stop_names_this_runs_last_checkpoint_or_none(base_dir, tmp_path, monkeypatch):
-    real_loss, calls = train_module.causal_lm_loss, []
+    real_loss, calls = step_module.causal_lm_loss, []
 
     def poisoned(model, batch, chunk):
         calls.append(1)
         loss, n = real_loss(model, batch, chunk)
         return (loss * float("nan") if len(calls) >= 3 else loss), n
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(step_module, "causal_lm_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"at step 3.*The last good checkpoint is .*/a/checkpoint-2; "
                                                  r"try a lower lr$"):
         run(base_dir, tmp_path / "a", max_steps=6, save_every=2)

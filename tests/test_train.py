@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import minilora as ml
 from minilora.data import batches
-from minilora.tiny import instruction_rows
+from minilora.tiny import instruction_rows, tiny_config
 
 checkpoint_module = importlib.import_module("minilora.checkpoint")
 ROWS = instruction_rows(16, seed=3)  # 16 rows, 4 micro-batches of 4 per epoch
@@ -127,7 +127,7 @@ def test_crash_during_checkpoint_write_keeps_previous(base_dir, tmp_path, monkey
         run(base_dir, tmp_path, max_steps=6, save_every=2)
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "metrics.jsonl", "train_config.json"]
-    assert ml.checkpoint.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    assert ml.rundir.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
     _, _, history = run(base_dir, tmp_path, max_steps=6, save_every=2, resume="latest")
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
 
@@ -145,16 +145,16 @@ def test_kept_attention_matches_plain_backward(mha_dir, monkeypatch):
     """An offloaded attention unit that keeps attention's output and logsumexp (rows of KEEP_ATTENTION tokens or
     more; here every row) recomputes no attention: its backward runs the backend's own backward on the kept
     tensors. Loss and LoRA grads equal the plain layers' in fp32 at 1e-5."""
-    from minilora.kernels import layer as layer_mod
+    from minilora.kernels import attention as attention_mod
 
-    kept, attention = [], layer_mod._attention
+    kept, attention = [], attention_mod.keep_attention
 
     def spy(*args):
         kept.append(attention(*args))
         return kept[-1]
 
-    monkeypatch.setattr(layer_mod, "KEEP_ATTENTION", 1)
-    monkeypatch.setattr(layer_mod, "_attention", spy)
+    monkeypatch.setattr(attention_mod, "KEEP_ATTENTION", 1)
+    monkeypatch.setattr(attention_mod, "keep_attention", spy)
     _assert_same_backward(mha_dir, dict(gradient_checkpointing=True, fast=True, offload=True))
     assert len(kept) == 2 and all(kept)  # each layer's forward kept its attention
 
@@ -214,11 +214,11 @@ def test_half_precisions_follow_fp32(base_dir, tmp_path, precision, dtype, loss_
 def test_fixed_plan_options_are_the_fields_the_config_sets():
     """The memory plan chooses what the config leaves None (train() on a GPU, and the example's memory check
     before the weights load); the rest it takes as given."""
-    assert ml.TrainConfig(output_dir="x").fixed_plan_options(32) == {}
-    cfg = ml.TrainConfig(output_dir="x", gradient_checkpointing=False, offload_activations=True, loss_chunk=512)
-    assert cfg.fixed_plan_options(32) == {"gradient_checkpointing": 0, "offload": True, "loss_chunk": 512}
-    assert ml.TrainConfig(output_dir="x", gradient_checkpointing=True).fixed_plan_options(32) == {
-        "gradient_checkpointing": 32}
+    assert ml.TrainConfig(output_dir="x").fixed_plan(32) == {}
+    assert ml.TrainConfig(output_dir="x", gradient_checkpointing=False).fixed_plan(32) == {"checkpointed": 0}
+    assert ml.TrainConfig(output_dir="x", gradient_checkpointing=True).fixed_plan(32) == {"checkpointed": 32}
+    options = ml.choose_plan(tiny_config(), 4, 128, 2**40, fixed={"checkpointed": 1}).get("options")
+    assert isinstance(options, ml.PlanOptions) and options.checkpointed == 1  # fixed: kept though memory abounds
 
 
 def test_config_errors(base_dir, tmp_path):
@@ -268,10 +268,12 @@ def test_adamw_8bit_follows_adamw(base_dir, tmp_path):
     assert 1e-3 < diff <= 5e-2
 
 
-@pytest.mark.parametrize("variant", [dict(pack=True), dict(fast=False)])
+@pytest.mark.parametrize("variant", [dict(pack=True), dict(fast=False), dict(gradient_checkpointing=False),
+                                     dict(fast=False, gradient_checkpointing=False)])
 def test_training_equals_the_padded_fast_default(base_dir, tmp_path, variant):
-    """Ten steps of the default path (fast layers, padded rows) against packed rows (the same examples form each
-    step, laid out with a block-diagonal mask) and against transformers' layers: fp32, no dropout, so the per-step
+    """Ten steps of the default path (fast layers, padded rows, every layer checkpointed on the CPU) against
+    packed rows (the same examples form each step, laid out with a block-diagonal mask), against transformers'
+    layers, and without checkpointing (either layers): fp32, no dropout, so the per-step
     losses and the final LoRA weights agree to float32 round-off through Adam, 1e-5 relative."""
     common = dict(max_steps=10, lora_dropout=0.0, max_len=128, lr=1e-3, log_every=1)
     _, _, ref = run(base_dir, tmp_path / "default", **common)

@@ -1,0 +1,115 @@
+"""TrainConfig: every knob of a run in one dataclass, a comment per field, checked when made; precision rules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+# BOS and "[INST]  [/INST]" alone take about 10 ids under LLaMA's tokenizer, and truncation keeps a quarter of
+# max_len for the question: 64 leaves room for a short question and 48 tokens of answer. Below it an example is
+# mostly markup, or BOS plus a stray answer token.
+MIN_MAX_LEN = 64
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Defaults follow the classic guanaco QLoRA recipe for Llama-2-7B."""
+
+    output_dir: str = "out"  # checkpoints, metrics.jsonl, loss.png and the final adapter/ go here
+    # --- data
+    max_len: int = 1024  # tokens per example (at least 64); longer ones are truncated as encode_chat says
+    batch_size: int = 4  # examples per micro-batch (per process, with several)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    pack: bool = False  # several examples per row, attention kept inside each example
+    skip_malformed: bool = False  # skip and count malformed rows instead of raising MalformedRow
+    group_by_length: bool = True  # batch similar lengths together: less padding, same examples per epoch
+    # --- length of the run
+    epochs: float = 1.0  # passes over the training rows; ignored when max_steps is set
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    # --- optimisation
+    lr: float = 2e-4  # the peak learning rate
+    schedule: str = "cosine"  # "cosine" (decay to 0) or "constant", both after linear warmup
+    warmup_ratio: float = 0.03  # fraction of the steps spent warming up from 0 to lr
+    weight_decay: float = 0.001  # AdamW's decoupled weight decay
+    max_grad_norm: float = 0.3  # clip the global LoRA gradient norm to this
+    optimizer: str = "adamw"  # "adamw" (torch), "adamw_8bit", "paged_adamw_8bit" or "paged_adamw" (bitsandbytes)
+    seed: int = 42  # LoRA init, dropout and data order
+    # --- LoRA, used when the model has none yet
+    lora_r: int = 64  # the rank of each update
+    lora_alpha: float = 16  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.1  # dropout on the LoRA branch's input
+    targets: tuple = ("q_proj", "v_proj")  # the linear layers that get LoRA, by name
+    # --- precision and memory
+    precision: str | None = None  # "bf16", "fp16" (GradScaler, fp32 LoRA weights) or "fp32"; None: by device
+    memory_budget_gib: float | None = None  # GPU memory the run may use; None: what the card has free at start
+    fast: bool = True  # minilora's decoder layers (kernels/layer.py); False: transformers' layers
+    gradient_checkpointing: bool | None = None  # recompute layers in backward: True all, False none; None: the plan
+    cuda_graphs: bool = True  # replay each batch shape's step as a CUDA graph where the plan allows it
+    # --- logging, evaluation, samples, checkpoints
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_every: int | None = None  # steps between evaluations (and one at the end) when eval rows are given
+    sample_every: int | None = None  # steps between greedy samples of sample_prompts (and at start and end)
+    sample_prompts: tuple = ()  # user messages to answer greedily
+    sample_max_new_tokens: int = 64  # the length of each sample's answer, at most
+    save_every: int | None = None  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # this run's checkpoints kept; older ones are deleted
+    resume: str | None = None  # continue the run in output_dir: "latest", or a checkpoint-STEP dir
+    overwrite: bool = False  # replace the run in output_dir (its files are deleted); without it that is refused
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        check(self)
+
+    def fixed_plan(self, num_layers: int) -> dict:
+        """The memory plan's options that this config decides itself (choose_plan's `fixed`); the plan chooses
+        the rest."""
+        if self.gradient_checkpointing is None:
+            return {}
+        return {"checkpointed": num_layers if self.gradient_checkpointing else 0}
+
+
+def check(cfg: TrainConfig):
+    """Every field that can be checked without the model or the data; runs when a TrainConfig is made."""
+    if cfg.precision is not None and cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision={cfg.precision!r}; use one of {list(PRECISIONS)}, or None to pick by device")
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule={cfg.schedule!r}; use 'cosine' or 'constant'")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={cfg.optimizer!r}; use one of {list(OPTIMIZERS)}")
+    for name in ("batch_size", "grad_accum", "log_every", "keep_last", "lora_r", "sample_max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
+    for name in ("max_steps", "eval_every", "sample_every", "save_every"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1, or None")
+    if cfg.max_len < MIN_MAX_LEN:
+        raise ValueError(f"max_len={cfg.max_len} must be at least {MIN_MAX_LEN}: the template's markup alone takes "
+                         "about 10 tokens, and an example needs room for a question and an answer")
+    # each condition holds for good values; NaN fails every comparison, so it is refused too
+    rules = [("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number such as 2e-4"),
+             ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0, "a positive number"),
+             ("max_grad_norm", cfg.max_grad_norm > 0, "positive"),
+             ("lora_alpha", cfg.lora_alpha > 0, "positive"),
+             ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
+             ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+             ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+             ("memory_budget_gib", cfg.memory_budget_gib is None or cfg.memory_budget_gib > 0, "positive, or None")]
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be {rule}")
+
+
+def default_precision(device: torch.device | str) -> str:
+    """bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on a CPU."""
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for "bf16" and "fp16"; plain fp32 compute for "fp32"."""
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")

@@ -1,0 +1,67 @@
+"""Greedy generation under the LLaMA-2 template, evaluation, and the samples that train() logs."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import PRECISIONS, autocast
+from .kernels.layer import host_embedding
+from .loss import causal_lm_loss
+from .model import place_embedding
+from .template import encode_prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str | None = None) -> str:
+    """Greedy answer to one user message (or a list of turns) under the LLaMA-2 template.
+
+    It runs in eval mode (no LoRA dropout) and leaves the model in the mode it found. precision=None follows
+    the model's compute dtype (its embeddings'): bf16 or fp16 autocast for a half-precision model, else fp32.
+    """
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
+    ids = torch.tensor([encode_prompt(turns, tokenizer)], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, precision):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], collate, batch_size: int, precision: str, chunk: int) -> float:
+    """Token-weighted mean loss over `examples`, in micro-batches of batch_size (no grads kept)."""
+    was_training = model.training
+    model.eval()
+    device, total, n = next(model.parameters()).device, 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        with autocast(device, precision):
+            loss, count = causal_lm_loss(model, collate(examples[i : i + batch_size]), chunk)
+        total, n = total + loss.item(), n + count
+    model.train(was_training)
+    return total / n
+
+
+def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> list[tuple[str, str]]:
+    """[(prompt, greedy answer)]. Every RNG is restored afterwards, so sampling leaves the training trajectory
+    exactly as it would have been without it; a host-resident embedding table comes to the device meanwhile
+    (transformers' forward wants it there) and goes back."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    table = host_embedding(model)
+    place_embedding(model)
+    try:
+        return [(prompt, generate(model, tokenizer, prompt, max_new_tokens, precision)) for prompt in prompts]
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if table is not None:
+            place_embedding(model, "cpu")

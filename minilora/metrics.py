@@ -1,0 +1,115 @@
+"""What a run reports: the history that train() returns, metrics.jsonl, the progress bar and loss.png."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from .rundir import read_history
+
+
+class Metrics:
+    """The run's log. Step values stay on the GPU (`add`) until `drain` reads every pending step at once, before
+    anything that needs them: the step never waits for the GPU. Process 0 alone writes files and shows a bar."""
+
+    def __init__(self, cfg, run, step: int, total_steps: int, world: int = 1, overflow_skips: bool = False):
+        self.cfg, self.run, self.world, self.overflow_skips = cfg, run, world, overflow_skips
+        self.rank = dist.get_rank() if world > 1 else 0
+        self.history = read_history(cfg.output_dir, step)  # a resumed run continues the metrics it resumed from
+        self.pending = []  # (step, loss_sum, n_tokens, grad_norm) of steps not yet read
+        self.tokens, self.loss, self.seconds, self.grad_norm = 0, 0.0, 0.0, None  # since the last log line
+        self.clock = time.perf_counter()
+        if world > 1:
+            dist.barrier()  # every process has read what process 0 is about to rewrite
+        self.file = None
+        if self.rank == 0:
+            with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)  # what this run uses, changes on resume included
+            self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
+            self.file.writelines(json.dumps(record) + "\n" for record in self.history)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and self.rank == 0), desc="train",
+                        unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict):
+        self.history.append(record)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def say(self, text: str):
+        """A line for the user, above the progress bar (never on its line); process 0 only."""
+        if self.rank == 0:
+            self.bar.write(text)
+
+    def add(self, step: int, loss_sum: torch.Tensor, n_tokens: int, grad_norm: torch.Tensor):
+        self.pending.append((step, loss_sum, n_tokens, grad_norm))
+        self.bar.update()
+
+    def drain(self):
+        """Stop the training clock and read the pending steps' losses and grad norms, in one wait. A NaN or inf
+        stops the run at that step, before anything is saved from it."""
+        self.seconds += time.perf_counter() - self.clock
+        if not self.pending:
+            return
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in self.pending])
+        if self.world > 1:  # the global step's loss: the sum of every process's part (grad norms are equal already)
+            losses = values[:, 0].contiguous()
+            dist.all_reduce(losses)
+            values[:, 0] = losses
+        for (step, _, n, _), (loss, norm) in zip(self.pending, values.tolist()):
+            # with a GradScaler an inf grad norm is an overflow: scaler.step() skipped it and lowered the scale
+            if not math.isfinite(loss) or (not math.isfinite(norm) and not self.overflow_skips):
+                last = (self.run.checkpoints() or [None])[-1]
+                raise FloatingPointError(
+                    f"loss {loss / n} / grad norm {norm} at step {step}; stopped without saving it or any later step. "
+                    + (f"The last good checkpoint is {last}" if last else "This run has saved no checkpoint yet")
+                    + "; try a lower lr" + (", or bf16" if self.cfg.precision == "fp16" else ""))
+            self.tokens, self.loss, self.grad_norm = self.tokens + n, self.loss + loss, norm
+        self.pending.clear()
+
+    def log_interval(self, step: int, epoch: float, lr: float, device: torch.device):
+        """The token-weighted mean loss over the steps since the last line (not the last step's alone), and the
+        supervised tokens per second of training time (evaluations, samples and saves not counted)."""
+        rate = self.tokens / self.seconds
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        self.log({"step": step, "epoch": round(epoch, 4), "loss": self.loss / self.tokens, "lr": lr,
+                  "grad_norm": self.grad_norm, "tokens_per_s": rate, "seconds": self.seconds, "peak_mem_gib": peak})
+        self.bar.set_postfix(loss=f"{self.loss / self.tokens:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
+        self.tokens, self.loss, self.seconds = 0, 0.0, 0.0
+
+    def restart_clock(self):
+        self.clock = time.perf_counter()
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+            self.file = None
+
+    def plot(self):
+        """loss.png beside metrics.jsonl: the train and eval curves (when matplotlib is installed)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: skipping loss.png (pip install 'minilora[plot]')")
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("loss", "train"), ("eval_loss", "eval")):
+            points = [(h["step"], h[key]) for h in self.history if key in h]
+            if points:
+                ax.plot(*zip(*points), marker="o" if label == "eval" else None, label=label)
+        ax.set(xlabel="step", ylabel="loss", title="minilora")
+        ax.legend()
+        fig.savefig(os.path.join(self.cfg.output_dir, "loss.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)

@@ -1,0 +1,126 @@
+"""One optimizer step: this process's micro-batches, and each one's forward and backward, run eagerly, through
+DDP, or as a replayed CUDA graph."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .config import autocast
+from .data import batches
+from .kernels.graphs import GraphedSteps
+from .loss import causal_lm_loss, supervised_count
+from .template import IGNORE
+
+
+@dataclass
+class Feed:
+    """The stream of micro-batches. Global micro-batch k holds what one process at batch world x batch_size
+    would take as its batch k; process `rank` takes every world-th example of it."""
+
+    examples: list[dict]
+    batch_size: int  # per process
+    seed: int
+    group_by_length: bool
+    collate: Callable  # examples -> a CPU batch (Collator)
+    move: Callable  # a CPU batch -> one on the device, ready for the loss (loss.to_device)
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def per_epoch(self) -> int:
+        """Global micro-batches in one pass over the examples."""
+        return math.ceil(len(self.examples) / (self.batch_size * self.world))
+
+    def stream(self, start: int) -> Iterator[tuple[dict, int]]:
+        """(this process's micro-batch on the device, supervised tokens of the global one) from micro-batch
+        `start` on: a pure function of (seed, position), the same in every process, so a run resumes mid-epoch."""
+        k = start
+        while True:
+            epoch, i = divmod(k, self.per_epoch)
+            order = batches(self.examples, self.batch_size * self.world, self.seed,
+                            group_by_length=self.group_by_length, epoch=epoch)
+            for batch in itertools.islice(order, i, None):
+                share = batch[self.rank::self.world] or [_unsupervised(batch[0])]  # a short last batch
+                n = sum(supervised_count(ex["labels"]) for ex in batch)  # the global batch's, the same everywhere
+                yield self.move(self.collate(share)), n  # the copies to the device are asynchronous
+            k = (epoch + 1) * self.per_epoch
+
+
+def _unsupervised(example: dict) -> dict:
+    """A copy of example that supervises nothing: the input of a process whose share of a short last global
+    batch is empty. It takes part in the step (DDP needs every process there) and adds nothing to it."""
+    return {**example, "labels": [IGNORE] * len(example["labels"])}
+
+
+class Stepper:
+    """Forward and backward of one micro-batch: the gradient of loss_sum / n_step goes into the LoRA .grad.
+
+    mode "graphs": each batch shape's step is a replayed CUDA graph (kernels/graphs.py). "ddp": DDP all-reduces
+    the LoRA gradients, bucketed, while the backward runs, once per optimizer step (with its last micro-batch);
+    its loss is scaled by the number of processes, since the all-reduce averages, so the gradients sum to the
+    global step's. "eager": neither.
+    """
+
+    def __init__(self, model, chunk: int, precision: str, mode: str = "eager", scaler=None):
+        self.model, self.chunk, self.precision, self.mode, self.scaler = model, chunk, precision, mode, scaler
+        self.device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.graphs = GraphedSteps(params, self._loss) if mode == "graphs" else None
+        # DDP wraps the loss: that module's forward is the step's forward. The frozen weights and buffers (RoPE's)
+        # are the same in every process: no broadcast, at the start or per step.
+        self.ddp = DDP(_Loss(model, chunk), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       init_sync=False, broadcast_buffers=False) if mode == "ddp" else None
+        self.world = torch.distributed.get_world_size() if mode == "ddp" else 1
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        return causal_lm_loss(self.model, batch, self.chunk)[0]
+
+    def __call__(self, batch: dict, n_step: int, last: bool) -> torch.Tensor:
+        """The micro-batch's summed loss, a GPU scalar (no wait)."""
+        with autocast(self.device, self.precision):
+            if self.graphs:
+                return self.graphs(batch, 1.0 / n_step)
+            with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
+                loss = self.ddp(batch) if self.ddp else self._loss(batch)
+                self.scaler.scale(loss * self.world / n_step).backward()
+        return loss.detach()
+
+
+def optimizer_step(stepper: Stepper, micro: list[tuple[dict, int]], opt, sched, max_grad_norm: float):
+    """One optimizer step over its micro-batches: (summed loss, supervised tokens, pre-clip grad norm), the loss
+    and norm as GPU scalars."""
+    # Normalise by the supervised tokens of the whole optimizer step, so that batch 4 x accumulation 1 and batch
+    # 1 x accumulation 4 give the same gradient (a per-micro-batch mean would weight short examples more). The
+    # count is known on the host: no wait.
+    n_step = sum(n for _, n in micro)
+    loss_sum = torch.zeros((), device=stepper.device)
+    for j, (batch, _) in enumerate(micro):
+        loss_sum += stepper(batch, n_step, last=j == len(micro) - 1)
+    scaler = stepper.scaler
+    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # a GPU scalar: no wait
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    opt.zero_grad(set_to_none=stepper.graphs is None)  # graphs accumulate into gradients at fixed addresses
+    return loss_sum, n_step, norm
+
+
+class _Loss(torch.nn.Module):
+    """causal_lm_loss as a module, for DDP to wrap: its forward is the step's forward, and its parameters (the
+    model's) include the LoRA weights whose gradients DDP all-reduces."""
+
+    def __init__(self, model, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, batch):
+        return causal_lm_loss(self.model, batch, self.chunk)[0]
