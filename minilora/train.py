@@ -62,7 +62,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         step = resume(model, run, opt, sched, scaler, rank, world)
         _apply_settings(opt, sched, cfg)  # a resumed optimizer and schedule bring back their saved lr and decay
         log = Metrics(cfg, run, step, total_steps, world, overflow_skips=scaler.is_enabled())
-        log.say(plan_line + f"; CUDA graphs {'on' if graphs else 'off'}")
+        plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
+        log.say(plan_line)
         if step and changed:
             log.say(f"resumed from {run.resume_from} at step {step}, with changed settings applied from here on: "
                     + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))

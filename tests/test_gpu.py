@@ -201,3 +201,38 @@ def test_graphed_steps_equal_eager_steps(base_dir):
     assert len(steps.graphs) == 3  # the first batch ran eagerly; every shape was captured once
     assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
     assert all(rel(graph_grads[k], eager_grads[k]) <= 1e-2 for k in eager_grads)
+
+
+@pytest.mark.parametrize("outcome", ["cached, graphs", "cached, eager", "checkpointed", "offloaded"])
+def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp_path, outcome):
+    """train() on the GPU under each outcome of its memory plan, chosen by the budget: every weight kept
+    dequantized with the steps replayed as CUDA graphs (a roomy budget), the same with cuda_graphs=False, every
+    layer checkpointed (the leanest budget without offload), and offloaded (the leanest with it). Eight steps
+    in bf16 without dropout: each step's loss within 2e-2 of transformers' layers (fast=False), bf16's
+    rounding through different kernels; the plan line names the outcome."""
+    from minilora.plan import GiB, PlanOptions, Setup, plan_memory
+    from minilora.tiny import instruction_rows
+
+    def run(out, **kw):
+        model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+        cfg = ml.TrainConfig(output_dir=str(tmp_path / out), max_steps=8, batch_size=4, max_len=128, lr=1e-3,
+                             lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=1, progress=False, **kw)
+        history = ml.train(model, tok, instruction_rows(32, seed=3), cfg)
+        return [h["loss"] for h in history if "loss" in h], history[0]["memory_plan"]
+
+    from transformers import AutoConfig
+
+    config, L = AutoConfig.from_pretrained(base_dir), 2
+    setup = Setup(lora_r=8, lora_targets=("q_proj", "v_proj"), compute_dtype=torch.bfloat16)
+    lean = {o: plan_memory(config, 4, 128, PlanOptions(fast=True, checkpointed=L, offload=o, loss_chunk=512),
+                           setup)["total"] / GiB for o in (False, True)}
+    kw, expect = {"cached, graphs": ({}, "2/2 layers' weights kept dequantized, 0/2 checkpointed"),
+                  "cached, eager": ({"cuda_graphs": False}, "CUDA graphs off"),
+                  "checkpointed": ({"memory_budget_gib": lean[False]}, "0/2 layers' weights kept dequantized, 2/2 "
+                                                                       "checkpointed, loss chunk"),
+                  "offloaded": ({"memory_budget_gib": lean[True]}, "2/2 checkpointed, their inputs")}[outcome]
+    reference, _ = run("reference", fast=False)
+    losses, line = run("fast", **kw)
+    assert expect in line, line
+    assert ("CUDA graphs on" in line) == (outcome == "cached, graphs"), line
+    assert losses == pytest.approx(reference, rel=2e-2)
