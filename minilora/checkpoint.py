@@ -58,7 +58,8 @@ def check_resume(run: Run, shape: dict, cfg) -> dict:
     other settings that differ ({name: (old, new)}), which this run applies from its first step."""
     record = read_record(run.resume_from) if run.resume_from else {}
     old_shape = record.get("shape") or {}
-    diffs = [f"{k} {old_shape[k]!r} -> {shape[k]!r}" for k in shape if k in old_shape and old_shape[k] != _jsonable(shape[k])]
+    diffs = [f"{k} {old_shape[k]!r} -> {shape[k]!r}" for k in shape
+             if k in old_shape and old_shape[k] != _jsonable(shape[k])]
     if diffs:
         raise ResumeMismatch(f"cannot resume from {run.resume_from}: this run differs in {'; '.join(diffs)}; resume "
                              "with the settings it was trained with, or start a new run in another output_dir")
@@ -114,7 +115,8 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
         full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(run.output_dir).free < 2**20
         raise CheckpointWriteError(
             f"could not write {path}: {'the disk is full' if full else e}; "
-            + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint of this run exists")
+            + (f"the previous checkpoint {previous} is intact" if previous
+               else "no earlier checkpoint of this run exists")
             + "; free some space and resume with resume='latest'" * full) from e
     for old in run.checkpoints()[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -40,7 +40,7 @@ def evaluate(model, examples: list[dict], collate, batch_size: int, precision: s
     """Token-weighted mean loss over `examples`, in micro-batches of batch_size (no grads kept)."""
     was_training = model.training
     model.eval()
-    device, total, n = next(model.parameters()).device, 0.0, 0
+    device, total, n = model.lm_head.weight.device, 0.0, 0  # the embedding table may be on the host
     for i in range(0, len(examples), batch_size):
         with autocast(device, precision):
             loss, count = causal_lm_loss(model, collate(examples[i : i + batch_size]), chunk)

@@ -70,7 +70,7 @@ class Stepper:
 
     def __init__(self, model, chunk: int, precision: str, mode: str = "eager", scaler=None):
         self.model, self.chunk, self.precision, self.mode, self.scaler = model, chunk, precision, mode, scaler
-        self.device = next(model.parameters()).device
+        self.device = model.lm_head.weight.device  # not the first parameter's: the embedding may be on the host
         params = [p for p in model.parameters() if p.requires_grad]
         self.graphs = GraphedSteps(params, self._loss) if mode == "graphs" else None
         # DDP wraps the loss: that module's forward is the step's forward. The frozen weights and buffers (RoPE's)
