@@ -14,6 +14,8 @@ import socket
 import sys
 import uuid
 
+from .adapter import CONFIG_NAME, WEIGHTS_NAME
+
 STATE_NAME = "training_state.pt"  # in each checkpoint: the optimizer, schedule, scaler and RNG states
 RECORD_NAME = "run.json"  # in each checkpoint: the run's id, step, shape and config
 LOCK_NAME = ".minilora.lock"
@@ -73,8 +75,7 @@ def claim(output_dir: str, resume: str | None = None, overwrite: bool = False, r
                               "latest), replace it with overwrite=True (--overwrite), or choose another output_dir")
         if overwrite and found and rank == 0:
             for name in found:
-                path = os.path.join(output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                _remove_run_file(os.path.join(output_dir, name))
             print(f"overwrite: removed the earlier run's {', '.join(found)} from {output_dir}")
         resume_from = _resume_target(output_dir, resume)
         read_history(output_dir, float("inf") if resume_from else 0)  # a damaged metrics.jsonl fails here, not later
@@ -87,6 +88,21 @@ def claim(output_dir: str, resume: str | None = None, overwrite: bool = False, r
         raise
     run = _claims[output_dir] = Run(output_dir, run_id or uuid.uuid4().hex, resume_from, lock)
     return run
+
+
+def _remove_run_file(path: str):
+    """Delete what a run wrote at path: a file, a checkpoint dir, or adapter/'s two files (anything else a user
+    put in adapter/ stays, and so does the dir then)."""
+    if not os.path.isdir(path):
+        os.remove(path)
+    elif os.path.basename(path) != "adapter":
+        shutil.rmtree(path)
+    else:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+        if not os.listdir(path):
+            os.rmdir(path)
 
 
 def _lock(output_dir: str):

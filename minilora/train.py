@@ -72,7 +72,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         if not step:
             log.log({"step": 0, **stats.record(), "memory_plan": plan_line})
             if evals and rank == 0:  # the baseline the eval curve is read against
-                _evaluate(model, evals, feed, cfg, options, log, step)
+                _evaluate(stepper, evals, feed, cfg, log, step)
             _sample(model, tokenizer, cfg, log, step)
         record = {"shape": shape, "config": dataclasses.asdict(cfg)}  # each checkpoint's run.json
         model.train()
@@ -93,13 +93,13 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                 if due_log:
                     log.log_interval(step, step * cfg.grad_accum / feed.per_epoch, sched.get_last_lr()[0], device)
                 if due_eval and rank == 0:
-                    _evaluate(model, evals, feed, cfg, options, log, step)
+                    _evaluate(stepper, evals, feed, cfg, log, step)
                 if due_sample:
                     _sample(model, tokenizer, cfg, log, step)
                 if due_save:
                     save_checkpoint(model, run, step, (opt, sched, scaler, rng_state()), record, cfg.keep_last,
                                     rank, world)
-                if stop.asked:
+                if stop.asked and step < total_steps:  # at the last step the run ends as it would anyway
                     raise Interrupted(f"interrupted after step {step}: saved {run.output_dir}/checkpoint-{step}; "
                                       "resume it with resume='latest', bit for bit as if never stopped")
                 log.restart_clock()
@@ -262,8 +262,8 @@ def _lora_settings(model) -> dict | None:
 
 # ---------------------------------------------------------------- around the steps
 
-def _evaluate(model, evals, feed: Feed, cfg: TrainConfig, options: PlanOptions, log: Metrics, step: int):
-    loss = evaluate(model, evals, feed.collate, cfg.batch_size, cfg.precision, options.loss_chunk)
+def _evaluate(stepper: Stepper, evals, feed: Feed, cfg: TrainConfig, log: Metrics, step: int):
+    loss = evaluate(stepper.model, evals, feed.collate, cfg.batch_size, cfg.precision, stepper.chunk)
     log.log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
 
