@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .template import IGNORE, encode_rows  # noqa: F401  (encode_rows: still importable from minilora.data)
+from .template import IGNORE
 
 
 # ---------------------------------------------------------------- batches

@@ -19,7 +19,7 @@ from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import detach_fast, host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
 from .lora import add_lora, lora_layers, lora_state_dict
-from .loss import to_device
+from .loss import supervised_count, to_device
 from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, choose_plan, plan_options
@@ -145,6 +145,10 @@ def _encoded(rows, tokenizer, cfg: TrainConfig) -> tuple[list[dict], DataStats]:
     if longest > cfg.max_len:
         raise ValueError(f"an encoded example has {longest} tokens, more than max_len={cfg.max_len}; "
                          "encode_rows with the max_len of the TrainConfig")
+    empty = [i for i, ex in enumerate(rows[0]) if not supervised_count(ex["labels"])]
+    if empty:  # a step of such examples would divide a zero loss by zero supervised tokens
+        raise ValueError(f"encoded examples {empty[:5]} supervise no token (every label is -100 after the "
+                         "first); drop them, as encode_rows does")
     return rows
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import minilora as ml
 from minilora.checkpoint import CorruptFile, load_training_state
-from minilora.data import encode_rows
+from minilora.template import encode_rows
 from minilora.tiny import instruction_rows
 
 generate_module = importlib.import_module("minilora.generate")
@@ -74,6 +74,10 @@ def test_train_checks_config_and_data_before_touching_the_model(base_dir, tmp_pa
     data = encode_rows(ROWS, tok, max_len=200)
     with pytest.raises(ValueError, match="more than max_len=64"):
         ml.train(model, tok, data, config(tmp_path, max_len=64))
+    examples, stats = encode_rows(ROWS, tok, max_len=128)
+    examples[2] = {**examples[2], "labels": [-100] * len(examples[2]["labels"])}
+    with pytest.raises(ValueError, match=r"encoded examples \[2\] supervise no token"):
+        ml.train(model, tok, (examples, stats), config(tmp_path))
     assert_unchanged(model, before)
     assert not os.listdir(tmp_path)
 

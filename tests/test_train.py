@@ -160,7 +160,8 @@ def test_kept_attention_matches_plain_backward(mha_dir, monkeypatch):
 
 
 def _assert_same_backward(base_dir, prepare):
-    from minilora.data import Collator, encode_rows
+    from minilora.data import Collator
+    from minilora.template import encode_rows
     from minilora.loss import causal_lm_loss
 
     results = []
