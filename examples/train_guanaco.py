@@ -40,8 +40,8 @@ TINY_PROMPTS = ("Which is bigger, 3 or 8?", "What is the opposite of fast?", "Re
 GUANACO_PROMPTS = ("What is a large language model?", "Escribe un poema corto sobre el mar.")
 
 
-# TrainConfig fields that the example sets itself rather than by a flag of the same name
-OWN = {"sample_prompts": "the preset's or the recipe's prompts", "skip_malformed": "--strict"}
+# TrainConfig fields that the example sets itself: the preset's or the recipe's prompts, and --strict
+OWN = {"sample_prompts", "skip_malformed"}
 
 
 def parse_args(argv=None):
@@ -84,14 +84,20 @@ def config_flags(group):
                                action="store_false" if off else "store_true",
                                help=f"turn off: {text}" if off else text)
         elif kind == "bool | None":
-            group.add_argument(flag, dest=f.name, choices=[None, True, False], default=None, metavar="auto|on|off",
-                               type=lambda v: {"auto": None, "on": True, "off": False}.get(v, v),
+            group.add_argument(flag, dest=f.name, default=None, metavar="auto|on|off", type=auto_on_off,
                                help=f"{text} (auto: None)")
         else:
             parse = {"tuple": lambda v: tuple(v.split(",")) if v else ()}.get(kind) or \
                 {"int": int, "float": float}.get(kind.split(" ")[0], str)
             group.add_argument(flag, dest=f.name, type=parse, default=f.default,
                                help=f"{text} (default: {','.join(f.default) if kind == 'tuple' else f.default})")
+
+
+def auto_on_off(text: str) -> bool | None:
+    try:
+        return {"auto": None, "on": True, "off": False}[text]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, on or off") from None
 
 
 def eval_size(text: str) -> float | int:
