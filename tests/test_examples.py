@@ -305,3 +305,24 @@ def test_a_max_len_beyond_the_models_positions_warns_before_loading(messy, base_
     err = capsys.readouterr().err
     assert "warning: --max-len 2048 is beyond the 1024 positions this model was trained on" in err
     assert err.index("warning: --max-len") < err.index("stopped where the weights would load")
+
+
+def test_the_examples_flags_are_trainconfigs_fields_with_their_defaults(capsys):
+    """One source of defaults: each TrainConfig field has its flag, whose default is the field's and whose help
+    is the field's comment in config.py."""
+    import dataclasses
+
+    ex = example()
+    args = ex.parse_args([])
+    for f in dataclasses.fields(ex.ml.TrainConfig):
+        if f.name not in ex.OWN:
+            assert getattr(args, f.name) == f.default, f.name
+    parsed = ex.parse_args(["--no-cuda-graphs", "--gradient-checkpointing", "on", "--targets", "q_proj,o_proj",
+                            "--lora-r", "8"])
+    assert (parsed.cuda_graphs, parsed.gradient_checkpointing, parsed.targets, parsed.lora_r) == (
+        False, True, ("q_proj", "o_proj"), 8)
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR the peak learning rate (default: 0.0002)" in help_text
+    assert "--no-fast turn off: minilora's decoder layers" in help_text
