@@ -181,7 +181,7 @@ def check_memory(config, cfg, quant):
     free = torch.cuda.mem_get_info()[0]
     budget = cfg.memory_budget_gib * 2**30 if cfg.memory_budget_gib else free
     choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget,
-                            fixed=cfg.fixed_plan(config.num_hidden_layers), lora_r=cfg.lora_r,
+                            fixed=cfg.fixed_plan(), lora_r=cfg.lora_r,
                             lora_targets=cfg.targets, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
                             lora_dropout=cfg.lora_dropout)
     if not choice["fits"]:

@@ -64,12 +64,10 @@ class TrainConfig:
     def __post_init__(self):
         check(self)
 
-    def fixed_plan(self, num_layers: int) -> dict:
-        """The memory plan's options that this config decides itself (choose_plan's `fixed`); the plan chooses
-        the rest."""
-        if self.gradient_checkpointing is None:
-            return {}
-        return {"checkpointed": num_layers if self.gradient_checkpointing else 0}
+    def fixed_plan(self) -> dict:
+        """The memory plan's options that this config decides itself (choose_plan's `fixed`, which
+        plan.plan_options reads); the plan chooses the rest."""
+        return {} if self.gradient_checkpointing is None else {"gradient_checkpointing": self.gradient_checkpointing}
 
 
 def check(cfg: TrainConfig):

@@ -158,8 +158,8 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
     for i, layer in enumerate(layers):
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward
         if options.fast:
-            attach_fast(layer, FastLayer(layer, cache=i < options.cached_layers, keep=options.keep_weights and i < n,
-                                         checkpoint=i < n, offload=options.offload))
+            attach_fast(layer, FastLayer(layer, cache=i < options.cached_layers, checkpoint=i < n,
+                                         keep_weights=options.keep_weights and i < n, offload=options.offload))
         elif i < n or compile:
             train_forward = _flash_first(torch.compile(layer.forward) if compile else layer.forward)
             layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, i < n, options.offload)

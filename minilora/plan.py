@@ -100,7 +100,7 @@ def _linears(c):
 
 def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setup: Setup | None = None,
                 print_breakdown=False, **fields):
-    """Peak allocated bytes of a step of `minilora.train`'s loop (labels on every token), itemised.
+    """Peak allocated bytes of a step of `minilora.train()`'s loop (labels on every token), itemised.
 
     config: a LlamaConfig, a dict or anything with its fields. options: how the decoder trains (PlanOptions;
     transformers' layers, every one checkpointed, when not given); setup: the base and the adapter (Setup).

@@ -196,8 +196,8 @@ def test_half_precisions_follow_fp32(base_dir, tmp_path, precision, dtype, loss_
     half precision (measured 0.5% and 1.3%: bounds 2% and 5%). Adam moves each weight by about lr whatever the
     size of its gradient, so an entry whose gradient is near zero may move either way under rounding noise: the
     adapters differ by 9% (fp16) and 16% (bf16), bound 30%, where B, zero at the start, ends 100% away after
-    steps that did not update, and about as far after steps at twice the lr. fp32's losses move by more than 10 times loss_tol over the five steps, so the loss
-    check alone catches an update that is not made."""
+    steps that did not update, and about as far after steps at twice the lr. fp32's losses move by more than 10
+    times loss_tol over the five steps, so the loss check alone catches an update that is not made."""
     common = dict(max_steps=5, lora_dropout=0.0)
     _, _, ref = run(base_dir, tmp_path / "fp32", **common)
     model, _, got = run(base_dir, tmp_path / precision, dtype=dtype, precision=precision, **common)
@@ -215,9 +215,9 @@ def test_half_precisions_follow_fp32(base_dir, tmp_path, precision, dtype, loss_
 def test_fixed_plan_options_are_the_fields_the_config_sets():
     """The memory plan chooses what the config leaves None (train() on a GPU, and the example's memory check
     before the weights load); the rest it takes as given."""
-    assert ml.TrainConfig(output_dir="x").fixed_plan(32) == {}
-    assert ml.TrainConfig(output_dir="x", gradient_checkpointing=False).fixed_plan(32) == {"checkpointed": 0}
-    assert ml.TrainConfig(output_dir="x", gradient_checkpointing=True).fixed_plan(32) == {"checkpointed": 32}
+    assert ml.TrainConfig(output_dir="x").fixed_plan() == {}
+    off, on = (ml.TrainConfig(output_dir="x", gradient_checkpointing=v).fixed_plan() for v in (False, True))
+    assert ml.plan.plan_options(**off).checkpointed == 0 and ml.plan.plan_options(**on).layers_checkpointed(32) == 32
     options = ml.choose_plan(tiny_config(), 4, 128, 2**40, fixed={"checkpointed": 1}).get("options")
     assert isinstance(options, ml.PlanOptions) and options.checkpointed == 1  # fixed: kept though memory abounds
 

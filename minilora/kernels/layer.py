@@ -15,7 +15,7 @@ kernels and keeps fewer activations:
   (swiglu.py);
 - RMSNorm keeps x and its fp32 1/rms only, and runs torch's fused kernels on CUDA (rmsnorm.py).
 The memory plan decides per layer whether its weights stay dequantized for good (`cache`), whether it is
-checkpointed, and whether its recompute keeps the weights for the backward (`keep`); see lora4bit.py.
+checkpointed, and whether its recompute keeps the weights for the backward (`keep_weights`); see lora4bit.py.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ class FastLayer:
     tokens a row the attention unit also offloads attention's output, which its recompute then reuses.
     """
 
-    def __init__(self, layer: torch.nn.Module, cache=False, keep=False, checkpoint=False, offload=False):
+    def __init__(self, layer: torch.nn.Module, cache=False, keep_weights=False, checkpoint=False, offload=False):
         att, mlp = layer.self_attn, layer.mlp
-        split = offload and not cache and not keep
-        self.qkv = Projection([att.q_proj, att.k_proj, att.v_proj], cache, keep, split)
-        self.o = Projection([att.o_proj], cache, keep)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], cache, keep, split)
-        self.down = Projection([mlp.down_proj], cache, keep)
+        split = offload and not cache and not keep_weights
+        self.qkv = Projection([att.q_proj, att.k_proj, att.v_proj], cache, keep_weights, split)
+        self.o = Projection([att.o_proj], cache, keep_weights)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], cache, keep_weights, split)
+        self.down = Projection([mlp.down_proj], cache, keep_weights)
         self.checkpoint, self.offload = checkpoint, offload and checkpoint
         # the LoRA weights of each unit, which a checkpointed unit's single autograd node must name as inputs
         self.params = {part: [w for p in projections for _, m in p.loras for w in (m.lora_A.weight, m.lora_B.weight)]
@@ -68,10 +68,10 @@ def unsupported(config) -> str | None:
     return None
 
 
-def attach_fast(layer: torch.nn.Module, fast: FastLayer):
-    """Make `layer` (a LlamaDecoderLayer) train through `fast` in model_forward. Kept outside the module's
+def attach_fast(layer: torch.nn.Module, spec: FastLayer):
+    """Make `layer` (a LlamaDecoderLayer) train through `spec` in model_forward. Kept outside the module's
     submodules and parameters: state dicts, adapters and generation see the layer as it was."""
-    layer.__dict__[_FAST] = fast
+    layer.__dict__[_FAST] = spec
 
 
 def detach_fast(model: torch.nn.Module):
@@ -114,35 +114,35 @@ def model_forward(model, input_ids, attention_mask=None, position_ids=None, inpu
     if position_ids is None:
         position_ids = torch.arange(h.shape[1], device=h.device)[None]
     cos, sin = (t.to(h.dtype)[:, :, None] for t in inner.rotary_emb(h, position_ids))  # (1 or B, T, 1, hd)
-    offload = Offload(h.device) if torch.is_grad_enabled() and any(
+    copies = Offload(h.device) if torch.is_grad_enabled() and any(
         fast_layer(layer).offload for layer in inner.layers) else None
     with attention_backends(h.shape[1]):
-        h = _layers(inner.layers, h, cos, sin, attention_mask, offload)
+        h = _layers(inner.layers, h, cos, sin, attention_mask, copies)
     return rms_norm(h, inner.norm)
 
 
-def _layers(layers, h, cos, sin, attention_mask, offload):
+def _layers(layers, h, cos, sin, attention_mask, copies):
     for layer in layers:
-        fast = fast_layer(layer)
-        if not (fast.checkpoint and torch.is_grad_enabled()):
+        spec = fast_layer(layer)
+        if not (spec.checkpoint and torch.is_grad_enabled()):
             h = layer_forward(layer, h, cos, sin, attention_mask)
             continue
-        for part in (attention_block, mlp_block) if fast.offload else (layer_forward,):
-            h = Recomputed.apply(h, layer, cos, sin, attention_mask, part, offload if fast.offload else None,
-                                 *fast.params[part])
+        for part in (attention_block, mlp_block) if spec.offload else (layer_forward,):
+            h = Recomputed.apply(h, layer, cos, sin, attention_mask, part, copies if spec.offload else None,
+                                 *spec.params[part])
     return h
 
 
 class Recomputed(torch.autograd.Function):
     """A checkpointed unit of a fast layer (`part`: the whole layer, or its attention or MLP half): the forward
-    keeps only the unit's input (and the RNG state), on the GPU or, with `offload`, in host memory; the
+    keeps only the unit's input (and the RNG state), on the GPU or, with `copies` (an Offload), in host memory; the
     backward runs the unit again, with the same dropout masks, and backpropagates through that. An offloaded
     attention unit on rows of KEEP_ATTENTION tokens or more also keeps attention's output (`KeptAttention`).
 
     One autograd node per unit, with its LoRA weights as inputs so that it is part of the graph even when x
     needs no gradient (the first layer's input). torch.utils.checkpoint's non-reentrant form instead routes
     every tensor the unit saves through saved-tensor hooks, which costs more host time than the unit's own
-    forward. A projection that keeps its weights (`Projection.keep`) saves them only in the recompute, which
+    forward. A projection that keeps its weights (`Projection.keep_weights`) saves them only in the recompute, which
     lives until this node's backward ends.
 
     Forward: y = part(x), run without grad. Backward: part(x) again with grad (same RNG state and autocast),
@@ -150,27 +150,28 @@ class Recomputed(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, layer, cos, sin, mask, part, offload, *params):
-        ctx.layer, ctx.mask, ctx.part, ctx.offload = layer, mask, part, offload
+    def forward(ctx, x, layer, cos, sin, mask, part, copies, *params):
+        ctx.layer, ctx.mask, ctx.part, ctx.copies = layer, mask, part, copies
         ctx.rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        if offload:
-            ctx.slot = offload.save(x)
+        if copies:
+            ctx.slot = copies.save(x)
         else:
             ctx.save_for_backward(x)
         ctx.cos_sin = cos, sin  # shared by every layer: not saved (nor offloaded) per layer
-        keep = [] if offload and part is attention_block and x.shape[1] >= attention.KEEP_ATTENTION else None
+        kept_attention = [] if copies and part is attention_block and x.shape[1] >= attention.KEEP_ATTENTION \
+            else None
         with torch.no_grad():
-            y = part(layer, x, cos, sin, mask, keep)
+            y = part(layer, x, cos, sin, mask, kept_attention)
         ctx.state = None
-        if keep:  # attention's output and logsumexp go with x; the backend's small state stays here
-            o, lse, ctx.state = keep[0]
-            offload.add(ctx.slot, o, lse)
+        if kept_attention:  # attention's output and logsumexp go with x; the backend's small state stays here
+            o, lse, ctx.state = kept_attention[0]
+            copies.add(ctx.slot, o, lse)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, *kept = ctx.offload.load(ctx.slot) if ctx.offload else ctx.saved_tensors
+        x, *kept = ctx.copies.load(ctx.slot) if ctx.copies else ctx.saved_tensors
         cos, sin = ctx.cos_sin
         params = fast_layer(ctx.layer).params[ctx.part]
         devices = [x.device] if x.is_cuda else []
@@ -187,39 +188,39 @@ class Recomputed(torch.autograd.Function):
         return dx, None, None, None, None, None, None, *grads[len(inputs) - len(params):]
 
 
-def layer_forward(layer, x, cos, sin, attention_mask=None, keep=None):
-    """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype. (keep, for
-    one signature with the halves: a whole checkpointed layer keeps no attention output.)"""
+def layer_forward(layer, x, cos, sin, attention_mask=None, kept_attention=None):
+    """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype.
+    (kept_attention, for one signature with the halves: a whole checkpointed layer keeps no attention output.)"""
     return mlp_block(layer, attention_block(layer, x, cos, sin, attention_mask))
 
 
-def attention_block(layer, x, cos, sin, attention_mask=None, keep=None):
+def attention_block(layer, x, cos, sin, attention_mask=None, kept_attention=None):
     """x + attention(norm(x)): the layer's first half.
 
-    keep: an empty list asks to keep attention's output: where the backend allows (causal rows, no mask, as
+    kept_attention: an empty list asks to keep attention's output: where the backend allows (causal rows, no mask, as
     many kv heads as q heads), (o, logsumexp, state) is appended to it. A list holding that runs the recompute
     of the same unit, whose attention then returns the kept output (KeptAttention).
     """
-    fast: FastLayer = fast_layer(layer)
+    spec = fast_layer(layer)
     att = layer.self_attn
     B, T, _ = x.shape
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
     a = rms_norm(x, layer.input_layernorm)
-    q, k, v = Rope.apply(fast.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
-    if keep:
-        o = KeptAttention.apply(q, k, v, att.scaling, keep[0])
-    elif (keep is not None and attention_mask is None and n_kv == n_q
+    q, k, v = Rope.apply(spec.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
+    if kept_attention:
+        o = KeptAttention.apply(q, k, v, att.scaling, kept_attention[0])
+    elif (kept_attention is not None and attention_mask is None and n_kv == n_q
           and (kept := attention.keep_attention(q, k, v, att.scaling))):
-        keep.append(kept)
+        kept_attention.append(kept)
         o = kept[0]
     else:  # SDPA on the backends of attention_backends: the callers (model_forward, Recomputed) enter them
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
                                            scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
-    return fast.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
+    return spec.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
 
 
-def mlp_block(layer, h, cos=None, sin=None, attention_mask=None, keep=None):
+def mlp_block(layer, h, cos=None, sin=None, attention_mask=None, kept_attention=None):
     """h + MLP(norm(h)): the layer's second half (the unused arguments keep one signature with the first)."""
-    fast: FastLayer = fast_layer(layer)
-    m = SwiGLU.apply(fast.gate_up(rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
-    return fast.down(m, residual=h)
+    spec = fast_layer(layer)
+    m = SwiGLU.apply(spec.gate_up(rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
+    return spec.down(m, residual=h)

@@ -12,7 +12,7 @@ Against the plain path (bitsandbytes' MatMul4Bit per linear, then two nn.Linear,
   by the base GEMM's own (`addmm(residual, x, W^T)`): no (N, out) LoRA output, scaled copy or sum exists;
 - one node saves what the LoRA grads need: the members' inputs, A, B and the small (N, r) products xl A^T;
 - the dequantized W is not saved by default: it is dequantized again in the backward, used and freed, and not
-  at all when x needs no gradient (the first layer's input). `Projection.keep` saves it instead: a checkpointed
+  at all when x needs no gradient (the first layer's input). `Projection.keep_weights` saves it instead: a checkpointed
   layer sets it, so the recompute's W serves the backward (2 dequantizations a step instead of 3; the
   checkpoint's first forward runs without grad and saves nothing, so it costs memory only from recompute to
   backward).
@@ -74,10 +74,10 @@ class Projection:
     """Linears that read one input (`members`: LoRALinear or plain/4-bit linears), computed as one.
 
     Not an nn.Module: it holds references to the model's own modules, which keep every parameter, so state
-    dicts, adapters and merging see nothing new. `cache` and `keep` are set by prepare_for_training.
+    dicts, adapters and merging see nothing new. `cache` and `keep_weights` are set by prepare_for_training.
     """
 
-    def __init__(self, members: list[nn.Module], cache: bool = False, keep: bool = False, split: bool = False):
+    def __init__(self, members: list[nn.Module], cache: bool = False, keep_weights: bool = False, split: bool = False):
         self.bases = [m.base if hasattr(m, "lora_A") else m for m in members]
         if any(getattr(b, "lora_A", None) is not None for b in self.bases):
             raise ValueError("nested LoRA layers cannot be projected")
@@ -95,8 +95,8 @@ class Projection:
         # Only a 4-bit weight is worth keeping dequantized: a plain one is there already (stacking several
         # plain weights makes a copy per call instead, which is the rare quant=None case).
         quantized = all(is_4bit(b) for b in self.bases)
-        self.cache, self.keep, self.cached = cache and quantized, keep and quantized, None
-        self.split = split and len(self.bases) > 1 and not (self.cache or self.keep)
+        self.cache, self.keep_weights, self.cached = cache and quantized, keep_weights and quantized, None
+        self.split = split and len(self.bases) > 1 and not (self.cache or self.keep_weights)
 
     def bias(self, dtype) -> torch.Tensor | None:
         if not self.has_bias:
@@ -178,8 +178,8 @@ class ProjectFn(torch.autograd.Function):
     def forward(ctx, x, residual, proj: Projection, *lora):
         shape = (*x.shape[:-1], proj.out_features)
         x2 = x.reshape(-1, proj.in_features)  # (N, in)
-        # the weight (out, in) is kept for the backward when `keep` says so (and it is not cached anyway)
-        W = proj.weight(x.dtype) if proj.keep and proj.cached is None else None
+        # the weight (out, in) is kept for the backward when `keep_weights` says so (and it is not cached anyway)
+        W = proj.weight(x.dtype) if proj.keep_weights and proj.cached is None else None
         y = proj.matmul(x2, None if residual is None else residual.reshape(-1, shape[-1]), W)
         bias = proj.bias(x.dtype)
         if bias is not None:

@@ -174,7 +174,7 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
     L, device = model.config.num_hidden_layers, next(model.parameters()).device
     host = None if world == 1 else False
     options = plan_options(PlanOptions(fast=False, loss_chunk=LOSS_CHUNKS[0], embedding_on_host=host),
-                           **cfg.fixed_plan(L))
+                           **cfg.fixed_plan())
     ckpt = f"{options.layers_checkpointed(L)}/{L}"
     why = "fast=False" if not cfg.fast else unsupported(model.config)
     if why:
@@ -186,14 +186,13 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
     else:
         budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
         source = f"free on {torch.cuda.get_device_name(device)}"
-    layers = lora_layers(model)
-    one = next(iter(layers.values()))
-    setup = Setup(lora_r=one.r, lora_targets=tuple(sorted({n.rsplit(".", 1)[-1] for n in layers})),
-                  lora_dropout=getattr(one.dropout, "p", 0.0), lora_dtype=one.lora_A.weight.dtype,
+    lora = _lora_settings(model)
+    setup = Setup(lora_r=lora["r"], lora_targets=tuple(lora["targets"]), lora_dropout=lora["dropout"],
+                  lora_dtype=next(iter(lora_state_dict(model).values())).dtype,
                   quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
                   compute_dtype=PRECISIONS[cfg.precision])
     choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget,
-                         fixed={**cfg.fixed_plan(L), "embedding_on_host": host}, setup=setup)
+                         fixed={**cfg.fixed_plan(), "embedding_on_host": host}, setup=setup)
     o, plan, n = choice["options"], choice["plan"], choice["options"].layers_checkpointed(L)
     keeps = " (their recompute keeps its weights)" if o.keep_weights and n else ""
     offloads = (f", their inputs{' and the embedding table' if plan['inputs']['embedding_on_host'] else ''} in "
