@@ -51,6 +51,14 @@ def adapter_config(model: torch.nn.Module) -> dict:
     }
 
 
+def lora_settings(model: torch.nn.Module) -> dict | None:
+    """The model's LoRA r, alpha, dropout and targets, or None when it has no LoRA layers yet."""
+    if not lora_layers(model):
+        return None
+    c = adapter_config(model)
+    return dict(r=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], targets=c["target_modules"])
+
+
 def save_adapter(model: torch.nn.Module, out_dir: str) -> str:
     """Write the LoRA weights and config in PEFT's format into `out_dir`; returns out_dir.
 

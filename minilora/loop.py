@@ -10,7 +10,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from .adapter import adapter_config, save_adapter
+from .adapter import lora_settings, save_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
 from .config import PRECISIONS, TrainConfig, check, default_precision
 from .data import Collator
@@ -48,7 +48,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
-        shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, _lora_settings(model))
+        shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
         changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
         options, plan_line = _setup_model(model, cfg, world)
         graphs = cfg.cuda_graphs and options.graphs(model.config.num_hidden_layers) and device.type == "cuda" \
@@ -186,7 +186,7 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
     else:
         budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
         source = f"free on {torch.cuda.get_device_name(device)}"
-    lora = _lora_settings(model)
+    lora = lora_settings(model)
     setup = Setup(lora_r=lora["r"], lora_targets=tuple(lora["targets"]), lora_dropout=lora["dropout"],
                   lora_dtype=next(iter(lora_state_dict(model).values())).dtype,
                   quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
@@ -253,14 +253,6 @@ def _apply_settings(opt, sched, cfg: TrainConfig):
     for group, factor in zip(opt.param_groups, sched.lr_lambdas):
         group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, lr=cfg.lr * factor(sched.last_epoch))
     sched._last_lr = [group["lr"] for group in opt.param_groups]
-
-
-def _lora_settings(model) -> dict | None:
-    """The model's LoRA r, alpha, dropout and targets, or None when it has no LoRA layers yet."""
-    if not lora_layers(model):
-        return None
-    c = adapter_config(model)
-    return dict(r=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], targets=c["target_modules"])
 
 
 # ---------------------------------------------------------------- around the steps
