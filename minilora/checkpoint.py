@@ -117,7 +117,7 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
             f"could not write {path}: {'the disk is full' if full else e}; "
             + (f"the previous checkpoint {previous} is intact" if previous
                else "no earlier checkpoint of this run exists")
-            + "; free some space and resume with resume='latest'" * full) from e
+            + ("; free some space and resume with resume='latest'" if full else "")) from e
     for old in run.checkpoints()[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
