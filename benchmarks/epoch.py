@@ -191,7 +191,7 @@ def worker(spec: dict) -> dict | None:
         spec["device"] = setup_device()
     tok = ml.load_tokenizer(spec["tok_dir"])
     rows = guanaco_rows(spec["rows"], spec["vocab"], spec["seed"], spec.get("lengths"))
-    examples, _ = ml.data.encode_rows(rows, tok, {**RECIPE, **spec["overrides"]}["max_len"])
+    examples, _ = ml.encode_rows(rows, tok, {**RECIPE, **spec["overrides"]}["max_len"])
     tokens = sum(len(ex["input_ids"]) for ex in examples)
     t0 = time.perf_counter()
     if spec["impl"] == "peft":
