@@ -222,32 +222,39 @@ def main(argv=None):
         run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's output dir, locked, or refused
     except ValueError as e:
         fail(str(e))
+    quant = None if args.quant == "none" else args.quant
     try:
         source, config, tok, train_data, eval_data = load_data(args, cfg)
-        try:  # the targets against the architecture, and a resumed checkpoint against this run, still without weights
-            check_targets(linear_names(config), cfg.targets)
-            check_resume(run, run_shape(cfg, train_data[0], source, world), cfg)
-        except ValueError as e:
-            fail(str(e))
-        if cfg.max_len > config.max_position_embeddings:
-            print(f"warning: --max-len {cfg.max_len} is beyond the {config.max_position_embeddings} positions this "
-                  "model was trained on; longer examples may train poorly", file=sys.stderr)
-        quant, compute_dtype = None if args.quant == "none" else args.quant, PRECISIONS[cfg.precision]
-        if device.startswith("cuda"):  # the plan is GPU memory: nothing to say on a CPU run
-            check_memory(config, cfg, quant)
-        try:
-            model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
-                source, quant=quant, compute_dtype=compute_dtype, device=device, tokenizer=tok, config=config))
-            history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
-        except KeyboardInterrupt as e:
-            return interrupted(e, cfg, argv)
-        except (FloatingPointError, ml.CheckpointWriteError) as e:  # a diverged run; a full disk
-            fail(str(e))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        check_before_loading(cfg, run, (source, config, train_data[0], world), quant, device)
+        model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
+            source, quant=quant, compute_dtype=PRECISIONS[cfg.precision], device=device, tokenizer=tok,
+            config=config))
+        history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
+    except KeyboardInterrupt as e:
+        return interrupted(e, cfg, argv)
+    except (FloatingPointError, ml.CheckpointWriteError) as e:  # a diverged run; a full disk
+        fail(str(e))
     finally:
         run.release()  # train() has released it already, unless something failed before
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return report(history, cfg, args.preset == "tiny")
+
+
+def check_before_loading(cfg, run, what: tuple, quant, device: str):
+    """The targets against the architecture, a resumed checkpoint against this run, the length and the memory,
+    all without weights. what: (model source, its config, the encoded training examples, process count)."""
+    source, config, examples, world = what
+    try:
+        check_targets(linear_names(config), cfg.targets)
+        check_resume(run, run_shape(cfg, examples, source, world), cfg)
+    except ValueError as e:
+        fail(str(e))
+    if cfg.max_len > config.max_position_embeddings:
+        print(f"warning: --max-len {cfg.max_len} is beyond the {config.max_position_embeddings} positions this "
+              "model was trained on; longer examples may train poorly", file=sys.stderr)
+    if device.startswith("cuda"):  # the plan is GPU memory: nothing to say on a CPU run
+        check_memory(config, cfg, quant)
 
 
 def interrupted(e: KeyboardInterrupt, cfg, argv) -> int:
