@@ -43,7 +43,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     """
     check(cfg)  # again: the fields may have changed since the config was made
     device = next(model.parameters()).device
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = _process()
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
@@ -126,13 +126,18 @@ class Interrupted(KeyboardInterrupt):
 
 # ---------------------------------------------------------------- set-up
 
+def _process() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) without a torch.distributed process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
     """(examples, stats, eval examples or None), checked before the model is touched."""
     examples, stats = _encoded(train_rows, tokenizer, cfg)
     evals = _encoded(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
-    if cfg.progress and not (dist.is_initialized() and dist.get_rank()):
+    if cfg.progress and _process()[0] == 0:
         print(stats.summary(cfg.max_len))  # before the progress bar exists, so that it is not on the bar's line
     return examples, stats, evals
 
@@ -161,7 +166,7 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]
     options, line = _plan(model, cfg, world)
     prepare_for_training(model, options)
     if world > 1:
-        torch.manual_seed(cfg.seed + 1 + dist.get_rank())  # the same LoRA init everywhere, a dropout stream each
+        torch.manual_seed(cfg.seed + 1 + _process()[0])  # the same LoRA init everywhere, a dropout stream each
     return options, line + (f"; data-parallel over {world} processes" if world > 1 else "")
 
 
@@ -211,9 +216,8 @@ def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptio
     device, vocab, table = model.lm_head.weight.device, model.lm_head.weight.shape[0], host_embedding(model)
     collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len,
                        pad_to_multiple_of=PAD_MULTIPLE if options.fast and device.type == "cuda" else None)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return Feed(examples, cfg.batch_size, cfg.seed, cfg.group_by_length, collate,
-                lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), rank, world)
+                lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), *_process())
 
 
 def _setup_optimizer(model, cfg: TrainConfig, total_steps: int):

@@ -71,8 +71,8 @@ class Stepper:
     def __init__(self, model, chunk: int, precision: str, mode: str = "eager", scaler=None):
         self.model, self.chunk, self.precision, self.mode, self.scaler = model, chunk, precision, mode, scaler
         self.device = model.lm_head.weight.device  # not the first parameter's: the embedding may be on the host
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.graphs = GraphedSteps(params, self._loss) if mode == "graphs" else None
+        self.params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights
+        self.graphs = GraphedSteps(self.params, self._loss) if mode == "graphs" else None
         # DDP wraps the loss: that module's forward is the step's forward. The frozen weights and buffers (RoPE's)
         # are the same in every process: no broadcast, at the start or per step.
         self.ddp = DDP(_Loss(model, chunk), device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -105,8 +105,7 @@ def optimizer_step(stepper: Stepper, micro: list[tuple[dict, int]], opt, sched, 
         loss_sum += stepper(batch, n_step, last=j == len(micro) - 1)
     scaler = stepper.scaler
     scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-    params = [p for group in opt.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # a GPU scalar: no wait
+    norm = torch.nn.utils.clip_grad_norm_(stepper.params, max_grad_norm)  # a GPU scalar: no wait
     scaler.step(opt)
     scaler.update()
     sched.step()
