@@ -14,7 +14,8 @@ from typing import Iterator
 
 import torch
 
-from .template import IGNORE
+from .loss import supervised_count
+from .template import IGNORE, DataStats, encode_rows
 
 
 # ---------------------------------------------------------------- batches
@@ -101,6 +102,21 @@ def batches(examples: list[dict], batch_size: int, seed: int = 0, shuffle: bool 
 # ---------------------------------------------------------------- loading
 
 _FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def encoded(rows, tokenizer, max_len: int, skip_malformed: bool = False) -> tuple[list[dict], DataStats]:
+    """(examples, stats): encode_rows' result as it is (checked against max_len), or rows encoded."""
+    if not (isinstance(rows, tuple) and len(rows) == 2 and isinstance(rows[1], DataStats)):
+        return encode_rows(rows, tokenizer, max_len, skip_malformed)
+    longest = max(len(ex["input_ids"]) for ex in rows[0])
+    if longest > max_len:
+        raise ValueError(f"an encoded example has {longest} tokens, more than max_len={max_len}; "
+                         "encode_rows with the max_len of the TrainConfig")
+    empty = [i for i, ex in enumerate(rows[0]) if not supervised_count(ex["labels"])]
+    if empty:  # a step of such examples would divide a zero loss by zero supervised tokens
+        raise ValueError(f"encoded examples {empty[:5]} supervise no token (every label is -100 after the "
+                         "first); drop them, as encode_rows does")
+    return rows
 
 
 def looks_local(name: str) -> bool:

@@ -13,19 +13,18 @@ import torch.distributed as dist
 from .adapter import lora_settings, save_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
 from .config import PRECISIONS, TrainConfig, check, default_precision
-from .data import Collator
+from .data import Collator, encoded
 from .generate import evaluate, samples
 from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import detach_fast, host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
 from .lora import add_lora, lora_layers, lora_state_dict
-from .loss import supervised_count, to_device
+from .loss import to_device
 from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, choose_plan, plan_options
 from .rundir import claim
-from .step import Feed, Stepper, optimizer_step
-from .template import DataStats, encode_rows
+from .step import Feed, Stepper, apply_settings, make_optimizer, optimizer_step
 
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
@@ -42,82 +41,70 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     evaluates, samples and writes files.
     """
     check(cfg)  # again: the fields may have changed since the config was made
-    device = next(model.parameters()).device
-    rank, world = _process()
-    cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(next(model.parameters()).device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
+    rank, world = _process()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
-        shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
-        changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
-        options, plan_line = _setup_model(model, cfg, world)
-        graphs = cfg.cuda_graphs and options.graphs(model.config.num_hidden_layers) and device.type == "cuda" \
-            and cfg.precision != "fp16" and not cfg.pack and world == 1  # graphs need fixed shapes, no scaler
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
-        stepper = Stepper(model, options.loss_chunk, cfg.precision, "graphs" if graphs else "ddp" if world > 1
-                          else "eager", scaler)
-        feed = _setup_feed(model, tokenizer, examples, cfg, options, dense=graphs)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * feed.per_epoch / cfg.grad_accum))
-        opt, sched = _setup_optimizer(model, cfg, total_steps)
-        step = resume(model, run, opt, sched, scaler, rank, world)
-        _apply_settings(opt, sched, cfg)  # a resumed optimizer and schedule bring back their saved lr and decay
-        log = Metrics(cfg, run, step, total_steps, world, overflow_skips=scaler.is_enabled())
-        plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
-        log.say(plan_line)
-        if step and changed:
-            log.say(f"resumed from {run.resume_from} at step {step}, with changed settings applied from here on: "
-                    + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-            log.log({"step": step, "resumed_from": run.resume_from, "changed": changed})
-        stream = feed.stream(step * cfg.grad_accum)
-        if not step:
-            log.log({"step": 0, **stats.record(), "memory_plan": plan_line})
+        t = _setup(model, tokenizer, examples, cfg, run)
+        if not t.step:
+            t.log.log({"step": 0, **stats.record(), "memory_plan": t.plan_line})
             if evals and rank == 0:  # the baseline the eval curve is read against
-                _evaluate(stepper, evals, feed, cfg, log, step)
-            _sample(model, tokenizer, cfg, log, step)
-        record = {"shape": shape, "config": dataclasses.asdict(cfg)}  # each checkpoint's run.json
+                _evaluate(t, evals)
+            _sample(t)
         model.train()
-        stop = _StopRequest(world == 1)
-        log.restart_clock()
         try:
-            while step < total_steps:
-                micro = [next(stream) for _ in range(cfg.grad_accum)]
-                step += 1
-                log.add(step, *optimizer_step(stepper, micro, opt, sched, cfg.max_grad_norm))
-                due_log = step % cfg.log_every == 0 or step == total_steps
-                due_eval = evals and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
-                due_sample = cfg.sample_every and step % cfg.sample_every == 0 and step != total_steps
-                due_save = step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop.asked
-                if not (due_log or due_eval or due_sample or due_save):
-                    continue
-                log.drain()  # the one wait for the GPU, before anything that reads or saves these steps
-                if due_log:
-                    log.log_interval(step, step * cfg.grad_accum / feed.per_epoch, sched.get_last_lr()[0], device)
-                if due_eval and rank == 0:
-                    _evaluate(stepper, evals, feed, cfg, log, step)
-                if due_sample:
-                    _sample(model, tokenizer, cfg, log, step)
-                if due_save:
-                    save_checkpoint(model, run, step, (opt, sched, scaler, rng_state()), record, cfg.keep_last,
-                                    rank, world)
-                if stop.asked and step < total_steps:  # at the last step the run ends as it would anyway
-                    raise Interrupted(f"interrupted after step {step}: saved {run.output_dir}/checkpoint-{step}; "
-                                      "resume it with resume='latest', bit for bit as if never stopped")
-                log.restart_clock()
-            stop.close()
-            _sample(model, tokenizer, cfg, log, step)
+            _steps(t, evals)
+            _sample(t)
         finally:
-            stop.close()
-            log.close()
+            t.log.close()
             detach_fast(model)  # the fast layers' weight caches go with them; generation needs neither
             place_embedding(model)  # back beside lm_head, where generation and transformers' forward want it
         if rank == 0:
             save_adapter(model, f"{cfg.output_dir}/adapter")
-            log.plot()
+            t.log.plot()
         if world > 1:
             dist.barrier()  # the adapter is there for every process when train() returns
-        return log.history
+        return t.log.history
     finally:
         run.release()
+
+
+def _steps(t: _Training, evals):
+    """The loop, from step t.step to the last: each optimizer step, then what falls due after it. t.step counts
+    the steps done."""
+    cfg, log = t.cfg, t.log
+    stream = t.feed.stream(t.step * cfg.grad_accum)
+    stop = _StopRequest(t.world == 1)
+    log.restart_clock()
+    try:
+        while t.step < t.total_steps:
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            t.step = step = t.step + 1
+            log.add(step, *optimizer_step(t.stepper, micro, t.opt, t.sched, cfg.max_grad_norm))
+            last = step == t.total_steps
+            due_log = step % cfg.log_every == 0 or last
+            due_eval = evals and (last or (cfg.eval_every and step % cfg.eval_every == 0))
+            due_sample = cfg.sample_every and step % cfg.sample_every == 0 and not last
+            due_save = last or (cfg.save_every and step % cfg.save_every == 0) or stop.asked
+            if not (due_log or due_eval or due_sample or due_save):
+                continue
+            log.drain()  # the one wait for the GPU, before anything that reads or saves these steps
+            if due_log:
+                log.log_interval(step, step * cfg.grad_accum / t.feed.per_epoch, t.sched.get_last_lr()[0], t.device)
+            if due_eval and log.rank == 0:
+                _evaluate(t, evals)
+            if due_sample:
+                _sample(t)
+            if due_save:
+                save_checkpoint(t.model, t.run, step, (t.opt, t.sched, t.scaler, rng_state()), t.record,
+                                cfg.keep_last, log.rank, t.world)
+            if stop.asked and not last:  # at the last step the run ends as it would anyway
+                raise Interrupted(f"interrupted after step {step}: saved {t.run.output_dir}/checkpoint-{step}; "
+                                  "resume it with resume='latest', bit for bit as if never stopped")
+            log.restart_clock()
+    finally:
+        stop.close()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -126,6 +113,57 @@ class Interrupted(KeyboardInterrupt):
 
 # ---------------------------------------------------------------- set-up
 
+@dataclasses.dataclass
+class _Training:
+    """What the loop works with, made by _setup; `step` counts the optimizer steps done."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    cfg: TrainConfig
+    run: object  # rundir.Run
+    device: torch.device
+    world: int
+    stepper: Stepper
+    feed: Feed
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    log: Metrics
+    step: int
+    total_steps: int
+    plan_line: str
+    record: dict  # each checkpoint's run.json
+
+
+def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
+    """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
+    (eager, DDP or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log."""
+    rank, world = _process()
+    device = next(model.parameters()).device
+    shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
+    changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
+    options, plan_line = _setup_model(model, cfg, world)
+    graphs = cfg.cuda_graphs and options.graphs(model.config.num_hidden_layers) and device.type == "cuda" \
+        and cfg.precision != "fp16" and not cfg.pack and world == 1  # graphs need fixed shapes, no scaler
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
+    stepper = Stepper(model, options.loss_chunk, cfg.precision, "graphs" if graphs else "ddp" if world > 1
+                      else "eager", scaler)
+    feed = _setup_feed(model, tokenizer, examples, cfg, options, dense=graphs)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * feed.per_epoch / cfg.grad_accum))
+    opt, sched = make_optimizer(model, cfg, total_steps)
+    step = resume(model, run, opt, sched, scaler, rank, world)
+    apply_settings(opt, sched, cfg)  # a resumed optimizer and schedule bring back their saved lr and decay
+    log = Metrics(cfg, run, step, total_steps, world, overflow_skips=scaler.is_enabled())
+    plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
+    log.say(plan_line)
+    if step and changed:
+        log.say(f"resumed from {run.resume_from} at step {step}, with changed settings applied from here on: "
+                + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        log.log({"step": step, "resumed_from": run.resume_from, "changed": changed})
+    return _Training(model, tokenizer, cfg, run, device, world, stepper, feed, opt, sched, scaler, log, step,
+                     total_steps, plan_line, {"shape": shape, "config": dataclasses.asdict(cfg)})
+
+
 def _process() -> tuple[int, int]:
     """(this process's rank, the number of processes): (0, 1) without a torch.distributed process group."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -133,28 +171,13 @@ def _process() -> tuple[int, int]:
 
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
     """(examples, stats, eval examples or None), checked before the model is touched."""
-    examples, stats = _encoded(train_rows, tokenizer, cfg)
-    evals = _encoded(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
+    examples, stats = encoded(train_rows, tokenizer, cfg.max_len, cfg.skip_malformed)
+    evals = encoded(eval_rows, tokenizer, cfg.max_len, cfg.skip_malformed)[0] if eval_rows is not None else None
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
     if cfg.progress and _process()[0] == 0:
         print(stats.summary(cfg.max_len))  # before the progress bar exists, so that it is not on the bar's line
     return examples, stats, evals
-
-
-def _encoded(rows, tokenizer, cfg: TrainConfig) -> tuple[list[dict], DataStats]:
-    """(examples, stats): encode_rows' result as it is, or rows encoded under cfg."""
-    if not (isinstance(rows, tuple) and len(rows) == 2 and isinstance(rows[1], DataStats)):
-        return encode_rows(rows, tokenizer, cfg.max_len, cfg.skip_malformed)
-    longest = max(len(ex["input_ids"]) for ex in rows[0])
-    if longest > cfg.max_len:
-        raise ValueError(f"an encoded example has {longest} tokens, more than max_len={cfg.max_len}; "
-                         "encode_rows with the max_len of the TrainConfig")
-    empty = [i for i, ex in enumerate(rows[0]) if not supervised_count(ex["labels"])]
-    if empty:  # a step of such examples would divide a zero loss by zero supervised tokens
-        raise ValueError(f"encoded examples {empty[:5]} supervise no token (every label is -100 after the "
-                         "first); drop them, as encode_rows does")
-    return rows
 
 
 def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
@@ -220,59 +243,23 @@ def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptio
                 lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), *_process())
 
 
-def _setup_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """(optimizer, schedule) over the trainable (LoRA) parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        # the fused CUDA kernel updates every LoRA tensor in one launch, and takes the GradScaler's inf check on
-        # the GPU without a host sync
-        opt = torch.optim.AdamW(params, fused=params[0].is_cuda, **kw)
-    else:
-        import bitsandbytes as bnb
-
-        choices = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-                   "paged_adamw": bnb.optim.PagedAdamW}
-        opt = choices[cfg.optimizer](params, **kw)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(warmup, total_steps, cfg.schedule))
-
-
-def _lr_factor(warmup: int, total: int, schedule: str):
-    def factor(step):  # step = optimizer steps taken so far
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _apply_settings(opt, sched, cfg: TrainConfig):
-    """This config's lr and weight decay in the optimizer and the schedule, at the schedule's current step (the
-    values LambdaLR sets itself; a resumed state brings back the ones it was saved with)."""
-    sched.base_lrs = [cfg.lr] * len(opt.param_groups)
-    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
-        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, lr=cfg.lr * factor(sched.last_epoch))
-    sched._last_lr = [group["lr"] for group in opt.param_groups]
-
-
 # ---------------------------------------------------------------- around the steps
 
-def _evaluate(stepper: Stepper, evals, feed: Feed, cfg: TrainConfig, log: Metrics, step: int):
-    loss = evaluate(stepper.model, evals, feed.collate, cfg.batch_size, cfg.precision, stepper.chunk)
-    log.log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
+def _evaluate(t: _Training, evals):
+    cfg = t.cfg
+    loss = evaluate(t.model, evals, t.feed.collate, cfg.batch_size, cfg.precision, t.stepper.chunk)
+    t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
 
-def _sample(model, tokenizer, cfg: TrainConfig, log: Metrics, step: int):
+def _sample(t: _Training):
     """Greedy answers to the sample prompts, logged (process 0 only)."""
-    if not cfg.sample_prompts or log.rank:
+    cfg = t.cfg
+    if not cfg.sample_prompts or t.log.rank:
         return
-    for prompt, answer in samples(model, tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision):
-        log.log({"step": step, "prompt": prompt, "sample": answer})
-        log.say(f"[step {step}] {prompt!r} -> {answer!r}")
+    for prompt, answer in samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens,
+                                  cfg.precision):
+        t.log.log({"step": t.step, "prompt": prompt, "sample": answer})
+        t.log.say(f"[step {t.step}] {prompt!r} -> {answer!r}")
 
 
 class _StopRequest:

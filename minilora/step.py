@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import autocast
+from .config import TrainConfig, autocast
 from .data import batches
 from .kernels.graphs import GraphedSteps
 from .loss import causal_lm_loss, supervised_count
@@ -123,3 +123,42 @@ class _Loss(torch.nn.Module):
 
     def forward(self, batch):
         return causal_lm_loss(self.model, batch, self.chunk)[0]
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """(optimizer, schedule) over the trainable (LoRA) parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        # the fused CUDA kernel updates every LoRA tensor in one launch, and takes the GradScaler's inf check on
+        # the GPU without a host sync
+        opt = torch.optim.AdamW(params, fused=params[0].is_cuda, **kw)
+    else:
+        import bitsandbytes as bnb
+
+        choices = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                   "paged_adamw": bnb.optim.PagedAdamW}
+        opt = choices[cfg.optimizer](params, **kw)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(warmup, total_steps, cfg.schedule))
+
+
+def _lr_factor(warmup: int, total: int, schedule: str):
+    def factor(step):  # step = optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def apply_settings(opt, sched, cfg: TrainConfig):
+    """This config's lr and weight decay in the optimizer and the schedule, at the schedule's current step (the
+    values LambdaLR sets itself; a resumed state brings back the ones it was saved with)."""
+    sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, lr=cfg.lr * factor(sched.last_epoch))
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
