@@ -33,22 +33,13 @@ def adapter_config(model: torch.nn.Module) -> dict:
     if len(settings) > 1:
         raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one adapter config")
     (r, alpha, dropout), = settings
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+            "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+            # PEFT's defaults, which describe minilora's LoRA layers: no bias, rsLoRA, DoRA or extra trained modules
+            "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None}
 
 
 def lora_settings(model: torch.nn.Module) -> dict | None:
@@ -75,9 +66,9 @@ def save_adapter(model: torch.nn.Module, out_dir: str) -> str:
     return out_dir
 
 
-def write_atomic(path: str, data) -> str:
+def write_atomic(path: str, data):
     """Write `data` (bytes, or a function that writes to a binary file) to path through a temporary file beside
-    it and a rename: path holds its old content or all of the new, never part of it. Returns path."""
+    it and a rename: path holds its old content or all of the new, never part of it."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:  # Python's own file: a full disk is an OSError with errno ENOSPC
@@ -89,7 +80,6 @@ def write_atomic(path: str, data) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return path
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
@@ -136,7 +126,16 @@ def check_adapter(adapter_dir: str) -> dict:
             config = json.load(f)
     except (json.JSONDecodeError, OSError) as e:
         raise CorruptFile(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
-    _check_supported(config, adapter_dir)
+    problems = [f"peft_type={config.get('peft_type')!r}"] if config.get("peft_type", "LORA") != "LORA" else []
+    problems += [f"{key}=true" for key in ("use_rslora", "use_dora") if config.get(key)]
+    problems += [f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else []
+    # modules_to_save, or per-layer ranks, scalings or layer subsets: one (r, alpha) cannot describe them
+    keys = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
+    problems += [f"{key}={config[key]}" for key in keys if config.get(key)]
+    if problems or not {"r", "lora_alpha", "target_modules"} <= config.keys():
+        raise ValueError(f"unsupported adapter config in {adapter_dir}: "
+                         f"{problems or 'missing r, lora_alpha or target_modules'}; minilora loads plain LoRA adapters "
+                         "(bias 'none', one r and alpha, no rsLoRA/DoRA, no modules_to_save)")
     return config
 
 
@@ -153,23 +152,5 @@ def _matched_weights(model, state: dict, config: dict, adapter_dir: str) -> list
         raise ValueError(
             f"the adapter in {adapter_dir} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}; "
-            "load it onto the base model it was trained on"
-        )
+            "load it onto the base model it was trained on")
     return [(param, state[k]) for k, param in own.items()]
-
-
-def _check_supported(config: dict, where: str):
-    problems = []
-    if config.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type={config.get('peft_type')!r}")
-    for key in ("use_rslora", "use_dora"):
-        if config.get(key):
-            problems.append(f"{key}=true")
-    if config.get("bias", "none") != "none":
-        problems.append(f"bias={config['bias']!r}")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
-        if config.get(key):  # per-layer ranks, scalings or layer subsets: one (r, alpha) cannot describe them
-            problems.append(f"{key}={config[key]}")
-    if problems or "r" not in config or "lora_alpha" not in config or "target_modules" not in config:
-        raise ValueError(f"unsupported adapter config in {where}: {problems or 'missing r, lora_alpha or target_modules'}; "
-                         "minilora loads plain LoRA adapters (bias 'none', one r and alpha, no rsLoRA/DoRA, no modules_to_save)")
