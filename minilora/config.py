@@ -78,24 +78,21 @@ def check(cfg: TrainConfig):
         raise ValueError(f"schedule={cfg.schedule!r}; use 'cosine' or 'constant'")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={cfg.optimizer!r}; use one of {list(OPTIMIZERS)}")
-    for name in ("batch_size", "grad_accum", "log_every", "keep_last", "lora_r", "sample_max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
-    for name in ("max_steps", "eval_every", "sample_every", "save_every"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1, or None")
-    if cfg.max_len < MIN_MAX_LEN:
-        raise ValueError(f"max_len={cfg.max_len} must be at least {MIN_MAX_LEN}: the template's markup alone takes "
-                         "about 10 tokens, and an example needs room for a question and an answer")
     # each condition holds for good values; NaN fails every comparison, so it is refused too
-    rules = [("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number such as 2e-4"),
-             ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0, "a positive number"),
-             ("max_grad_norm", cfg.max_grad_norm > 0, "positive"),
-             ("lora_alpha", cfg.lora_alpha > 0, "positive"),
-             ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
-             ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
-             ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
-             ("memory_budget_gib", cfg.memory_budget_gib is None or cfg.memory_budget_gib > 0, "positive, or None")]
+    counts = ("batch_size", "grad_accum", "log_every", "keep_last", "lora_r", "sample_max_new_tokens")
+    rules = [(name, getattr(cfg, name) >= 1, "at least 1") for name in counts]
+    rules += [(name, getattr(cfg, name) is None or getattr(cfg, name) >= 1, "at least 1, or None")
+              for name in ("max_steps", "eval_every", "sample_every", "save_every")]
+    rules += [("max_len", cfg.max_len >= MIN_MAX_LEN, f"at least {MIN_MAX_LEN}: the template's markup alone takes "
+               "about 10 tokens, and an example needs room for a question and an answer"),
+              ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number such as 2e-4"),
+              ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0, "a positive number"),
+              ("max_grad_norm", cfg.max_grad_norm > 0, "positive"),
+              ("lora_alpha", cfg.lora_alpha > 0, "positive"),
+              ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
+              ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+              ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+              ("memory_budget_gib", cfg.memory_budget_gib is None or cfg.memory_budget_gib > 0, "positive, or None")]
     for name, ok, rule in rules:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)} must be {rule}")

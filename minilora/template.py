@@ -9,7 +9,7 @@ sentencepiece pieces depend on what precedes them, the literal text "<s>" is not
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -42,11 +42,7 @@ class MalformedRow(ValueError):
 
 
 class SkipExample(ValueError):
-    """A well-formed row that leaves no supervised token under max_len; encode_rows counts it by `reason`."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    """A well-formed row that leaves no supervised token under max_len; encode_rows counts it by its message."""
 
 
 # ---------------------------------------------------------------- template and parsing
@@ -75,48 +71,40 @@ def parse_text(text: str) -> list[Turn]:
     `[INST] q [/INST]  </s>`), as a few guanaco rows have. A last `[INST] q [/INST]` without answer or `</s>`
     is a prompt: it parses, with no assistant turn, and encode_chat refuses it.
     """
-    def bad(reason: str) -> MalformedRow:
-        return MalformedRow(reason, text)
-
     parts = _MARKERS.split(text)  # [text, marker, text, marker, ..., text]
     if E_INST not in parts[1::2]:
-        raise bad("no [/INST]")
+        raise MalformedRow("no [/INST]", text)
     if parts[0].strip():
-        raise bad("text before the first [INST]")
-    seq = list(zip(parts[1::2], parts[2::2]))  # (marker, the text after it)
-    turns, k = [], 0
+        raise MalformedRow("text before the first [INST]", text)
+    seq = deque(zip(parts[1::2], parts[2::2]))  # (marker, the text after it), consumed from the left
+    turns = []
 
-    def expect(marker: str, what: str) -> str:
-        got = seq[k][0] if k < len(seq) else "the end of the text"
+    def take(marker: str, what: str) -> str:
+        """The text after the next marker, which must be `marker`."""
+        got = seq[0][0] if seq else "the end of the text"
         if got != marker:
-            raise bad(f"unbalanced markers: expected {marker} {what}, found {got}")
-        return seq[k][1]
+            raise MalformedRow(f"unbalanced markers: expected {marker} {what}, found {got}", text)
+        return seq.popleft()[1]
 
-    while k < len(seq):
-        if seq[k][0] == BOS:
-            if seq[k][1].strip():
-                raise bad("text between <s> and [INST]")
-            k += 1
-        question = expect(B_INST, "to open a turn").strip()
-        k += 1
-        answer = expect(E_INST, "after the question").strip()
-        k += 1
-        if k == len(seq) and not answer:  # an open last question: a prompt for generation
+    while seq:
+        if seq[0][0] == BOS and seq.popleft()[1].strip():  # a turn's optional <s>
+            raise MalformedRow("text between <s> and [INST]", text)
+        question = take(B_INST, "to open a turn").strip()
+        answer = take(E_INST, "after the question").strip()
+        if not seq and not answer:  # an open last question: a prompt for generation
             turns.append({"role": "user", "content": question})
             break
-        after = expect(EOS, "after the answer")
-        k += 1
-        if after.strip():
-            raise bad("text after the last </s>" if k == len(seq) else "text between </s> and the next turn")
+        if take(EOS, "after the answer").strip():
+            raise MalformedRow("text between </s> and the next turn" if seq else "text after the last </s>", text)
         turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    # The turns alternate user/assistant by construction: _pairs would find nothing to refuse.
     first = turns[0]["content"]
     if first.startswith(B_SYS):
         system, sep, rest = first[len(B_SYS):].partition(E_SYS)
         if not sep:
-            raise bad("<<SYS>> without <</SYS>>")
+            raise MalformedRow("<<SYS>> without <</SYS>>", text)
         turns[0]["content"] = rest.strip()
         turns.insert(0, {"role": "system", "content": system.strip()})
-    _pairs(turns, text)  # roles out of order and the like are errors here already
     return turns
 
 
@@ -127,8 +115,7 @@ def _pairs(messages: Any, row: Any) -> tuple[str | None, Pairs]:
         raise MalformedRow("expected a guanaco string, a list of messages, or a dict with 'text' or 'messages'", row)
     system, pairs = None, []
     for j, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        content = m.get("content") if isinstance(m, dict) else None
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise MalformedRow(f"message {j} is not a {{'role': 'system'|'user'|'assistant', 'content': str}}", row)
         content = content.strip()  # as the template does: one space separates content from the markers
@@ -150,9 +137,7 @@ def _conversation(row: Any) -> tuple[str | None, Pairs]:
     """(system, pairs) from any row form: guanaco text, a message list, or a dict with "text"/"messages"."""
     if isinstance(row, dict) and ("messages" in row or "text" in row):
         row = row["messages"] if "messages" in row else row["text"]
-    if isinstance(row, str):
-        return _pairs(parse_text(row), row)
-    return _pairs(row, row)
+    return _pairs(parse_text(row) if isinstance(row, str) else row, row)
 
 
 # ---------------------------------------------------------------- token ids and labels
@@ -162,11 +147,11 @@ def _encode(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
-def _segment(tok, question: str, answer: str | None, system: str | None) -> tuple[list[int], list[int]]:
-    """One turn's ids: (BOS + prompt, answer + EOS). The answer is encoded on its own; sentencepiece's dummy
-    "▁" prefix stands for the space after [/INST]."""
-    prompt = [tok.bos_token_id] + _encode(tok, _prompt(question, system))
-    return prompt, ([] if answer is None else _encode(tok, answer) + [tok.eos_token_id])
+def _segments(tok, system: str | None, pairs: Pairs) -> list[tuple[list[int], list[int]]]:
+    """Each turn's ids: (BOS + prompt, answer + EOS), the system block in the first turn. An answer is encoded
+    on its own; sentencepiece's dummy "▁" prefix stands for the space after [/INST]. No answer: no ids."""
+    return [([tok.bos_token_id] + _encode(tok, _prompt(q, system if k == 0 else None)),
+             [] if a is None else _encode(tok, a) + [tok.eos_token_id]) for k, (q, a) in enumerate(pairs)]
 
 
 def encode_chat(turns_or_text: list[Turn] | str | dict, tokenizer, max_len: int = 1024) -> dict:
@@ -187,12 +172,12 @@ def _encode_chat(turns_or_text, tokenizer, max_len: int) -> tuple[dict, Pairs]:
     system, pairs = _conversation(turns_or_text)
     if pairs[-1][1] is None:
         raise MalformedRow("the last question has no answer (encode_prompt is for generation)", turns_or_text)
-    segs = [_segment(tokenizer, q, a, system if k == 0 else None) for k, (q, a) in enumerate(pairs)]
+    segs = _segments(tokenizer, system, pairs)
     total = sum(len(p) + len(a) for p, a in segs)
     truncated = total > max_len
     while len(pairs) > 1 and total > max_len:
         pairs = pairs[1:]
-        segs = [_segment(tokenizer, *pairs[0], system)] + segs[2:]
+        segs = _segments(tokenizer, system, pairs[:1]) + segs[2:]  # the system block moves along
         total = sum(len(p) + len(a) for p, a in segs)
     if total > max_len:  # one turn left, too long
         prompt, answer = segs[0]
@@ -212,11 +197,7 @@ def encode_prompt(turns_or_text: list[Turn] | str | dict, tokenizer) -> list[int
     system, pairs = _conversation(turns_or_text)
     if pairs[-1][1] is not None:
         raise MalformedRow("the last turn is an answer; end with a user message to prompt", turns_or_text)
-    ids = []
-    for k, (q, a) in enumerate(pairs):
-        prompt, answer = _segment(tokenizer, q, a, system if k == 0 else None)
-        ids += prompt + answer
-    return ids
+    return [i for p, a in _segments(tokenizer, system, pairs) for i in p + a]
 
 
 @dataclass
@@ -265,17 +246,16 @@ def encode_rows(rows: Iterable, tokenizer, max_len: int = 1024, skip_malformed: 
                 raise
             stats.skipped[e.reason] += 1
             stats.malformed.append((i, e.reason))
-            continue
         except SkipExample as e:
-            stats.skipped[e.reason] += 1
-            continue
-        examples.append(ex)
-        stats.turns += len(pairs)
-        stats.empty_questions += sum(not q for q, _ in pairs)
-        stats.empty_answers += sum(not a for _, a in pairs)
-        stats.tokens += len(ex["input_ids"])
-        stats.supervised += sum(label != IGNORE for label in ex["labels"])
-        stats.truncated += ex["truncated"]
+            stats.skipped[str(e)] += 1
+        else:
+            examples.append(ex)
+            stats.turns += len(pairs)
+            stats.empty_questions += sum(not q for q, _ in pairs)
+            stats.empty_answers += sum(not a for _, a in pairs)
+            stats.tokens += len(ex["input_ids"])
+            stats.supervised += sum(label != IGNORE for label in ex["labels"])
+            stats.truncated += ex["truncated"]
     if not examples:
         raise ValueError(f"no example left out of {stats.rows} rows (skipped: {dict(stats.skipped)}); "
                          "check the rows' format, or raise max_len")
