@@ -132,8 +132,6 @@ def _lock(output_dir: str):
 
 def _run_files(output_dir: str) -> list[str]:
     """The names in output_dir that a minilora run writes."""
-    if not os.path.isdir(output_dir):
-        return []
     names = [os.path.basename(p) for p in checkpoints(output_dir, complete=False)]
     return names + [n for n in RUN_FILES if os.path.exists(os.path.join(output_dir, n))]
 
@@ -144,8 +142,7 @@ def _resume_target(output_dir: str, resume: str | None) -> str | None:
     if not resume:
         return None
     if resume == "latest":
-        found = checkpoints(output_dir)
-        return found[-1] if found else None
+        return latest_checkpoint(output_dir)
     path = os.path.abspath(resume)
     if not os.path.isfile(os.path.join(path, STATE_NAME)):
         what = "does not exist" if not os.path.exists(path) else f"is not a minilora checkpoint (no {STATE_NAME})"
@@ -159,12 +156,11 @@ def _resume_target(output_dir: str, resume: str | None) -> str | None:
 
 def checkpoints(output_dir: str, complete: bool = True) -> list[str]:
     """The checkpoint-STEP dirs in output_dir, by step (complete ones hold the training state)."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir)
-             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]  # skips .tmp- leftovers
-    paths = [os.path.join(output_dir, f"checkpoint-{s}") for s in sorted(steps)]
-    return [p for p in paths if os.path.isfile(os.path.join(p, STATE_NAME))] if complete else paths
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    # checkpoint-STEP.tmp-PID leftovers of a save cut short are skipped
+    steps = sorted(step_of(d) for d in names if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
+    paths = [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
+    return [p for p in paths if not complete or os.path.isfile(os.path.join(p, STATE_NAME))]
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
