@@ -9,24 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from itertools import groupby
 
 from .data import load_rows
 from .model import load_tokenizer
 from .template import IGNORE, encode_rows
 
 
-def _show(ex: dict, tok, color: bool) -> str:
-    """The example as text, then as pieces, with each supervised run marked."""
-    mark = (lambda s: f"\033[32m{s}\033[0m") if color else (lambda s: f"«{s}»")
-    plain = (lambda s: f"\033[2m{s}\033[0m") if color else (lambda s: s)
-    runs = []  # [(supervised, ids)], contiguous
-    for i, label in zip(ex["input_ids"], ex["labels"]):
-        if runs and runs[-1][0] == (label != IGNORE):
-            runs[-1][1].append(i)
-        else:
-            runs.append((label != IGNORE, [i]))
-    text = "".join((mark if sup else plain)(tok.decode(ids)) for sup, ids in runs)
-    pieces = " ".join((mark if sup else plain)(" ".join(tok.convert_ids_to_tokens(ids))) for sup, ids in runs)
+def _show(ex: dict, tok) -> str:
+    """The example as text, then as pieces, with each supervised run marked (in colour on a terminal)."""
+    mark, plain = ("\033[32m{}\033[0m", "\033[2m{}\033[0m") if sys.stdout.isatty() else ("«{}»", "{}")
+    groups = groupby(zip(ex["input_ids"], ex["labels"]), key=lambda pair: pair[1] != IGNORE)
+    runs = [(supervised, [i for i, _ in run]) for supervised, run in groups]  # [(supervised, ids)], contiguous
+    text = "".join((mark if sup else plain).format(tok.decode(ids)) for sup, ids in runs)
+    pieces = " ".join((mark if sup else plain).format(" ".join(tok.convert_ids_to_tokens(ids))) for sup, ids in runs)
     return f"{text}\n  pieces: {pieces}"
 
 
@@ -48,9 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         examples, stats = encode_rows(load_rows(args.source, args.split), tok, args.max_len, args.skip_malformed)
     except (OSError, ValueError) as e:  # a bad file, row or tokenizer: the message names it and what to do
         parser.exit(2, f"error: {e}\n")
-    color = sys.stdout.isatty()
     for k, ex in enumerate(examples[:args.n]):
-        print(f"--- example {k}{' (truncated)' if ex['truncated'] else ''}\n{_show(ex, tok, color)}\n")
+        print(f"--- example {k}{' (truncated)' if ex['truncated'] else ''}\n{_show(ex, tok)}\n")
     print(f"rows: {stats.rows}\nturns: {stats.turns}\ntokens: {stats.tokens}\nsupervised tokens: {stats.supervised}"
           f"\ntruncated rows: {stats.truncated}\nempty questions: {stats.empty_questions}\nempty answers: "
           f"{stats.empty_answers}\nskipped rows: {sum(stats.skipped.values())}")
