@@ -23,24 +23,19 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank r={r} must be a positive integer, e.g. r=8 or r=64")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        in_f, out_f = base.in_features, base.out_features
         # fp32 by default: these are the master weights that AdamW updates; an update of lr 2e-4 on a weight
         # near 1e-2 is below bf16's resolution, and bf16 adapters measurably fall behind PEFT's fp32 ones.
         # The matmuls still run in the compute dtype (autocast, or the fused path's own casts).
-        dtype = dtype or torch.float32
-        device = base.weight.device
-        self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)  # (r, in)
-        self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)  # (out, r)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.fused = False  # training forward through one autograd function (prepare_for_training(fused=True))
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self):
+        kw = dict(bias=False, dtype=dtype or torch.float32, device=base.weight.device)
+        self.lora_A = nn.Linear(base.in_features, r, **kw)  # (r, in)
+        self.lora_B = nn.Linear(r, base.out_features, **kw)  # (out, r)
         # A as nn.Linear's default init (Kaiming-uniform, a=sqrt(5)) and B = 0, as in the LoRA paper's reference
         # code and PEFT: the update starts at exactly zero, so step 0 is the base model.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.fused = False  # training forward through one autograd function (prepare_for_training(fused=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -55,10 +50,6 @@ class LoRALinear(nn.Module):
             h = h.to(self.lora_A.weight.dtype)
         return self.base(x) + (self.scaling * self.lora_B(self.lora_A(h))).to(x.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) * B @ A in fp32, shape (out, in)."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """Fold the update into a plain (dequantized) linear, mark this layer merged and return the linear.
@@ -67,7 +58,8 @@ class LoRALinear(nn.Module):
         4-bit base), since a 4-bit weight cannot hold the update.
         """
         if not self.merged:
-            self.base = plain_linear(self.base, extra=self.delta_weight())
+            delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (out, in), fp32
+            self.base = plain_linear(self.base, extra=delta)
             self.merged = True
         return self.base
 
@@ -75,44 +67,28 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def _compute_dtype(base: nn.Module) -> torch.dtype:
-    if is_4bit(base):
-        return base.compute_dtype or torch.float32
-    return base.weight.dtype
-
-
 @torch.no_grad()
 def plain_linear(base: nn.Module, extra: torch.Tensor | None = None) -> nn.Linear:
     """An `nn.Linear` in the base's compute dtype holding its (dequantized) weight, plus `extra` if given."""
     w = dequantize(base, torch.float32)  # (out, in)
-    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                    dtype=_compute_dtype(base), device=w.device)
+    dtype = (base.compute_dtype or torch.float32) if is_4bit(base) else base.weight.dtype
+    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype, device=w.device)
     out.weight.copy_(w if extra is None else w + extra)
     if base.bias is not None:
         out.bias.copy_(base.bias)
     return out.requires_grad_(False)
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_4bit(module)
-
-
-def add_lora(
-    model: nn.Module,
-    targets=("q_proj", "v_proj"),
-    r: int = 64,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    dtype: torch.dtype | None = None,
-) -> list[str]:
+def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 64, alpha: float = 16, dropout: float = 0.0,
+             dtype: torch.dtype | None = None) -> list[str]:
     """Replace every linear whose name ends with one of `targets` by a `LoRALinear`; return the replaced names.
 
     dtype: the LoRA weights' dtype, float32 by default (master weights; the compute stays in autocast's
     dtype). torch.bfloat16 halves their memory, as the QLoRA reference does, at some cost in accuracy.
     """
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    linears = [n for n, m in model.named_modules() if _is_linear(m) and not n.endswith(("lora_A", "lora_B"))]
-    check_targets(linears, targets)
+    linears = [n for n, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or is_4bit(m)) and not n.endswith(("lora_A", "lora_B"))]
+    targets = check_targets(linears, targets)
     names = [n for n in linears if n.split(".")[-1] in targets]
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype))
@@ -120,9 +96,10 @@ def add_lora(
     return names
 
 
-def check_targets(linear_names: list[str], targets) -> None:
-    """Raise ValueError unless every target names a linear layer of the decoder (by the last part of its name).
-    lm_head is not one: minilora's loss reads its weight directly, so LoRA there would never train."""
+def check_targets(linear_names: list[str], targets) -> tuple[str, ...]:
+    """Raise ValueError unless every target names a linear layer of the decoder (by the last part of its name);
+    return the targets as a tuple. lm_head is not one: minilora's loss reads its weight directly, so LoRA there
+    would never train."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     existing = sorted({n.split(".")[-1] for n in linear_names} - {"lm_head"})
     bad = [t for t in targets if t not in existing]
@@ -130,6 +107,7 @@ def check_targets(linear_names: list[str], targets) -> None:
         why = "lm_head cannot carry LoRA here (the loss reads its weight directly)" if "lm_head" in bad else (
             f"{bad} match no linear layer" if bad else "no target given")
         raise ValueError(f"targets={list(targets)}: {why}; the model's linear layers are {existing}")
+    return targets
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module):
@@ -143,22 +121,17 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
     """Freeze every parameter except the LoRA A and B matrices."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for layer in lora_layers(model).values():
-        if not layer.merged:
-            layer.lora_A.weight.requires_grad_(True)
-            layer.lora_B.weight.requires_grad_(True)
+        layer.lora_A.requires_grad_(not layer.merged)
+        layer.lora_B.requires_grad_(not layer.merged)
     return model
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights by module name: {"model.layers.0.self_attn.q_proj.lora_A.weight": tensor, ...}."""
-    out = {}
-    for name, layer in lora_layers(model).items():
-        out[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        out[f"{name}.lora_B.weight"] = layer.lora_B.weight
-    return out
+    return {f"{name}.{ab}.weight": getattr(layer, ab).weight
+            for name, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
