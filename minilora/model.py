@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, LlamaFor
 from .data import looks_local
 from .kernels.attention import ATTENTION_BACKENDS
 from .kernels.layer import FastLayer, attach_fast, detach_fast, unsupported
+from .lora import lora_layers, mark_only_lora_trainable, merge_lora
 from .plan import PlanOptions, plan_options
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -35,21 +36,17 @@ def load_tokenizer(name_or_dir: str):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir)
     except (ImportError, ValueError, OSError) as e:  # transformers' own message can blame an unrelated format
-        raise ValueError(
-            f"could not load a tokenizer from {name_or_dir!r}: {str(e).splitlines()[0]}; a LLaMA tokenizer is a dir "
-            "or hub id with tokenizer.json, or with a sentencepiece tokenizer.model (needs sentencepiece and protobuf)"
-        ) from e
+        raise ValueError(f"could not load a tokenizer from {name_or_dir!r}: {str(e).splitlines()[0]}; a LLaMA "
+                         "tokenizer is a dir or hub id with tokenizer.json, or with a sentencepiece tokenizer.model "
+                         "(needs sentencepiece and protobuf)") from e
     probe = tok.encode("hello world", add_special_tokens=False)
     if len(tok) <= 3 or not probe:
-        raise ValueError(
-            f"the tokenizer loaded from {name_or_dir!r} is broken: {len(tok)} tokens, 'hello world' -> {probe}; "
-            "check that tokenizer.model is a sentencepiece model and that sentencepiece and protobuf are installed"
-        )
+        raise ValueError(f"the tokenizer loaded from {name_or_dir!r} is broken: {len(tok)} tokens, 'hello world' -> "
+                         f"{probe}; check that tokenizer.model is a sentencepiece model and that sentencepiece and "
+                         "protobuf are installed")
     if tok.bos_token_id is None or tok.eos_token_id is None:
-        raise ValueError(
-            f"the tokenizer loaded from {name_or_dir!r} has bos_token_id={tok.bos_token_id}, "
-            f"eos_token_id={tok.eos_token_id}; LLaMA 2 needs both (usually 1 and 2)"
-        )
+        raise ValueError(f"the tokenizer loaded from {name_or_dir!r} has bos_token_id={tok.bos_token_id}, "
+                         f"eos_token_id={tok.eos_token_id}; LLaMA 2 needs both (usually 1 and 2)")
     if tok.pad_token_id is None:
         # LLaMA 2 ships without a pad token. unk is never a label, so padding with it cannot be confused with
         # a real EOS; the collator masks padding by position anyway.
@@ -69,15 +66,9 @@ def load_config(name_or_dir: str):
     return config
 
 
-def load_model(
-    name_or_dir: str,
-    quant: str | None = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device | None = None,
-    tokenizer=None,
-    config=None,
-):
+def load_model(name_or_dir: str, quant: str | None = "nf4", double_quant: bool = True,
+               compute_dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+               tokenizer=None, config=None):
     """Return `(model, tokenizer)`: an HF `LlamaForCausalLM` whose linears are bitsandbytes 4-bit layers.
 
     quant: "nf4" or "fp4" (4-bit, the QLoRA recipe), or None for plain `compute_dtype` weights.
@@ -88,21 +79,13 @@ def load_model(
     if quant is not None and quant not in QUANT_TYPES:
         raise ValueError(f"unknown quant={quant!r}; use one of {QUANT_TYPES} or None for no quantization")
     config = config or load_config(name_or_dir)
-    tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else \
-        load_tokenizer(tokenizer or name_or_dir)
+    tok = load_tokenizer(tokenizer or name_or_dir) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    kwargs = {}
-    if quant is not None:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
-    model = LlamaForCausalLM.from_pretrained(
-        name_or_dir, config=config, dtype=compute_dtype, device_map={"": device}, attn_implementation="sdpa", **kwargs
-    )
+    quantization = None if quant is None else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+    model = LlamaForCausalLM.from_pretrained(name_or_dir, config=config, dtype=compute_dtype, device_map={"": device},
+                                             attn_implementation="sdpa", quantization_config=quantization)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             # bnb would repack 4-bit weights at the first CPU eval forward and then compute in bf16; keeping
@@ -138,8 +121,6 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
       recompute replays the very graph that ran forward, and its hooks and RNG bookkeeping stay in eager code.
       Compiled layers trace the plain LoRA formula even with fused=True (see LoRALinear.forward).
     """
-    from .lora import lora_layers, mark_only_lora_trainable
-
     options = plan_options(options or PlanOptions(fast=False), **fields)
     if options.fast and (compile or fused):
         raise ValueError("fast layers replace the forward that compile and fused change: pass fast=False with them")
@@ -161,7 +142,8 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
             attach_fast(layer, FastLayer(layer, cache=i < options.cached_layers, checkpoint=i < n,
                                          keep_weights=options.keep_weights and i < n, offload=options.offload))
         elif i < n or compile:
-            train_forward = _flash_first(torch.compile(layer.forward) if compile else layer.forward)
+            # SDPA restricted to flash, memory-efficient and math attention (see kernels/layer.py), the recompute too
+            train_forward = sdpa_kernel(ATTENTION_BACKENDS)(torch.compile(layer.forward) if compile else layer.forward)
             layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, i < n, options.offload)
     return model
 
@@ -172,15 +154,6 @@ def place_embedding(model: torch.nn.Module, device=None):
     device = torch.device(device) if device is not None else model.lm_head.weight.device
     if w.device != device:
         w.data = w.data.to(device).pin_memory() if device.type == "cpu" else w.data.to(device)
-
-
-def _flash_first(forward):
-    """forward with SDPA restricted to flash, memory-efficient and math attention (see kernels/layer.py)."""
-    def run(*args, **kwargs):
-        with sdpa_kernel(ATTENTION_BACKENDS):
-            return forward(*args, **kwargs)
-
-    return run
 
 
 def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *args, **kwargs):
@@ -209,8 +182,6 @@ def linear_names(config) -> list[str]:
 def save_merged(model: torch.nn.Module, tokenizer, out_dir: str) -> str:
     """Fold the LoRA updates into the weights (merge_lora) and write an ordinary HF checkpoint with its tokenizer
     to out_dir, which `load_model(out_dir)` and examples/chat.py then load alone; returns out_dir."""
-    from .lora import merge_lora
-
     merge_lora(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
