@@ -61,6 +61,23 @@ class StepSizes:
         return self.L * self.layer_lora * self.ldt
 
 
+def _lora_saved(z: StepSizes) -> tuple[int, int]:
+    """(attention half, MLP half): the bytes the LoRA layers of one decoder layer keep for the backward, the
+    same in transformers' layer and the fast one. Per projection with LoRA: its input for lora_A, shared by its
+    members (o_proj's is attention's output, kept already), or with dropout each member's own dropped copy and a
+    1-byte bool mask; and each member's (S, r) output of lora_A."""
+    saved = {"attn": 0, "mlp": 0}
+    for name, group in GROUPS.items():
+        members = sum(t in z.targets for t in group)
+        n_in = z.S * z.lin[group[0]][0]  # elements of the projection's input
+        if z.dropout > 0:
+            kept = members * n_in * (z.dt + 1)
+        else:
+            kept = n_in * z.dt if members and name != "o" else 0
+        saved["attn" if name in ("qkv", "o") else "mlp"] += kept + members * z.S * z.r * z.dt
+    return saved["attn"], saved["mlp"]
+
+
 def hf_layer_bytes(z: StepSizes) -> dict:
     """{"saved", "transient"} bytes of one transformers decoder layer under bf16 autocast, SDPA (bitsandbytes
     dequantizes one weight at a time, within the transients).
@@ -75,15 +92,9 @@ def hf_layer_bytes(z: StepSizes) -> dict:
     for its matmul. Attention (MLP freed): flash's grads of q, k, v, of its output, and its fp32 dq accumulator.
     """
     S, H, I, q, kv, dt = z.S, z.H, z.I, z.q, z.kv, z.dt
-    attn = S * H * 4 + S * (2 * q + 2 * kv) * dt + z.lse * 4
-    mlp = S * H * 4 + 3 * S * I * dt
-    for group, size, is_attn in ((GROUPS["qkv"], S * H, True), (GROUPS["gate_up"], S * H, False),
-                                 (GROUPS["down"], S * I, False)):
-        if z.dropout == 0 and any(t in z.targets for t in group):
-            attn, mlp = (attn + size * dt, mlp) if is_attn else (attn, mlp + size * dt)
-    for t in z.targets:
-        extra = S * z.r * dt + (S * z.lin[t][0] * (dt + 1) if z.dropout > 0 else 0)
-        attn, mlp = (attn + extra, mlp) if t in GROUPS["qkv"] + GROUPS["o"] else (attn, mlp + extra)
+    lora_attn, lora_mlp = _lora_saved(z)
+    attn = S * H * 4 + S * (2 * q + 2 * kv) * dt + z.lse * 4 + lora_attn
+    mlp = S * H * 4 + 3 * S * I * dt + lora_mlp
     mlp_moment = S * I * dt + max(2 * S * I * dt, I * H * dt)
     attn_moment = -mlp + S * (2 * q + 2 * kv) * dt + S * q * 4
     return {"saved": attn + mlp, "transient": max(mlp_moment, attn_moment) + S * H * dt}
@@ -106,23 +117,9 @@ def fast_layer_bytes(z: StepSizes, deq=False, split=False, recomputed=False) -> 
     """
     S, H, I, q, kv, dt = z.S, z.H, z.I, z.q, z.kv, z.dt
     norm = S * (H * dt + 4)
-    attn_saved = norm + S * (q + 2 * kv) * dt + z.lse * 4 + S * q * dt
-    mlp_saved = norm + 2 * S * I * dt
-    for name, group in GROUPS.items():
-        members = [t for t in group if t in z.targets]
-        n_in = z.lin[group[0]][0]
-        extra = 0
-        if not members:
-            continue
-        if z.dropout > 0:
-            extra += len(members) * S * n_in * (dt + 1)
-        elif name != "o":
-            extra += S * n_in * dt
-        extra += len(members) * S * z.r * dt
-        if name in ("qkv", "o"):
-            attn_saved += extra
-        else:
-            mlp_saved += extra
+    lora_attn, lora_mlp = _lora_saved(z)
+    attn_saved = norm + S * (q + 2 * kv) * dt + z.lse * 4 + S * q * dt + lora_attn
+    mlp_saved = norm + 2 * S * I * dt + lora_mlp
     w = {name: (max if split else sum)(z.lin[t][0] * z.lin[t][1] for t in group) * dt if deq else 0
          for name, group in GROUPS.items()}
     g, qkv = S * H * dt, S * (q + 2 * kv) * dt  # g: the grad arriving at the layer's output (and the residual's)
