@@ -39,8 +39,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             total += (ce if w is None else ce * w).sum()
             if need_grad_h or need_grad_w:
                 # d CE / d logits = softmax - onehot
-                d = probs.div_(norm)
-                d.scatter_add_(1, y[:, None], d.new_full((len(y), 1), -1.0))
+                d = probs.div_(norm).scatter_add_(1, y[:, None], probs.new_full((len(y), 1), -1.0))
                 d = (d if w is None else d.mul_(w)).to(weight.dtype)
                 if need_grad_h:
                     grad_h[i : i + chunk_size] = d @ weight
@@ -91,26 +90,22 @@ def to_device(batch: dict, device, vocab_size: int, dense: bool = False, embeddi
     gathered here, into pinned memory, and copied as "inputs_embeds".
     """
     rows, targets = supervised_positions(batch["labels"], vocab_size)
-    n_tokens = targets.numel()
     out = {k: v for k, v in batch.items() if k != "labels"}
-    if dense:  # the same positions, as weights over all B * (T - 1) of them
-        B, T = batch["labels"].shape
-        weights = torch.zeros(B * (T - 1))
-        weights[rows - rows.div(T, rounding_mode="floor")] = 1.0  # flat (b, t) in (B, T) -> in (B, T - 1)
-        dense_targets = batch["labels"][:, 1:].clamp(min=0).reshape(-1)
-        rows, targets = None, dense_targets
-        out["row_weights"] = weights
     mask = out.get("attention_mask")
     if mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
         del out["attention_mask"]
-    out.update(targets=targets, **({} if rows is None else {"rows": rows}))
+    if dense:  # the same positions, as 0/1 weights over all B * (T - 1) of them
+        following = batch["labels"][:, 1:]  # (B, T - 1): what each position predicts
+        out.update(row_weights=(following != IGNORE).float().reshape(-1), targets=following.clamp(min=0).reshape(-1))
+    else:
+        out.update(targets=targets, rows=rows)
     pin = torch.device(device).type == "cuda"
     if embedding is not None:
         ids = batch["input_ids"]
         out["inputs_embeds"] = torch.empty((*ids.shape, embedding.shape[1]), dtype=embedding.dtype, pin_memory=pin)
         torch.index_select(embedding, 0, ids.reshape(-1), out=out["inputs_embeds"].view(-1, embedding.shape[1]))
     out = {k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin) for k, v in out.items()}
-    return {**out, "n_tokens": n_tokens}
+    return {**out, "n_tokens": targets.numel()}
 
 
 def supervised_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096):
@@ -125,10 +120,9 @@ def supervised_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 
 
 def _ce(hidden, weight, rows, targets, chunk_size, row_weights=None):
-    if row_weights is None:  # (N, H): only the supervised positions reach the vocabulary projection
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    else:  # every position but the last, weighted
-        selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    # (N, H): only the supervised positions reach the vocabulary projection; dense: every position but the last
+    selected = (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows) if row_weights is None
+                else hidden[:, :-1].reshape(-1, hidden.shape[-1]))
     return ChunkedCrossEntropy.apply(selected, weight, targets, chunk_size, row_weights)
 
 
