@@ -21,7 +21,10 @@ Impls, each in its own process on the same model files:
   peft      the classic recipe (prepare_model_for_kbit_training, get_peft_model, HF's loss, torch AdamW,
             cosine schedule with 3% warmup, grad norm 0.3) driven over minilora's batches: the same examples
             in the same order and padding, the loss read every 25 steps, as TRL's logging does
-Reported per impl: the loop's wall time (train() for minilora, from its first to its last step for PEFT),
+minilora's runs train with the example's two sample prompts, answered greedily before and after training, as a
+user of examples/train_guanaco.py waits for them (--no-samples: without).
+Reported per impl: the loop's wall time (train() for minilora, from its first to its last step for PEFT), and for
+minilora where it went (train()'s own account: set-up, steps, eval, samples, save),
 the first logged interval apart (warm-up: first kernels, caches) and the steady step time, tokens/s over all
 and over supervised tokens, steps, peak allocated and reserved memory, and minilora's memory plan.
 --curve logs every step's loss (max 50 steps, say) so that two impls' curves can be compared.
@@ -95,14 +98,16 @@ def run_minilora(spec, model, tok, rows):
 
     import minilora as ml
 
-    cfg = ml.TrainConfig(output_dir=spec["out_dir"], progress=False, **{**RECIPE, **spec["overrides"]})
+    cfg = ml.TrainConfig(output_dir=spec["out_dir"], progress=False, sample_prompts=spec["prompts"],
+                         **{**RECIPE, **spec["overrides"]})
     with _profiled(spec.get("profile")):
         t0 = time.perf_counter()
         history = ml.train(model, tok, rows, cfg)
         wall = time.perf_counter() - t0
     logs = [h for h in history if "loss" in h]
     head = next(h for h in history if "train_rows" in h)
-    return dict(wall_s=wall, steps=logs[-1]["step"], memory_plan=head.get("memory_plan"),
+    parts = next(h["time"] for h in history if "time" in h)  # set-up, steps, eval, samples, save
+    return dict(wall_s=wall, steps=logs[-1]["step"], memory_plan=head.get("memory_plan"), parts_s=parts,
                 supervised_tokens=head["supervised_tokens"], interval_s=[(h["step"], h["seconds"]) for h in logs],
                 losses=[(h["step"], h["loss"]) for h in logs], peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB
                 if torch.cuda.is_available() else None, peak_alloc_gib=logs[-1]["peak_mem_gib"])
@@ -183,11 +188,12 @@ def worker(spec: dict) -> dict | None:
 
     import minilora as ml
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from train_guanaco import GUANACO_PROMPTS, setup_device
+
+    spec["prompts"] = GUANACO_PROMPTS if spec["samples"] else ()  # the example's greedy samples, before and after
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: the example's set-up (one GPU per process); train() runs data-parallel
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-        from train_guanaco import setup_device
-
         spec["device"] = setup_device()
     tok = ml.load_tokenizer(spec["tok_dir"])
     rows = guanaco_rows(spec["rows"], spec["vocab"], spec["seed"], spec.get("lengths"))
@@ -227,8 +233,9 @@ def summarize(c: dict) -> str:
     peak = "-" if c.get("peak_alloc_gib") is None else f"{c['peak_alloc_gib']:.2f}"
     warm = f"  warm-up {c['warmup_s']:.1f} s, then {c['steady_step_s'] * 1e3:.0f} ms/step" if "warmup_s" in c else ""
     steady = f"  {c['steady_tokens_per_s']:8,.0f} steady tok/s" if "steady_tokens_per_s" in c else ""
+    parts = ("  (" + ", ".join(f"{k} {v:.1f}" for k, v in c["parts_s"].items()) + " s)") if "parts_s" in c else ""
     return (f"{name:10}  {c['wall_s']:7.1f} s  {c['steps']:4d} steps  {c['tokens_per_s']:8,.0f} tok/s{steady}  "
-            f"{c['supervised_tokens_per_s']:8,.0f} sup tok/s  peak {peak} GiB{warm}")
+            f"{c['supervised_tokens_per_s']:8,.0f} sup tok/s  peak {peak} GiB{warm}{parts}")
 
 
 def main(argv=None):
@@ -241,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--fixed", default=None, metavar="BxT", help="fixed-shape rows: B rows of T tokens per GPU "
                     "and step, LoRA dropout 0, --max-steps steps (default 30)")
     ap.add_argument("--curve", action="store_true", help="log every step's loss (for comparing curves)")
+    ap.add_argument("--no-samples", action="store_true", help="without the example's greedy samples before and "
+                    "after training")
     ap.add_argument("--profile", action="store_true", help="trace minilora's runs with torch.profiler (slower)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--model-dir", default=None)
@@ -279,7 +288,8 @@ def main(argv=None):
                 lengths = [[(16, t - 16)]] * rows
             spec = dict(impl=impl, model_dir=model_dir, tok_dir=tok_dir, rows=rows, vocab=vocab, seed=args.seed,
                         device=env["device"], overrides=overrides, lengths=lengths, step_tokens=step_tokens,
-                        out_dir=tempfile.mkdtemp(prefix=f"epoch-{impl}-"), profile=args.profile)
+                        out_dir=tempfile.mkdtemp(prefix=f"epoch-{impl}-"), profile=args.profile,
+                        samples=not (args.no_samples or args.fixed))
             print(f"{impl} on {n} GPU(s) ...", file=sys.stderr, flush=True)
             res, err, secs = run_child("run", spec, args.timeout, script=__file__, nproc=n)
             case = dict(impl=impl, gpus=n, overrides=overrides, process_s=secs, **(res or {}),

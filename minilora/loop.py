@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -40,6 +43,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     global step, so N processes train the adapter that one would at N x the batch. Process 0 alone logs,
     evaluates, samples and writes files.
     """
+    start = time.perf_counter()
     check(cfg)  # again: the fields may have changed since the config was made
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(next(model.parameters()).device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
@@ -52,16 +56,21 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             if evals and rank == 0:  # the baseline the eval curve is read against
                 _evaluate(t, evals)
             _sample(t)
+        t.seconds["set-up"] = time.perf_counter() - start - sum(t.seconds.values())
         model.train()
         try:
             _steps(t, evals)
             _sample(t)
+            if rank == 0:
+                with _timed(t, "save"):
+                    save_adapter(model, f"{cfg.output_dir}/adapter")
+            t.seconds["steps"] = time.perf_counter() - start - sum(t.seconds.values())
+            _report_times(t)
         finally:
             t.log.close()
             detach_fast(model)  # the fast layers' weight caches go with them; generation needs neither
             place_embedding(model)  # back beside lm_head, where generation and transformers' forward want it
         if rank == 0:
-            save_adapter(model, f"{cfg.output_dir}/adapter")
             t.log.plot()
         if world > 1:
             dist.barrier()  # the adapter is there for every process when train() returns
@@ -97,8 +106,9 @@ def _steps(t: _Training, evals):
             if due_sample:
                 _sample(t)
             if due_save:
-                save_checkpoint(t.model, t.run, step, (t.opt, t.sched, t.scaler, rng_state()), t.record,
-                                cfg.keep_last, log.rank, t.world)
+                with _timed(t, "save"):
+                    save_checkpoint(t.model, t.run, step, (t.opt, t.sched, t.scaler, rng_state()), t.record,
+                                    cfg.keep_last, log.rank, t.world)
             if stop.asked and not last:  # at the last step the run ends as it would anyway
                 raise Interrupted(f"interrupted after step {step}: saved {t.run.output_dir}/checkpoint-{step}; "
                                   "resume it with resume='latest', bit for bit as if never stopped")
@@ -133,6 +143,7 @@ class _Training:
     total_steps: int
     plan_line: str
     record: dict  # each checkpoint's run.json
+    seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # wall time by part
 
 
 def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
@@ -245,9 +256,28 @@ def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptio
 
 # ---------------------------------------------------------------- around the steps
 
+@contextlib.contextmanager
+def _timed(t: _Training, part: str):
+    """Adds the wall time of the block to t.seconds[part]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        t.seconds[part] += time.perf_counter() - start
+
+
+def _report_times(t: _Training):
+    """Where train()'s wall time went: set-up (up to the first step, the baseline eval and samples aside), the
+    steps, evaluation, samples and saving (checkpoints and the adapter)."""
+    seconds = {part: round(t.seconds[part], 2) for part in ("set-up", "steps", "eval", "samples", "save")}
+    t.log.log({"step": t.step, "time": seconds})
+    t.log.say("time: " + ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))
+
+
 def _evaluate(t: _Training, evals):
     cfg = t.cfg
-    loss = evaluate(t.model, evals, t.feed.collate, cfg.batch_size, cfg.precision, t.stepper.chunk)
+    with _timed(t, "eval"):
+        loss = evaluate(t.model, evals, t.feed.collate, cfg.batch_size, cfg.precision, t.stepper.chunk)
     t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
 
@@ -256,8 +286,9 @@ def _sample(t: _Training):
     cfg = t.cfg
     if not cfg.sample_prompts or t.log.rank:
         return
-    for prompt, answer in samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens,
-                                  cfg.precision):
+    with _timed(t, "samples"):
+        answers = samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision)
+    for prompt, answer in answers:
         t.log.log({"step": t.step, "prompt": prompt, "sample": answer})
         t.log.say(f"[step {t.step}] {prompt!r} -> {answer!r}")
 

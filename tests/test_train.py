@@ -113,6 +113,32 @@ def test_sampling_does_not_change_training(base_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_time_account_covers_the_run(base_dir, tmp_path, monkeypatch):
+    """train() logs where its wall time went, once, at the end: each part holds its own time (samples slowed by
+    a planted 0.2 s each, checkpoints by 0.1 s each) and the parts add up to train()'s wall time. Bounds: the
+    planted delays are lower bounds; 0.3 s covers what runs outside any part (the return, the loss plot)."""
+    import time
+
+    loop = importlib.import_module("minilora.loop")
+    real_samples, real_save = loop.samples, loop.save_checkpoint
+    monkeypatch.setattr(loop, "samples", lambda *a: (time.sleep(0.2), real_samples(*a))[1])
+    monkeypatch.setattr(loop, "save_checkpoint", lambda *a: (time.sleep(0.1), real_save(*a))[1])
+    model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    cfg = ml.TrainConfig(output_dir=str(tmp_path / "timed"), max_steps=4, batch_size=4, lora_r=8, max_len=128,
+                         precision="fp32", progress=False, save_every=2, sample_every=2,
+                         sample_prompts=("Which is bigger, 3 or 8?",), sample_max_new_tokens=5)
+    start = time.perf_counter()
+    history = ml.train(model, tok, ROWS, cfg)
+    wall = time.perf_counter() - start
+    records = [h for h in history if "time" in h]
+    assert len(records) == 1 and records[0]["step"] == 4
+    parts = records[0]["time"]
+    assert list(parts) == ["set-up", "steps", "eval", "samples", "save"]
+    assert parts["samples"] >= 3 * 0.2 and parts["save"] >= 2 * 0.1 and parts["eval"] == 0  # samples at 0, 2, 4
+    assert parts["steps"] > 0 and parts["set-up"] > 0
+    assert wall - 0.3 <= sum(parts.values()) <= wall + 0.05  # + 0.05: five parts rounded to 0.01 s
+
+
 def test_crash_during_checkpoint_write_keeps_previous(base_dir, tmp_path, monkeypatch):
     real_save, calls = torch.save, []
 
