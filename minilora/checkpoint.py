@@ -90,15 +90,13 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
     """
     optimizer, scheduler, scaler, (rng_cpu, rng_cuda) = training
     path = os.path.join(run.output_dir, f"checkpoint-{step}")
-    ranks = None
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng_cpu": rng_cpu, "rng_cuda": rng_cuda}
     if world > 1:
-        ranks = [None] * world
-        torch.distributed.all_gather_object(ranks, (rng_cpu, rng_cuda))
+        state["rng_ranks"] = [None] * world  # [(cpu, cuda)] per process, 0 first
+        torch.distributed.all_gather_object(state["rng_ranks"], (rng_cpu, rng_cuda))
         if rank:
             return path
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
-             **({"rng_ranks": ranks} if ranks else {})}  # [(cpu, cuda)] per process, 0 first
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
