@@ -59,12 +59,11 @@ class Metrics:
         self.seconds += time.perf_counter() - self.clock
         if not self.pending:
             return
-        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in self.pending])
+        values = torch.stack([torch.stack([loss for _, loss, _, _ in self.pending]),
+                              torch.stack([norm.float() for *_, norm in self.pending])])  # (2, steps): loss, norm
         if self.world > 1:  # the global step's loss: the sum of every process's part (grad norms are equal already)
-            losses = values[:, 0].contiguous()
-            dist.all_reduce(losses)
-            values[:, 0] = losses
-        for (step, _, n, _), (loss, norm) in zip(self.pending, values.tolist()):
+            dist.all_reduce(values[0])
+        for (step, _, n, _), loss, norm in zip(self.pending, *values.tolist()):
             # with a GradScaler an inf grad norm is an overflow: scaler.step() skipped it and lowered the scale
             if not math.isfinite(loss) or (not math.isfinite(norm) and not self.overflow_skips):
                 last = (self.run.checkpoints() or [None])[-1]
@@ -97,14 +96,12 @@ class Metrics:
     def plot(self):
         """loss.png beside metrics.jsonl: the train and eval curves (when matplotlib is installed)."""
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure  # a figure of its own: no pyplot state, no backend to set
         except ImportError:
             print("matplotlib is not installed: skipping loss.png (pip install 'minilora[plot]')")
             return
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for key, label in (("loss", "train"), ("eval_loss", "eval")):
             points = [(h["step"], h[key]) for h in self.history if key in h]
             if points:
@@ -112,4 +109,3 @@ class Metrics:
         ax.set(xlabel="step", ylabel="loss", title="minilora")
         ax.legend()
         fig.savefig(os.path.join(self.cfg.output_dir, "loss.png"), dpi=100, bbox_inches="tight")
-        plt.close(fig)
