@@ -42,9 +42,9 @@ def dequantize_nf4(weight, out: torch.Tensor) -> torch.Tensor:
     nested = bool(qs.nested)
     absmax = qs.absmax
     code2, absmax2, offset = ((qs.state2.code, qs.state2.absmax, qs.offset) if nested else (absmax, absmax, absmax))
-    _kernel[(triton.cdiv(n_bytes, BLOCK),)](
-        weight.data, absmax, code2, absmax2, offset, qs.code, out, n_bytes,
-        HALF_BLOCK=qs.blocksize // 2, NESTED_BLOCK=qs.state2.blocksize if nested else 1, NESTED=nested, BLOCK=BLOCK)
+    _kernel[(triton.cdiv(n_bytes, BLOCK),)](weight.data, out, n_bytes, (qs.code, absmax, code2, absmax2, offset),
+                                            HALF_BLOCK=qs.blocksize // 2,
+                                            NESTED_BLOCK=qs.state2.blocksize if nested else 0)
     return out
 
 
@@ -55,15 +55,19 @@ if triton is not None:
         return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
                                          is_pure=True, pack=1)
 
+    _BLOCK = tl.constexpr(BLOCK)
+
     @triton.jit
-    def _kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr, n_bytes,
-                HALF_BLOCK: tl.constexpr, NESTED_BLOCK: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    def _kernel(q_ptr, out_ptr, n_bytes, state, HALF_BLOCK: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+        """state: the quant state's tensors (the 16-value table, absmax, and for NESTED_BLOCK > 0 the 8-bit
+        absmax's code, its absmax per NESTED_BLOCK blocks and the offset)."""
+        table_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr = state
         pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)  # packed bytes
+        offs = pid * _BLOCK + tl.arange(0, _BLOCK)  # packed bytes
         mask = offs < n_bytes
         byte = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
         block = offs // HALF_BLOCK
-        if NESTED:
+        if NESTED_BLOCK > 0:
             a = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
             s = _mul_rn(tl.load(code2_ptr + a, mask=mask, other=0.0), tl.load(absmax2_ptr + block // NESTED_BLOCK,
                                                                                 mask=mask, other=0.0))
@@ -73,5 +77,5 @@ if triton is not None:
         hi = tl.load(table_ptr + (byte >> 4), mask=mask, other=0.0) * scale
         lo = tl.load(table_ptr + (byte & 15), mask=mask, other=0.0) * scale
         values = tl.interleave(hi, lo)  # (2 * BLOCK,): hi0, lo0, hi1, lo1, ...
-        out_offs = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        out_offs = pid * 2 * _BLOCK + tl.arange(0, 2 * _BLOCK)
         tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
