@@ -5,34 +5,58 @@ from __future__ import annotations
 import torch
 
 from .config import PRECISIONS, autocast
-from .kernels.layer import host_embedding
+from .kernels.decode import Decoder
+from .kernels.layer import FastLayer, attach_fast, detach_fast, host_embedding, is_fast, unsupported
 from .loss import causal_lm_loss
 from .model import place_embedding
 from .template import encode_prompt
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str | None = None) -> str:
     """Greedy answer to one user message (or a list of turns) under the LLaMA-2 template.
 
     It runs in eval mode (no LoRA dropout) and leaves the model in the mode it found. precision=None follows
     the model's compute dtype (its embeddings'): bf16 or fp16 autocast for a half-precision model, else fp32.
+    A LLaMA model decodes through minilora's fast layers (kernels/decode.py): those train() holds, with the
+    weights its memory plan keeps, or ones attached for the call; other models through transformers' generate.
     """
-    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    device = next(model.parameters()).device
+    return _answers(model, tokenizer, [prompt], max_new_tokens, precision)[0]
+
+
+@torch.no_grad()
+def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | None) -> list[str]:
+    """generate() for each prompt, through one Decoder (one KV cache and CUDA graph) where it can."""
+    if not prompts:
+        return []
+    ids = [encode_prompt([{"role": "user", "content": p}] if isinstance(p, str) else p, tokenizer) for p in prompts]
+    device = model.lm_head.weight.device
     dtype = model.get_input_embeddings().weight.dtype
     precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
-    ids = torch.tensor([encode_prompt(turns, tokenizer)], device=device)
+    attach = not is_fast(model) and unsupported(model.config) is None
     was_training = model.training
     model.eval()
     try:
+        if attach:  # for this call: the base weights dequantized as they are used
+            for layer in model.model.layers:
+                attach_fast(layer, FastLayer(layer))
         with autocast(device, precision):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            if is_fast(model):
+                decoder = Decoder(model, max(map(len, ids)) + max_new_tokens, PRECISIONS[precision])
+                outs = [decoder(x, max_new_tokens, tokenizer.eos_token_id) for x in ids]
+            else:
+                outs = [_hf_generate(model, tokenizer, x, max_new_tokens) for x in ids]
     finally:
+        if attach:
+            detach_fast(model)
         model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
+
+
+def _hf_generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
+    x = torch.tensor([ids], device=model.lm_head.weight.device)
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return out[0, len(ids):].tolist()
 
 
 @torch.no_grad()
@@ -58,7 +82,7 @@ def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> l
     table = host_embedding(model)
     place_embedding(model)
     try:
-        return [(prompt, generate(model, tokenizer, prompt, max_new_tokens, precision)) for prompt in prompts]
+        return list(zip(prompts, _answers(model, tokenizer, prompts, max_new_tokens, precision)))
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:

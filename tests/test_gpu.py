@@ -237,3 +237,32 @@ def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp
     assert expect in line, line
     assert ("CUDA graphs on" in line) == (outcome == "cached, graphs"), line
     assert losses == pytest.approx(reference, rel=2e-2)
+
+
+@pytest.mark.parametrize("cached", [True, False])  # weights kept dequantized (the default plan) or the Triton
+def test_decoding_replayed_as_a_cuda_graph_equals_eager_decoding(base_dir, cached):  # kernel inside the graph
+    """The Decoder's token steps replayed as one CUDA graph give the eager steps' tokens exactly (the same
+    kernels on the same inputs), and both follow transformers' generate through bitsandbytes' layers for the
+    first tokens (bf16: different kernels and summation orders may flip a later near-tie, so 4 are compared)."""
+    from minilora.kernels.decode import Decoder
+    from minilora.plan import PlanOptions
+    from minilora.template import encode_prompt
+
+    model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+    ml.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for p in ml.lora_state_dict(model).values():
+            p.normal_(0, 0.5)
+    ids = encode_prompt([{"role": "user", "content": "What is the capital of France?"}], tok)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        x = torch.tensor([ids], device="cuda")
+        hf = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False,
+                            pad_token_id=tok.pad_token_id, eos_token_id=None)[0, len(ids):].tolist()
+        ml.prepare_for_training(model, PlanOptions(fast=True, cached_layers=2 if cached else 0))
+        model.eval()
+        graphed = Decoder(model, len(ids) + 40, torch.bfloat16)
+        eager = Decoder(model, len(ids) + 40, torch.bfloat16, graphs=False)
+        tokens = graphed(ids, 40, None)
+        assert graphed.graph is not None and tokens == eager(ids, 40, None) == graphed(ids, 40, None)
+    assert len(tokens) == 40 and tokens[:4] == hf[:4]

@@ -1,0 +1,74 @@
+"""Greedy generation through the fast layers and a KV cache (kernels/decode.py) against transformers' generate,
+token for token, on tiny NF4 LLaMAs in fp32 on the CPU (the same arithmetic up to summation order, so the
+argmax agrees; the GPU's CUDA-graph replay is checked in test_gpu.py)."""
+
+
+import pytest
+import torch
+
+import minilora as ml
+from minilora.kernels.decode import Decoder
+from minilora.kernels.layer import is_fast
+from minilora.plan import PlanOptions
+from minilora.generate import samples
+from minilora.template import encode_prompt
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Tell me more."}]]
+
+
+def adapted(model_dir):
+    """A tiny NF4 model with a LoRA update that matters (random A and B): dropout 0.5 would change answers."""
+    model, tok = ml.load_model(model_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ml.add_lora(model, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"), r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        for p in ml.lora_state_dict(model).values():
+            p.normal_(0, 0.5)
+    return model.train(), tok
+
+
+def transformers_answer(model, tok, prompt, n, eos_id=None):
+    ids = encode_prompt([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt, tok)
+    model.eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, use_cache=True,
+                             pad_token_id=tok.pad_token_id, eos_token_id=eos_id or tok.eos_token_id)
+    model.train()
+    return ids, out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("model_dir", ["base_dir", "mha_dir"])  # grouped-query and multi-head attention
+def test_fast_decoding_equals_transformers_generate(model_dir, request):
+    """ml.generate decodes through fast layers attached for the call and leaves none behind; samples() shares
+    one Decoder (cache) across prompts; a model prepared for training (weights kept dequantized, layers
+    checkpointed) decodes through its own fast layers. Each answer is transformers' greedy answer, to the
+    token."""
+    model, tok = adapted(request.getfixturevalue(model_dir))
+    expected = [tok.decode(transformers_answer(model, tok, p, 24)[1], skip_special_tokens=True).strip()
+                for p in PROMPTS]
+    assert len(set(expected)) == len(PROMPTS) and all(expected)  # answers that differ: a real comparison
+    assert [ml.generate(model, tok, p, max_new_tokens=24) for p in PROMPTS] == expected
+    assert not is_fast(model) and model.training
+    assert [a for _, a in samples(model, tok, PROMPTS, 24, "fp32")] == expected
+    ml.prepare_for_training(model, PlanOptions(fast=True, cached_layers=1, keep_weights=True))
+    assert is_fast(model)
+    assert [ml.generate(model, tok, p, max_new_tokens=24) for p in PROMPTS] == expected
+
+
+def test_decoding_stops_at_eos_and_at_max_len(base_dir):
+    """With EOS = the 6th token transformers generates, both stop there and keep it; a Decoder whose max_len
+    leaves room for 3 new tokens gives the first 3; a prompt that fills max_len gives none."""
+    model, tok = adapted(base_dir)
+    ids, full = transformers_answer(model, tok, PROMPTS[0], 24)
+    eos = full[5]
+    _, stopped = transformers_answer(model, tok, PROMPTS[0], 24, eos_id=eos)
+    assert stopped == full[:full.index(eos) + 1] and len(stopped) < 24
+    model.eval()
+    ml.prepare_for_training(model, PlanOptions(fast=True))
+    decoder = Decoder(model, len(ids) + 24, torch.float32)
+    assert decoder(ids, 24, eos) == stopped
+    assert decoder(ids, 24, None) == full  # the same cache again: nothing left from the last prompt matters
+    assert Decoder(model, len(ids) + 3, torch.float32)(ids, 24, None) == full[:3]
+    assert Decoder(model, len(ids), torch.float32)(ids, 24, None) == []
