@@ -17,8 +17,8 @@ def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str 
 
     It runs in eval mode (no LoRA dropout) and leaves the model in the mode it found. precision=None follows
     the model's compute dtype (its embeddings'): bf16 or fp16 autocast for a half-precision model, else fp32.
-    A LLaMA model decodes through minilora's fast layers (kernels/decode.py): those train() holds, with the
-    weights its memory plan keeps, or ones attached for the call; other models through transformers' generate.
+    A LLaMA decodes through minilora's fast layers (kernels/decode.py): those train() holds, with the weights
+    its memory plan keeps, or on a GPU ones attached for the call; otherwise transformers' generate runs.
     """
     return _answers(model, tokenizer, [prompt], max_new_tokens, precision)[0]
 
@@ -32,7 +32,9 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
     device = model.lm_head.weight.device
     dtype = model.get_input_embeddings().weight.dtype
     precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
-    attach = not is_fast(model) and unsupported(model.config) is None
+    # on a GPU, fast layers attached for the call when train() holds none; on the CPU, bitsandbytes' own
+    # inference kernel reads the 4-bit weights faster than a dequantization per token would
+    attach = device.type == "cuda" and not is_fast(model) and unsupported(model.config) is None
     was_training = model.training
     model.eval()
     try:

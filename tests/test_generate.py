@@ -41,20 +41,20 @@ def transformers_answer(model, tok, prompt, n, eos_id=None):
 
 @pytest.mark.parametrize("model_dir", ["base_dir", "mha_dir"])  # grouped-query and multi-head attention
 def test_fast_decoding_equals_transformers_generate(model_dir, request):
-    """ml.generate decodes through fast layers attached for the call and leaves none behind; samples() shares
-    one Decoder (cache) across prompts; a model prepared for training (weights kept dequantized, layers
-    checkpointed) decodes through its own fast layers. Each answer is transformers' greedy answer, to the
-    token."""
+    """ml.generate on the CPU runs transformers' generate and leaves the model as it was; a model prepared for
+    training (weights kept dequantized, layers checkpointed) decodes through its own fast layers, and samples()
+    shares one Decoder (cache) across prompts. Each answer is transformers' greedy answer, to the token. (On a
+    GPU, fast layers attached for the call: test_gpu.py.)"""
     model, tok = adapted(request.getfixturevalue(model_dir))
     expected = [tok.decode(transformers_answer(model, tok, p, 24)[1], skip_special_tokens=True).strip()
                 for p in PROMPTS]
     assert len(set(expected)) == len(PROMPTS) and all(expected)  # answers that differ: a real comparison
     assert [ml.generate(model, tok, p, max_new_tokens=24) for p in PROMPTS] == expected
     assert not is_fast(model) and model.training
-    assert [a for _, a in samples(model, tok, PROMPTS, 24, "fp32")] == expected
     ml.prepare_for_training(model, PlanOptions(fast=True, cached_layers=1, keep_weights=True))
     assert is_fast(model)
     assert [ml.generate(model, tok, p, max_new_tokens=24) for p in PROMPTS] == expected
+    assert [a for _, a in samples(model, tok, PROMPTS, 24, "fp32")] == expected
 
 
 def test_decoding_stops_at_eos_and_at_max_len(base_dir):

@@ -245,6 +245,7 @@ def test_decoding_replayed_as_a_cuda_graph_equals_eager_decoding(base_dir, cache
     kernels on the same inputs), and both follow transformers' generate through bitsandbytes' layers for the
     first tokens (bf16: different kernels and summation orders may flip a later near-tie, so 4 are compared)."""
     from minilora.kernels.decode import Decoder
+    from minilora.kernels.layer import detach_fast, is_fast
     from minilora.plan import PlanOptions
     from minilora.template import encode_prompt
 
@@ -266,3 +267,9 @@ def test_decoding_replayed_as_a_cuda_graph_equals_eager_decoding(base_dir, cache
         tokens = graphed(ids, 40, None)
         assert graphed.graph is not None and tokens == eager(ids, 40, None) == graphed(ids, 40, None)
     assert len(tokens) == 40 and tokens[:4] == hf[:4]
+    # ml.generate on a GPU attaches fast layers for the call (dequantizing as they go: the same weights, bit
+    # for bit), and drops them after
+    detach_fast(model)
+    answer = ml.generate(model, tok, "What is the capital of France?", max_new_tokens=40)
+    until_eos = tokens[:tokens.index(tok.eos_token_id) + 1] if tok.eos_token_id in tokens else tokens
+    assert answer == tok.decode(until_eos, skip_special_tokens=True).strip() and not is_fast(model)
