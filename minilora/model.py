@@ -132,9 +132,8 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
         lora.fused = fused
     layers = model.model.layers
     n = options.layers_checkpointed(len(layers))
-    tied = model.model.embed_tokens.weight is model.lm_head.weight
-    place_embedding(model, "cpu" if options.host_embedding(len(layers), tied) and model.lm_head.weight.is_cuda
-                    else None)
+    on_host = options.host_embedding(len(layers), tied=model.model.embed_tokens.weight is model.lm_head.weight)
+    place_embedding(model, "cpu" if on_host and model.lm_head.weight.is_cuda else None)
     detach_fast(model)
     for i, layer in enumerate(layers):
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward

@@ -70,10 +70,8 @@ def _lora_saved(z: StepSizes) -> tuple[int, int]:
     for name, group in GROUPS.items():
         members = sum(t in z.targets for t in group)
         n_in = z.S * z.lin[group[0]][0]  # elements of the projection's input
-        if z.dropout > 0:
-            kept = members * n_in * (z.dt + 1)
-        else:
-            kept = n_in * z.dt if members and name != "o" else 0
+        shared = n_in * z.dt if members and name != "o" else 0
+        kept = members * n_in * (z.dt + 1) if z.dropout > 0 else shared
         saved["attn" if name in ("qkv", "o") else "mlp"] += kept + members * z.S * z.r * z.dt
     return saved["attn"], saved["mlp"]
 
