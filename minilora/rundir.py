@@ -9,6 +9,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -157,8 +158,9 @@ def _resume_target(output_dir: str, resume: str | None) -> str | None:
 def checkpoints(output_dir: str, complete: bool = True) -> list[str]:
     """The checkpoint-STEP dirs in output_dir, by step (complete ones hold the training state)."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    # checkpoint-STEP.tmp-PID leftovers of a save cut short are skipped
-    steps = sorted(step_of(d) for d in names if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
+    # exactly the names a run writes: checkpoint-STEP.tmp-PID leftovers of a save cut short, and a user's
+    # checkpoint-5-old or checkpoint-05, are not checkpoints
+    steps = sorted(int(m[1]) for d in names if (m := re.fullmatch(r"checkpoint-(0|[1-9][0-9]*)", d)))
     paths = [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
     return [p for p in paths if not complete or os.path.isfile(os.path.join(p, STATE_NAME))]
 

@@ -56,6 +56,20 @@ def test_save_adapter_writes_its_two_files_and_touches_nothing_else(base_dir, tm
         ml.save_adapter(model, tmp_path / "notes.txt")
 
 
+def test_only_the_names_a_run_writes_are_its_checkpoints(base_dir, tmp_path):
+    """A user's checkpoint-5-old/ or checkpoint-05/ (each holding a training state) is not a checkpoint of a
+    run: the directory is free to train in, resume='latest' does not pick it, and training leaves it alone."""
+    for name in ("checkpoint-5-old", "checkpoint-05"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training_state.pt").write_text("mine")
+    assert latest_checkpoint(str(tmp_path)) is None
+    run(base_dir, tmp_path, max_steps=2)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    run(base_dir, tmp_path, max_steps=2, overwrite=True)
+    for name in ("checkpoint-5-old", "checkpoint-05"):
+        assert (tmp_path / name / "training_state.pt").read_text() == "mine"
+
+
 def test_a_second_run_into_a_used_directory_is_refused_and_overwrite_replaces_it(base_dir, tmp_path, capsys):
     run(base_dir, tmp_path, max_steps=4, save_every=2)
     (tmp_path / "notes.txt").write_text("mine")

@@ -81,24 +81,24 @@ class Decoder:
         after the last one goes to out[positions[-1] + 1] and becomes the next step's input token."""
         inner = self.model.model
         h = inner.embed_tokens(ids).to(self.dtype)  # (1, T, H)
-        cos, sin = (t.to(self.dtype)[:, :, None] for t in inner.rotary_emb(h, positions[None]))  # (1, T, 1, hd)
+        rope = [t.to(self.dtype)[:, :, None] for t in inner.rotary_emb(h, positions[None])]  # cos, sin (1, T, 1, hd)
         # key j is visible to the query at position p when j <= p: the prompt's causal mask, and for one new
         # token every filled cache entry
         visible = torch.arange(self.max_len, device=ids.device) <= positions[:, None]  # (T, max_len)
         for layer, kv in zip(inner.layers, self.cache):
-            h = mlp_block(layer, _attention_block(layer, h, cos, sin, kv, positions, visible))
+            h = mlp_block(layer, _attention_block(layer, h, rope, kv, positions, visible))
         logits = self.model.lm_head(rms_norm(h[:, -1:], inner.norm))  # (1, 1, vocab)
         self.token.copy_(logits.argmax(-1))
         self.out.index_copy_(0, positions[-1:] + 1, self.token[0])
 
 
-def _attention_block(layer, x, cos, sin, kv, positions, visible):
+def _attention_block(layer, x, rope, kv, positions, visible):
     """x + attention(norm(x)) with the layer's KV cache: the new keys and values written at `positions`, the
     queries attending to the visible entries."""
     spec, att = fast_layer(layer), layer.self_attn
     B, T, _ = x.shape
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
-    q, k, v = Rope.apply(spec.qkv(rms_norm(x, layer.input_layernorm)), cos, sin, n_q, n_kv)  # (1, heads, T, hd)
+    q, k, v = Rope.apply(spec.qkv(rms_norm(x, layer.input_layernorm)), *rope, n_q, n_kv)  # (1, heads, T, hd)
     keys, values = kv
     keys.index_copy_(2, positions, k)
     values.index_copy_(2, positions, v)
