@@ -19,7 +19,8 @@ from .plan import PlanOptions, Setup, choose_plan, format_plan, plan_memory  # n
 from .template import MalformedRow, encode_chat, encode_rows, render_chat  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .generate import generate  # noqa: E402
-from .loop import Interrupted, train  # noqa: E402
+from .loop import train  # noqa: E402
+from .stop import Interrupted  # noqa: E402
 
 __all__ = [
     "LoRALinear", "add_lora", "lora_state_dict", "mark_only_lora_trainable", "merge_lora",

@@ -6,8 +6,6 @@ import collections
 import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
 
 import torch
@@ -27,6 +25,7 @@ from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, choose_plan, plan_options
 from .rundir import claim
+from .stop import Interrupted, StopRequest
 from .step import Feed, Stepper, apply_settings, make_optimizer, optimizer_step
 
 
@@ -84,7 +83,7 @@ def _steps(t: _Training, evals):
     the steps done."""
     cfg, log = t.cfg, t.log
     stream = t.feed.stream(t.step * cfg.grad_accum)
-    stop = _StopRequest(t.world == 1)
+    stop = StopRequest(t.world == 1)
     log.restart_clock()
     try:
         while t.step < t.total_steps:
@@ -115,10 +114,6 @@ def _steps(t: _Training, evals):
             log.restart_clock()
     finally:
         stop.close()
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped train() at a step boundary, after saving a checkpoint there; the message names it."""
 
 
 # ---------------------------------------------------------------- set-up
@@ -291,26 +286,3 @@ def _sample(t: _Training):
     for prompt, answer in answers:
         t.log.log({"step": t.step, "prompt": prompt, "sample": answer})
         t.log.say(f"[step {t.step}] {prompt!r} -> {answer!r}")
-
-
-class _StopRequest:
-    """Ctrl-C while the loop runs asks it to stop after the step in progress: the loop then saves a checkpoint
-    at that step boundary (with the RNG state of the steps to come, so resume is bit-exact) and raises
-    Interrupted. A second Ctrl-C interrupts at once (KeyboardInterrupt). Only in the main thread of a single
-    process: a signal does not reach data-parallel processes together, and there it interrupts at once."""
-
-    def __init__(self, enabled: bool):
-        self.asked, self.previous = False, None
-        if enabled and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._ask)
-
-    def _ask(self, signum, frame):
-        self.asked = True
-        self.close()
-        print("\nCtrl-C: stopping after this step to save a checkpoint (press it again to stop at once, losing the "
-              "steps since the last checkpoint)", flush=True)
-
-    def close(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
