@@ -15,7 +15,7 @@ truncates (max length 1024), groups and batches them as it would the real rows.
 Impls, each in its own process on the same model files:
   fast      `ml.train` with the recipe's settings and nothing else: the default path and memory plan
   budget6   the same with memory_budget_gib=6
-  budget4.5 the same with memory_budget_gib=4.5 (the plan offloads)
+  budget4.8 the same with memory_budget_gib=4.8 (the plan offloads)
   eager     the same with cuda_graphs=False
   plain     the same with fast=False and every layer checkpointed: transformers' layers, the earlier default
   peft      the classic recipe (prepare_model_for_kbit_training, get_peft_model, HF's loss, torch AdamW,
@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step import SHAPES, _write, prepare, run_child  # noqa: E402
 
 LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guanaco-lengths.json")
-IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "budget4.5": {"memory_budget_gib": 4.5},
+IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "budget4.8": {"memory_budget_gib": 4.8},
          "eager": {"cuda_graphs": False},
          "plain": {"fast": False, "gradient_checkpointing": True}, "peft": None}
 RECIPE = dict(epochs=1.0, batch_size=4, max_len=1024, lr=2e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,

@@ -17,7 +17,7 @@ from .config import PRECISIONS, TrainConfig, check, default_precision
 from .data import Collator, encoded
 from .generate import evaluate, samples
 from .kernels.graphs import PAD_MULTIPLE
-from .kernels.layer import detach_fast, host_embedding, unsupported
+from .kernels.layer import capturable, detach_fast, host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
 from .lora import add_lora, lora_layers, lora_state_dict
 from .loss import to_device
@@ -149,8 +149,9 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line = _setup_model(model, cfg, world)
-    graphs = cfg.cuda_graphs and options.graphs(model.config.num_hidden_layers) and device.type == "cuda" \
-        and cfg.precision != "fp16" and not cfg.pack and world == 1  # graphs need fixed shapes, no scaler
+    # CUDA graphs need fixed shapes (no packing), no GradScaler (fp16) and one process
+    graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and not cfg.pack and world == 1
+              and options.graphs(model.config.num_hidden_layers) and capturable(model, PRECISIONS[cfg.precision]))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
     stepper = Stepper(model, options.loss_chunk, cfg.precision, "graphs" if graphs else "ddp" if world > 1
                       else "eager", scaler)

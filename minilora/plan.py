@@ -54,9 +54,10 @@ class PlanOptions:
         return self.fast and self.offload and self.layers_checkpointed(num_layers) > 0
 
     def graphs(self, num_layers: int) -> bool:
-        """Whether a step can replay as a CUDA graph: fast layers, none recomputed, every weight kept dequantized
-        (no bitsandbytes call and no recompute inside a graph)."""
-        return self.fast and self.layers_checkpointed(num_layers) == 0 and self.cached_layers >= num_layers
+        """Whether a step can replay as a CUDA graph: fast layers, their checkpointed inputs and the embedding
+        table on the GPU (an offloaded unit's copies to pinned host memory are allocated per step)."""
+        return self.fast and not self.host_embedding(num_layers) and not (
+            self.offload and self.layers_checkpointed(num_layers))
 
 
 @dataclass(frozen=True)

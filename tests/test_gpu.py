@@ -32,7 +32,7 @@ def rel(a, b):
 def test_nf4_kernel_equals_bitsandbytes(shape, dtype, nested):
     w = torch.randn(shape, dtype=dtype, device="cuda") * 0.02
     q = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=nested).to("cuda")
-    assert nf4.supported(q, torch.empty(shape, dtype=dtype, device="cuda"))
+    assert nf4.supported(q, dtype)
     got = nf4.dequantize_nf4(q, torch.full(shape, float("nan"), dtype=dtype, device="cuda"))  # every value written
     ref = bnb.functional.dequantize_4bit(q.data, q.quant_state)
     assert torch.equal(got, ref)
@@ -139,10 +139,10 @@ def test_offloaded_steps_equal_plain_steps(base_dir, mha_dir, monkeypatch, keep_
     assert all(rel(off[k], plain[k]) <= 1e-2 for k in plain)
 
 
-def _load(base_dir, **prepare):
+def _load(base_dir, dropout=0.0, **prepare):
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
     torch.manual_seed(0)
-    ml.add_lora(model, targets=("q_proj", "v_proj", "down_proj"), r=8, alpha=16, dropout=0.0)
+    ml.add_lora(model, targets=("q_proj", "v_proj", "down_proj"), r=8, alpha=16, dropout=dropout)
     with torch.no_grad():
         for p in ml.lora_state_dict(model).values():
             p.normal_(0, 0.05)
@@ -178,36 +178,54 @@ def test_fast_path_matches_transformers_on_gpu(base_dir):
         assert all(rel(g[k], ref[k]) <= 2e-2 for k in ref)
 
 
-def test_graphed_steps_equal_eager_steps(base_dir):
+PREPARED = {"cached": dict(gradient_checkpointing=False, cached_layers=2),
+            "checkpointed": dict(gradient_checkpointing=True),
+            "checkpointed, kept weights": dict(gradient_checkpointing=True, keep_weights=True)}
+
+
+def _steps(base_dir, graphed: bool, layers: str, dropout: float):
+    """Six micro-batches (three shapes, each twice) through GraphedSteps or eagerly: (losses, LoRA grads, steps)."""
     from minilora.kernels.graphs import GraphedSteps
 
-    results = []
-    for graphed in (False, True):
-        model, tok = _load(base_dir, fast=True, gradient_checkpointing=False, cached_layers=2)
-        steps = GraphedSteps([p for p in model.parameters() if p.requires_grad],
-                             lambda b: causal_lm_loss(model, b, 4096)[0])
-        losses = []
-        for batch in _batches(tok, 3) * 2:  # three shapes, each replayed again
-            b = to_device(batch, "cuda", model.lm_head.weight.shape[0], dense=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                if graphed:
-                    loss = steps(b, 1.0 / b["n_tokens"]).clone()
-                else:
-                    loss, n = causal_lm_loss(model, b)
-                    (loss / n).backward()
-            losses.append(loss.item())
-        results.append((losses, {k: p.grad.clone() for k, p in ml.lora_state_dict(model).items()}))
-    (eager_losses, eager_grads), (graph_losses, graph_grads) = results
+    model, tok = _load(base_dir, dropout, fast=True, **PREPARED[layers])
+    steps = GraphedSteps([p for p in model.parameters() if p.requires_grad],
+                         lambda b: causal_lm_loss(model, b, 4096)[0])
+    torch.cuda.manual_seed(7)
+    losses = []
+    for batch in _batches(tok, 3) * 2:  # three shapes, each replayed again
+        b = to_device(batch, "cuda", model.lm_head.weight.shape[0], dense=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if graphed:
+                loss = steps(b, 1.0 / b["n_tokens"]).clone()
+            else:
+                loss, n = causal_lm_loss(model, b)
+                (loss / n).backward()
+        losses.append(loss.item())
+    return losses, {k: p.grad.clone() for k, p in ml.lora_state_dict(model).items()}, steps
+
+
+@pytest.mark.parametrize("layers, dropout", [("cached", 0.0), ("checkpointed", 0.0), ("checkpointed, kept weights", 0.0),
+                                             ("checkpointed", 0.1), ("checkpointed, kept weights", 0.1)])
+def test_graphed_steps_equal_eager_steps(base_dir, layers, dropout):
+    """Each batch shape's step captured once and replayed gives the eager steps' losses and gradients, with
+    layers whose weights are kept dequantized or checkpointed ones (recomputed inside the graph, their weights
+    dequantized there by the Triton kernel). With dropout, a graph draws other masks than eager steps (graph-safe
+    generator offsets), so the reference is the graph of uncheckpointed layers from the same seed: a
+    checkpointed unit's recompute must draw its forward's masks again, or its gradients differ by the dropped
+    tenth of their inputs. Tolerances: bf16 (2e-2 grads, 1e-3 losses), as between eager runs."""
+    losses, grads, steps = _steps(base_dir, True, layers, dropout)
+    ref_losses, ref_grads, _ = _steps(base_dir, dropout > 0, "cached" if dropout else layers, dropout)
     assert len(steps.graphs) == 3  # the first batch ran eagerly; every shape was captured once
-    assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
-    assert all(rel(graph_grads[k], eager_grads[k]) <= 1e-2 for k in eager_grads)
+    assert losses == pytest.approx(ref_losses, rel=1e-3)
+    assert all(rel(grads[k], ref_grads[k]) <= 1e-2 for k in ref_grads)
 
 
 @pytest.mark.parametrize("outcome", ["cached, graphs", "cached, eager", "checkpointed", "offloaded"])
 def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp_path, outcome):
     """train() on the GPU under each outcome of its memory plan, chosen by the budget: every weight kept
     dequantized with the steps replayed as CUDA graphs (a roomy budget), the same with cuda_graphs=False, every
-    layer checkpointed (the leanest budget without offload), and offloaded (the leanest with it). Eight steps
+    layer checkpointed (the leanest budget without offload; graphs too), and offloaded (the leanest with it,
+    eager steps). Eight steps
     in bf16 without dropout: each step's loss within 2e-2 of transformers' layers (fast=False), bf16's
     rounding through different kernels; the plan line names the outcome."""
     from minilora.plan import GiB, PlanOptions, Setup, plan_memory
@@ -235,7 +253,7 @@ def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp
     reference, _ = run("reference", fast=False)
     losses, line = run("fast", **kw)
     assert expect in line, line
-    assert ("CUDA graphs on" in line) == (outcome == "cached, graphs"), line
+    assert ("CUDA graphs on" in line) == (outcome in ("cached, graphs", "checkpointed")), line
     assert losses == pytest.approx(reference, rel=2e-2)
 
 

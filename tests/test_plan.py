@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig
 
 import minilora as ml
-from minilora.plan import GiB, choose_plan, format_plan, plan_memory
+from minilora.plan import GiB, PlanOptions, choose_plan, format_plan, plan_memory
 from minilora.tiny import tiny_config
 
 LLAMA2_7B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -276,3 +276,14 @@ def test_options_and_setup_dataclasses_equal_their_keywords():
     assert by_class == by_name and by_class["inputs"]["checkpointed"] == 5
     assert plan_memory(LLAMA2_7B, 2, 512, gradient_checkpointing=True) == plan_memory(LLAMA2_7B, 2, 512)
     assert plan_memory(LLAMA2_7B, 2, 512, gradient_checkpointing=True)["inputs"]["checkpointed"] == 32
+
+
+def test_which_plans_replay_as_cuda_graphs():
+    """Fast layers replay as graphs checkpointed or not; offloaded units and a host embedding table (copies to
+    and from pinned host memory made per step) and transformers' layers do not."""
+    assert PlanOptions(fast=True, checkpointed=0, cached_layers=32).graphs(32)
+    assert PlanOptions(fast=True, checkpointed=32).graphs(32)
+    assert PlanOptions(fast=True, checkpointed=0, offload=True).graphs(32)  # nothing checkpointed: nothing offloaded
+    assert not PlanOptions(fast=True, checkpointed=31, offload=True).graphs(32)
+    assert not PlanOptions(fast=True, checkpointed=0, embedding_on_host=True).graphs(32)
+    assert not PlanOptions(fast=False, checkpointed=0).graphs(32)

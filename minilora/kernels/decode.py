@@ -28,7 +28,8 @@ class Decoder:
     def __init__(self, model, max_len: int, dtype: torch.dtype, graphs: bool = True):
         self.model, self.max_len, self.dtype = model, max_len, dtype
         c, device = model.config, model.lm_head.weight.device
-        shape = (1, c.num_key_value_heads, max_len, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        shape = (1, c.num_key_value_heads, max_len, head_dim)
         # zeros, not empty: a masked position's weight is exactly 0, and 0 * NaN garbage would still be NaN
         self.cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                       for _ in model.model.layers]

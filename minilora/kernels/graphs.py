@@ -11,9 +11,12 @@ issue them. A replayed graph issues them all in one call. What that needs:
 - nothing that waits for the host or allocates for good during a capture: the first micro-batch runs eagerly,
   which also fills the layers' weight caches (kernels/lora4bit.Projection) outside any graph.
 All graphs share one memory pool: they never run at the same time, and only their loss outputs outlive a
-replay. Dropout masks come from the CUDA generator's graph-safe offsets, fresh at each replay.
-Used by train() when the memory plan checkpoints no layer and keeps every weight dequantized (no
-bitsandbytes call and no recompute inside a graph).
+replay. Dropout masks come from the CUDA generator's graph-safe offsets, fresh at each replay; a checkpointed
+unit's recompute rewinds the generator to its forward's offset (torch allows that inside a capture), so it
+draws the forward's masks again.
+Used by train() with fast layers whose weights are kept dequantized or dequantized by the Triton NF4 kernel
+(no bitsandbytes call inside a graph), checkpointed or not, but not offloaded: an offloaded unit's copies go
+to pinned host memory that is allocated per step.
 """
 
 from __future__ import annotations

@@ -56,6 +56,9 @@ class FastLayer:
                                                  (mlp_block, (self.gate_up, self.down)))}
         self.params[layer_forward] = self.params[attention_block] + self.params[mlp_block]
 
+    def projections(self) -> tuple[Projection, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 def unsupported(config) -> str | None:
     """Why the fast layer cannot run this config, or None when it can."""
@@ -89,6 +92,12 @@ def is_fast(model) -> bool:
 
 
 _FAST = "_minilora_fast"  # where a decoder layer holds its FastLayer: read and written only by the functions above
+
+
+def capturable(model, dtype: torch.dtype) -> bool:
+    """Whether every fast layer's projections can run inside a CUDA graph in `dtype` (Projection.capturable)."""
+    return is_fast(model) and all(p.capturable(dtype) for layer in model.model.layers
+                                  for p in fast_layer(layer).projections())
 
 
 def host_embedding(model) -> torch.Tensor | None:

@@ -57,7 +57,7 @@ def dequantize(base: nn.Module, dtype: torch.dtype, out: torch.Tensor | None = N
     w = _standard_layout(base.weight)
     if w.device.type == "cuda" and dtype == w.quant_state.dtype:
         out = torch.empty(w.quant_state.shape, dtype=dtype, device=w.device) if out is None else out
-        if nf4.supported(w, out):
+        if nf4.supported(w, dtype) and out.is_contiguous():
             return nf4.dequantize_nf4(w, out)
         return bnb.functional.dequantize_4bit(w.data, w.quant_state, out=out)
     W = bnb.functional.dequantize_4bit(w.data, w.quant_state)
@@ -97,6 +97,12 @@ class Projection:
         quantized = all(is_4bit(b) for b in self.bases)
         self.cache, self.keep_weights, self.cached = cache and quantized, keep_weights and quantized, None
         self.split = split and len(self.bases) > 1 and not (self.cache or self.keep_weights)
+
+    def capturable(self, dtype: torch.dtype) -> bool:
+        """Whether `weight(dtype)` makes no bitsandbytes call, which a CUDA graph cannot capture: the weight is
+        kept dequantized, plain, or NF4 for minilora's Triton kernel (kernels/nf4.py)."""
+        return self.cache or all(not is_4bit(b) or (b.weight.quant_state.dtype == dtype
+                                                    and nf4.supported(b.weight, dtype)) for b in self.bases)
 
     def bias(self, dtype) -> torch.Tensor | None:
         if not self.has_bias:

@@ -25,11 +25,11 @@ except ImportError:  # no Triton (a CPU-only torch): bitsandbytes dequantizes
 BLOCK = 1024  # packed bytes per program: 2048 values
 
 
-def supported(weight, out: torch.Tensor) -> bool:
-    """Whether the kernel can dequantize this Params4bit into `out`."""
+def supported(weight, dtype: torch.dtype) -> bool:
+    """Whether the kernel can dequantize this Params4bit into a contiguous tensor of `dtype`."""
     qs = weight.quant_state
-    return (triton is not None and out.is_cuda and qs.quant_type == "nf4" and out.is_contiguous()
-            and out.dtype in (torch.bfloat16, torch.float16, torch.float32) and qs.blocksize % 2 == 0
+    return (triton is not None and weight.data.is_cuda and qs.quant_type == "nf4"
+            and dtype in (torch.bfloat16, torch.float16, torch.float32) and qs.blocksize % 2 == 0
             and (not qs.nested or qs.offset.is_cuda) and weight.data.is_contiguous())
 
 
