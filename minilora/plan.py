@@ -142,7 +142,8 @@ def _sizes(c, batch, seq_len, setup: Setup) -> StepSizes:
         raise ValueError(f"unknown optimizer={setup.optimizer!r}; plan_memory knows {sorted(OPTIMIZER_STATES)}")
     lin = _linears(c)
     lora_targets = setup.lora_targets
-    targets = [lora_targets] if isinstance(lora_targets, str) else list(lora_targets)
+    # each linear carries one adapter however often it is named (add_lora wraps it once)
+    targets = [lora_targets] if isinstance(lora_targets, str) else list(dict.fromkeys(lora_targets))
     if bad := [t for t in targets if t not in lin]:
         raise ValueError(f"lora_targets {bad} are not decoder-layer linears; use names from {list(lin)}")
     dt, ldt = setup.compute_dtype.itemsize, (setup.lora_dtype or torch.float32).itemsize  # add_lora's default: fp32

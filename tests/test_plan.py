@@ -287,3 +287,10 @@ def test_which_plans_replay_as_cuda_graphs():
     assert not PlanOptions(fast=True, checkpointed=31, offload=True).graphs(32)
     assert not PlanOptions(fast=True, checkpointed=0, embedding_on_host=True).graphs(32)
     assert not PlanOptions(fast=False, checkpointed=0).graphs(32)
+
+
+def test_a_target_named_twice_is_one_adapter():
+    """add_lora wraps a linear once however often its name is given; the plan counts it once too."""
+    once = plan_memory(LLAMA2_7B, 2, 512, PlanOptions(fast=True), lora_targets=("q_proj", "v_proj"))
+    twice = plan_memory(LLAMA2_7B, 2, 512, PlanOptions(fast=True), lora_targets=("q_proj", "v_proj", "q_proj"))
+    assert twice["breakdown"] == once["breakdown"]
