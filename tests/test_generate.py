@@ -42,8 +42,8 @@ def transformers_answer(model, tok, prompt, n, eos_id=None):
 @pytest.mark.parametrize("model_dir", ["base_dir", "mha_dir"])  # grouped-query and multi-head attention
 def test_fast_decoding_equals_transformers_generate(model_dir, request):
     """ml.generate on the CPU runs transformers' generate and leaves the model as it was; a model prepared for
-    training (weights kept dequantized, layers checkpointed) decodes through its own fast layers, and samples()
-    shares one Decoder (cache) across prompts. Each answer is transformers' greedy answer, to the token. (On a
+    training (weights kept dequantized, or the lean plan's projections dequantizing one member at a time; layers
+    checkpointed) decodes through its own fast layers, and samples() shares one Decoder (cache) across prompts. Each answer is transformers' greedy answer, to the token. (On a
     GPU, fast layers attached for the call: test_gpu.py.)"""
     model, tok = adapted(request.getfixturevalue(model_dir))
     expected = [tok.decode(transformers_answer(model, tok, p, 24)[1], skip_special_tokens=True).strip()
@@ -51,10 +51,12 @@ def test_fast_decoding_equals_transformers_generate(model_dir, request):
     assert len(set(expected)) == len(PROMPTS) and all(expected)  # answers that differ: a real comparison
     assert [ml.generate(model, tok, p, max_new_tokens=24) for p in PROMPTS] == expected
     assert not is_fast(model) and model.training
-    ml.prepare_for_training(model, PlanOptions(fast=True, cached_layers=1, keep_weights=True))
-    assert is_fast(model)
-    assert [ml.generate(model, tok, p, max_new_tokens=24) for p in PROMPTS] == expected
-    assert [a for _, a in samples(model, tok, PROMPTS, 24, "fp32")] == expected
+    for options in (PlanOptions(fast=True, cached_layers=1, keep_weights=True),  # weights kept, or dequantized
+                    PlanOptions(fast=True, offload=True)):  # per member (the lean plan's split projections)
+        ml.prepare_for_training(model, options)
+        assert is_fast(model)
+        assert [ml.generate(model, tok, p, max_new_tokens=24) for p in PROMPTS] == expected
+        assert [a for _, a in samples(model, tok, PROMPTS, 24, "fp32")] == expected
 
 
 def test_decoding_stops_at_eos_and_at_max_len(base_dir):
