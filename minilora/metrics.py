@@ -54,11 +54,14 @@ class Metrics:
         self.bar.update()
 
     def drain(self):
-        """Stop the training clock and read the pending steps' losses and grad norms, in one wait. A NaN or inf
-        stops the run at that step, before anything is saved from it."""
+        """Read the pending steps' losses and grad norms, in one wait, then stop the training clock: the wait for
+        the GPU to finish these steps is training time. A NaN or inf stops the run at that step, before anything
+        is saved from it."""
+        if self.pending:
+            self._read_pending()
         self.seconds += time.perf_counter() - self.clock
-        if not self.pending:
-            return
+
+    def _read_pending(self):
         values = torch.stack([torch.stack([loss for _, loss, _, _ in self.pending]),
                               torch.stack([norm.float() for *_, norm in self.pending])])  # (2, steps): loss, norm
         if self.world > 1:  # the global step's loss: the sum of every process's part (grad norms are equal already)

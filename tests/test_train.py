@@ -113,6 +113,19 @@ def test_sampling_does_not_change_training(base_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_wait_for_the_steps_is_training_time(base_dir, tmp_path, monkeypatch):
+    """A logged interval's seconds include the wait for its steps' values (on a GPU, for the steps to finish),
+    planted here as 0.3 s per read."""
+    import time
+
+    metrics = importlib.import_module("minilora.metrics")
+    real = metrics.Metrics._read_pending
+    monkeypatch.setattr(metrics.Metrics, "_read_pending", lambda self: (time.sleep(0.3), real(self))[1])
+    _, _, history = run(base_dir, tmp_path, max_steps=3, lora_dropout=0.0)
+    logged = [h for h in history if "loss" in h]
+    assert len(logged) == 3 and all(h["seconds"] >= 0.3 for h in logged)
+
+
 def test_the_time_account_covers_the_run(base_dir, tmp_path, monkeypatch):
     """train() logs where its wall time went, once, at the end: each part holds its own time (samples slowed by
     a planted 0.2 s each, checkpoints by 0.1 s each) and the parts add up to train()'s wall time. Bounds: the
