@@ -1,5 +1,6 @@
 """Greedy decoding through the fast layers: the weights they hold (kept dequantized by the memory plan, or
-dequantized per use), a KV cache of fixed size, and on CUDA every new token as one replayed CUDA graph.
+dequantized per use), a KV cache of fixed size, and on CUDA every new token as one replayed CUDA graph (where
+every projection can run inside one: layer.capturable).
 
 transformers' generate runs each decoder layer's modules one by one for every new token, and bitsandbytes'
 4-bit linears with them: a 7B model spends tens of milliseconds a token on the host. Here the prompt runs
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layer import fast_layer, mlp_block
+from .layer import capturable, fast_layer, mlp_block
 from .rmsnorm import rms_norm
 from .rope import Rope
 
@@ -37,7 +38,7 @@ class Decoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # ... and its position
         self.out = torch.zeros(max_len, dtype=torch.long, device=device)  # out[p]: the token chosen at position p
         self.graph = None
-        self.graphs = graphs and device.type == "cuda"
+        self.graphs = graphs and device.type == "cuda" and capturable(model, dtype)
 
     @torch.no_grad()
     def __call__(self, ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
