@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LlamaForCausalLM
 
 from .config import PRECISIONS, autocast
 from .kernels.decode import Decoder
@@ -32,9 +33,11 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
     device = model.lm_head.weight.device
     dtype = model.get_input_embeddings().weight.dtype
     precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
+    llama = isinstance(model, LlamaForCausalLM) and unsupported(model.config) is None
+    fast = llama and is_fast(model)
     # on a GPU, fast layers attached for the call when train() holds none; on the CPU, bitsandbytes' own
     # inference kernel reads the 4-bit weights faster than a dequantization per token would
-    attach = device.type == "cuda" and not is_fast(model) and unsupported(model.config) is None
+    attach = llama and not fast and device.type == "cuda"
     was_training = model.training
     model.eval()
     try:
@@ -42,7 +45,7 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
             for layer in model.model.layers:
                 attach_fast(layer, FastLayer(layer))
         with autocast(device, precision):
-            if is_fast(model):
+            if fast or attach:
                 decoder = Decoder(model, max(map(len, ids)) + max_new_tokens, PRECISIONS[precision])
                 outs = [decoder(x, max_new_tokens, tokenizer.eos_token_id) for x in ids]
             else:

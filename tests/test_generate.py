@@ -74,3 +74,14 @@ def test_decoding_stops_at_eos_and_at_max_len(base_dir):
     assert decoder(ids, 24, None) == full  # the same cache again: nothing left from the last prompt matters
     assert Decoder(model, len(ids) + 3, torch.float32)(ids, 24, None) == full[:3]
     assert Decoder(model, len(ids), torch.float32)(ids, 24, None) == []
+
+
+def test_other_models_generate_through_transformers(tokenizer):
+    """A causal LM that is not a LLaMA (here a tiny GPT-2) gets transformers' greedy answer, as before."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2))
+    ids, expected = transformers_answer(model, tokenizer, PROMPTS[0], 12)
+    assert ml.generate(model, tokenizer, PROMPTS[0], max_new_tokens=12) == \
+        tokenizer.decode(expected, skip_special_tokens=True).strip()
