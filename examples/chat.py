@@ -34,6 +34,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
         p.error("--prompt is empty; give a message, or leave --prompt out to chat interactively")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     if (args.merge or args.save_merged) and not args.adapter:
         p.error("--merge and --save-merged fold an adapter in: give --adapter DIR")
     try:  # before the model loads: an adapter dir that is not one fails in a second

@@ -27,6 +27,8 @@ def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str 
 @torch.no_grad()
 def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | None) -> list[str]:
     """generate() for each prompt, through one Decoder (one KV cache and CUDA graph) where it can."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: give a whole number of at least 1")
     if not prompts:
         return []
     ids = [encode_prompt([{"role": "user", "content": p}] if isinstance(p, str) else p, tokenizer) for p in prompts]

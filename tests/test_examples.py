@@ -74,6 +74,7 @@ def test_chat_refuses_bad_input_before_the_model_loads(demo, tmp_path):
     (tmp_path / "no-config" / "adapter_model.safetensors").write_bytes((out / "adapter" /
                                                                         "adapter_model.safetensors").read_bytes())
     for argv, message in [(["--prompt", ""], "--prompt is empty"),
+                          (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens 0: give at least 1"),
                           (["--adapter", str(tmp_path / "no-config"), "--prompt", "hi"],
                            "no-config/adapter_config.json does not exist; an adapter dir holds adapter_config.json"),
                           (["--merge", "--prompt", "hi"], "give --adapter DIR"),

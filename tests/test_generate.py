@@ -85,3 +85,10 @@ def test_other_models_generate_through_transformers(tokenizer):
     ids, expected = transformers_answer(model, tokenizer, PROMPTS[0], 12)
     assert ml.generate(model, tokenizer, PROMPTS[0], max_new_tokens=12) == \
         tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_a_bad_answer_length_is_refused(base_dir):
+    model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"max_new_tokens={bad!r}: give a whole number of at least 1"):
+            ml.generate(model, tok, "Hi", max_new_tokens=bad)
