@@ -1,8 +1,8 @@
 """Predict the peak GPU memory of one minilora QLoRA training step before loading anything, and choose the
 fastest way to train that fits a memory budget.
 
-The peak is what `torch.cuda.max_memory_allocated` reports: persistent tensors (4-bit weights, adapters,
-optimizer state, weights kept dequantized) plus the larger of two transient moments of a step:
+The peak is what `torch.cuda.max_memory_allocated` reports: persistent tensors (4-bit weights, adapters, optimizer
+state, weights kept dequantized, grads of CUDA-graph steps) plus the larger of two transient moments of a step:
   "loss"      the chunked cross-entropy's forward, with every layer's activations still held;
   "backward"  the backward of the last decoder layer (the first one recomputed if it is checkpointed), with
               every other layer's activations still held.
@@ -118,10 +118,11 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     host_table = options.host_embedding(z.L, tied)
     b = _persistent(z, setup, step.cached, tied, host_table)
     moments = step.moments(options.loss_chunk)
-    phase = max(moments, key=lambda k: sum(moments[k]))
+    kept_grads = z.lora_bytes if options.graphs(z.L) else 0  # CUDA graphs' grads live through the run
+    phase = max(moments, key=lambda k: sum(moments[k]) + (kept_grads if k == "loss" else 0))
     phases = {k: extra for k, (_, extra) in moments.items()}
     b["activations"], extra = moments[phase]
-    b["lora_grads"] = z.lora_bytes if phase == "backward" else 0
+    b["lora_grads"] = z.lora_bytes if phase == "backward" else kept_grads
     b["layer_backward"] = extra - z.lora_bytes if phase == "backward" else 0
     b["loss"] = extra if phase == "loss" else 0
     plan = {"breakdown": b, "total": sum(b.values()), "phase": phase, "phases": phases, "cpu": step.cpu(host_table),

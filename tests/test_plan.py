@@ -294,3 +294,18 @@ def test_a_target_named_twice_is_one_adapter():
     once = plan_memory(LLAMA2_7B, 2, 512, PlanOptions(fast=True), lora_targets=("q_proj", "v_proj"))
     twice = plan_memory(LLAMA2_7B, 2, 512, PlanOptions(fast=True), lora_targets=("q_proj", "v_proj", "q_proj"))
     assert twice["breakdown"] == once["breakdown"]
+
+
+def test_steps_replayed_as_cuda_graphs_hold_their_grads_at_the_loss_moment():
+    """Graphed steps accumulate into LoRA grads that live through the run: a fast plan's loss moment counts
+    them (the same plan with its embedding table on the host, which runs eagerly, does not), a backward peak
+    counts them once."""
+    graphed = plan_memory(LLAMA2_7B, 4, 1024, PlanOptions(fast=True, checkpointed=31, loss_chunk=512),
+                          lora_targets=("q_proj", "v_proj"))
+    eager = plan_memory(LLAMA2_7B, 4, 1024, PlanOptions(fast=True, checkpointed=31, loss_chunk=512,
+                                                        embedding_on_host=True), lora_targets=("q_proj", "v_proj"))
+    lora_bytes = 32 * 2 * 64 * (4096 + 4096) * 4  # r 64 on q and v, fp32: A (64, 4096) and B (4096, 64) each
+    assert graphed["phase"] == "loss" and graphed["breakdown"]["lora_grads"] == lora_bytes
+    assert eager["breakdown"]["lora_grads"] == (lora_bytes if eager["phase"] == "backward" else 0)
+    for plan in (graphed, eager):
+        assert plan["total"] == sum(plan["breakdown"].values())
