@@ -57,11 +57,16 @@ def dequantize(base: nn.Module, dtype: torch.dtype, out: torch.Tensor | None = N
     w = _standard_layout(base.weight)
     if w.device.type == "cuda" and dtype == w.quant_state.dtype:
         out = torch.empty(w.quant_state.shape, dtype=dtype, device=w.device) if out is None else out
-        if nf4.supported(w, dtype) and out.is_contiguous():
+        if _by_kernel(w, dtype) and out.is_contiguous():
             return nf4.dequantize_nf4(w, out)
         return bnb.functional.dequantize_4bit(w.data, w.quant_state, out=out)
     W = bnb.functional.dequantize_4bit(w.data, w.quant_state)
     return W.to(dtype) if out is None else out.copy_(W)  # the cast is a no-op in the usual case
+
+
+def _by_kernel(w, dtype: torch.dtype) -> bool:
+    """Whether dequantize() takes minilora's Triton kernel for this 4-bit weight in `dtype`, not bitsandbytes."""
+    return dtype == w.quant_state.dtype and nf4.supported(w, dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -101,8 +106,7 @@ class Projection:
     def capturable(self, dtype: torch.dtype) -> bool:
         """Whether `weight(dtype)` makes no bitsandbytes call, which a CUDA graph cannot capture: the weight is
         kept dequantized, plain, or NF4 for minilora's Triton kernel (kernels/nf4.py)."""
-        return self.cache or all(not is_4bit(b) or (b.weight.quant_state.dtype == dtype
-                                                    and nf4.supported(b.weight, dtype)) for b in self.bases)
+        return self.cache or all(not is_4bit(b) or _by_kernel(b.weight, dtype) for b in self.bases)
 
     def bias(self, dtype) -> torch.Tensor | None:
         if not self.has_bias:
