@@ -26,7 +26,7 @@ from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, choose_plan, plan_options
 from .rundir import claim
 from .stop import Interrupted, StopRequest
-from .step import Feed, Stepper, apply_settings, make_optimizer, optimizer_step
+from .step import Feed, Stepper, apply_settings, in_process_group, make_optimizer, optimizer_step
 
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
@@ -37,8 +37,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     data and the output directory are checked before the model is touched. A model without LoRA layers gets
     them from cfg. The final adapter lands in cfg.output_dir/adapter/.
 
-    With a torch.distributed process group (torchrun), every process trains data-parallel on its own device
-    through DDP: batch_size is per process, and the loss is normalised by the supervised tokens of the whole
+    With a torch.distributed process group (torchrun), every process trains data-parallel on its own device,
+    and the LoRA gradients are summed over the processes once a step: batch_size is per process, and the loss is normalised by the supervised tokens of the whole
     global step, so N processes train the adapter that one would at N x the batch. Process 0 alone logs,
     evaluates, samples and writes files.
     """
@@ -143,18 +143,17 @@ class _Training:
 
 def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
-    (eager, DDP or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log."""
+    (eager or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log."""
     rank, world = _process()
     device = next(model.parameters()).device
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line = _setup_model(model, cfg, world)
-    # CUDA graphs need fixed shapes (no packing), no GradScaler (fp16) and one process
-    graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and not cfg.pack and world == 1
+    # CUDA graphs need fixed shapes (no packing) and no GradScaler (fp16)
+    graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and not cfg.pack
               and options.graphs(model.config.num_hidden_layers) and capturable(model, PRECISIONS[cfg.precision]))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
-    stepper = Stepper(model, options.loss_chunk, cfg.precision, "graphs" if graphs else "ddp" if world > 1
-                      else "eager", scaler)
+    stepper = Stepper(model, options.loss_chunk, cfg.precision, graphs, scaler)
     feed = _setup_feed(model, tokenizer, examples, cfg, options, dense=graphs)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * feed.per_epoch / cfg.grad_accum))
     opt, sched = make_optimizer(model, cfg, total_steps)
@@ -173,7 +172,7 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
 
 def _process() -> tuple[int, int]:
     """(this process's rank, the number of processes): (0, 1) without a torch.distributed process group."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
 
 
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
@@ -204,12 +203,9 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
     """The decoder's options for this run. On a GPU they come from the memory plan for the budget
     (memory_budget_gib, or what the card has free plus what this process holds already), for the worst
     micro-batch: batch_size x max_len tokens. Elsewhere, and with fast off, every layer is checkpointed (unless
-    gradient_checkpointing=False) and nothing is cached or offloaded. DDP needs every parameter on one device:
-    the embedding table stays there with several processes."""
+    gradient_checkpointing=False) and nothing is cached or offloaded."""
     L, device = model.config.num_hidden_layers, next(model.parameters()).device
-    host = None if world == 1 else False
-    options = plan_options(PlanOptions(fast=False, loss_chunk=LOSS_CHUNKS[0], embedding_on_host=host),
-                           **cfg.fixed_plan())
+    options = plan_options(PlanOptions(fast=False, loss_chunk=LOSS_CHUNKS[0]), **cfg.fixed_plan())
     ckpt = f"{options.layers_checkpointed(L)}/{L}"
     why = "fast=False" if not cfg.fast else unsupported(model.config)
     if why:
@@ -225,9 +221,8 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
     setup = Setup(lora_r=lora["r"], lora_targets=tuple(lora["targets"]), lora_dropout=lora["dropout"],
                   lora_dtype=next(iter(lora_state_dict(model).values())).dtype,
                   quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
-                  compute_dtype=PRECISIONS[cfg.precision])
-    choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget,
-                         fixed={**cfg.fixed_plan(), "embedding_on_host": host}, setup=setup)
+                  compute_dtype=PRECISIONS[cfg.precision], data_parallel=in_process_group())
+    choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan(), setup=setup)
     o, plan, n = choice["options"], choice["plan"], choice["options"].layers_checkpointed(L)
     keeps = " (their recompute keeps its weights)" if o.keep_weights and n else ""
     offloads = (f", their inputs{' and the embedding table' if plan['inputs']['embedding_on_host'] else ''} in "

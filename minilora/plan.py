@@ -72,6 +72,7 @@ class Setup:
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.bfloat16
     optimizer: str = "adamw"
+    data_parallel: bool = False  # in a process group: the all-reduced LoRA grads live through the run
 
 
 def plan_options(options: PlanOptions | None = None, gradient_checkpointing: bool | int | None = None,
@@ -118,7 +119,8 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     host_table = options.host_embedding(z.L, tied)
     b = _persistent(z, setup, step.cached, tied, host_table)
     moments = step.moments(options.loss_chunk)
-    kept_grads = z.lora_bytes if options.graphs(z.L) else 0  # CUDA graphs' grads live through the run
+    # the grads of CUDA-graph steps, or of data-parallel ones (one flat all-reduced buffer), live through the run
+    kept_grads = z.lora_bytes if options.graphs(z.L) or setup.data_parallel else 0
     phase = max(moments, key=lambda k: sum(moments[k]) + (kept_grads if k == "loss" else 0))
     phases = {k: extra for k, (_, extra) in moments.items()}
     b["activations"], extra = moments[phase]

@@ -1,16 +1,15 @@
-"""One optimizer step: this process's micro-batches, and each one's forward and backward, run eagerly, through
-DDP, or as a replayed CUDA graph."""
+"""One optimizer step: this process's micro-batches, each one's forward and backward run eagerly or as a replayed
+CUDA graph, then (data-parallel) one all-reduce of the LoRA gradients."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+import torch.distributed as dist
 
 from .config import TrainConfig, autocast
 from .data import batches
@@ -55,42 +54,64 @@ class Feed:
 
 def _unsupervised(example: dict) -> dict:
     """A copy of example that supervises nothing: the input of a process whose share of a short last global
-    batch is empty. It takes part in the step (DDP needs every process there) and adds nothing to it."""
+    batch is empty. It takes part in the step (the all-reduce needs every process there) and adds nothing to it."""
     return {**example, "labels": [IGNORE] * len(example["labels"])}
 
 
 class Stepper:
     """Forward and backward of one micro-batch: the gradient of loss_sum / n_step goes into the LoRA .grad.
 
-    mode "graphs": each batch shape's step is a replayed CUDA graph (kernels/graphs.py). "ddp": DDP all-reduces
-    the LoRA gradients, bucketed, while the backward runs, once per optimizer step (with its last micro-batch);
-    its loss is scaled by the number of processes, since the all-reduce averages, so the gradients sum to the
-    global step's. "eager": neither.
+    graphs: each batch shape's step is a replayed CUDA graph (kernels/graphs.py); else eager.
+    In a torch.distributed process group the LoRA gradients are views of one flat buffer per dtype, kept through
+    the run, and `reduce` sums it over the processes once per optimizer step: each process's loss is already
+    divided by the global step's supervised tokens, so the sum is the global step's gradient.
     """
 
-    def __init__(self, model, chunk: int, precision: str, mode: str = "eager", scaler=None):
-        self.model, self.chunk, self.precision, self.mode, self.scaler = model, chunk, precision, mode, scaler
+    def __init__(self, model, chunk: int, precision: str, graphs: bool = False, scaler=None):
+        self.model, self.chunk, self.precision, self.scaler = model, chunk, precision, scaler
         self.device = model.lm_head.weight.device  # not the first parameter's: the embedding may be on the host
         self.params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights
-        self.graphs = GraphedSteps(self.params, self._loss) if mode == "graphs" else None
-        # DDP wraps the loss: that module's forward is the step's forward. The frozen weights and buffers (RoPE's)
-        # are the same in every process: no broadcast, at the start or per step.
-        self.ddp = DDP(_Loss(model, chunk), device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       init_sync=False, broadcast_buffers=False) if mode == "ddp" else None
-        self.world = torch.distributed.get_world_size() if mode == "ddp" else 1
+        self.flat = _flat_grads(self.params) if in_process_group() else []
+        self.graphs = GraphedSteps(self.params, self._loss) if graphs else None
 
     def _loss(self, batch: dict) -> torch.Tensor:
         return causal_lm_loss(self.model, batch, self.chunk)[0]
 
-    def __call__(self, batch: dict, n_step: int, last: bool) -> torch.Tensor:
+    def __call__(self, batch: dict, n_step: int) -> torch.Tensor:
         """The micro-batch's summed loss, a GPU scalar (no wait)."""
         with autocast(self.device, self.precision):
             if self.graphs:
                 return self.graphs(batch, 1.0 / n_step)
-            with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
-                loss = self.ddp(batch) if self.ddp else self._loss(batch)
-                self.scaler.scale(loss * self.world / n_step).backward()
+            loss = self._loss(batch)
+            self.scaler.scale(loss / n_step).backward()
         return loss.detach()
+
+    def reduce(self):
+        """Sum the LoRA gradients over the processes (none without a process group)."""
+        for flat in self.flat:
+            dist.all_reduce(flat)
+
+    @property
+    def keeps_grads(self) -> bool:
+        """Whether the gradients live at fixed addresses through the run (zeroed, never freed)."""
+        return bool(self.flat) or self.graphs is not None
+
+
+def in_process_group() -> bool:
+    """Whether this process trains in a torch.distributed process group (of any size, one included)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _flat_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One zeroed buffer per dtype, and each parameter's .grad a view of it: one all-reduce a step, no copies."""
+    buffers = []
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        group = [p for p in params if p.dtype == dtype]
+        flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=group[0].device)
+        for p, view in zip(group, flat.split([p.numel() for p in group])):
+            p.grad = view.view_as(p)
+        buffers.append(flat)
+    return buffers
 
 
 def optimizer_step(stepper: Stepper, micro: list[tuple[dict, int]], opt, sched, max_grad_norm: float):
@@ -101,28 +122,17 @@ def optimizer_step(stepper: Stepper, micro: list[tuple[dict, int]], opt, sched, 
     # count is known on the host: no wait.
     n_step = sum(n for _, n in micro)
     loss_sum = torch.zeros((), device=stepper.device)
-    for j, (batch, _) in enumerate(micro):
-        loss_sum += stepper(batch, n_step, last=j == len(micro) - 1)
+    for batch, _ in micro:
+        loss_sum += stepper(batch, n_step)
+    stepper.reduce()
     scaler = stepper.scaler
     scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(stepper.params, max_grad_norm)  # a GPU scalar: no wait
     scaler.step(opt)
     scaler.update()
     sched.step()
-    opt.zero_grad(set_to_none=stepper.graphs is None)  # graphs accumulate into gradients at fixed addresses
+    opt.zero_grad(set_to_none=not stepper.keeps_grads)
     return loss_sum, n_step, norm
-
-
-class _Loss(torch.nn.Module):
-    """causal_lm_loss as a module, for DDP to wrap: its forward is the step's forward, and its parameters (the
-    model's) include the LoRA weights whose gradients DDP all-reduces."""
-
-    def __init__(self, model, chunk: int):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, batch):
-        return causal_lm_loss(self.model, batch, self.chunk)[0]
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):

@@ -1,5 +1,5 @@
-"""Data-parallel training through torch.distributed and DDP, on the CPU: 2 gloo processes against one process
-at twice the batch, resume of a 2-process run, and the example under torchrun.
+"""Data-parallel training through torch.distributed, on the CPU: 2 gloo processes against one process at twice
+the batch, resume of a 2-process run, the example under torchrun, and a process group of one.
 
 Tolerance 1e-5 relative on the LoRA weights (fp32, dropout 0): both compute the gradient of the same loss over
 the same examples; the 2 processes sum two partial gradients where one process sums over one batch, so only
@@ -107,3 +107,17 @@ def test_example_under_torchrun_equals_one_process_at_twice_the_batch(tmp_path):
     a, b = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "ddp" / "adapter")
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+
+
+def test_a_process_group_of_one_trains_what_no_group_does(base_dir, tmp_path):
+    # in a process group the LoRA grads are views of one flat buffer, kept through the run and all-reduced once
+    # a step; with one process that sum is the identity, so the path must give the plain run's adapter bit for
+    # bit, gradient accumulation included
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_port()}")
+    try:
+        single(base_dir, tmp_path / "group", batch_size=2, grad_accum=2)
+    finally:
+        dist.destroy_process_group()
+    single(base_dir, tmp_path / "plain", batch_size=2, grad_accum=2)
+    a, b = adapter(tmp_path / "plain" / "adapter"), adapter(tmp_path / "group" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

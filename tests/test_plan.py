@@ -296,7 +296,7 @@ def test_a_target_named_twice_is_one_adapter():
     assert twice["breakdown"] == once["breakdown"]
 
 
-def test_steps_replayed_as_cuda_graphs_hold_their_grads_at_the_loss_moment():
+def test_graphed_and_data_parallel_steps_hold_their_grads_at_the_loss_moment():
     """Graphed steps accumulate into LoRA grads that live through the run: a fast plan's loss moment counts
     them (the same plan with its embedding table on the host, which runs eagerly, does not), a backward peak
     counts them once."""
@@ -307,5 +307,11 @@ def test_steps_replayed_as_cuda_graphs_hold_their_grads_at_the_loss_moment():
     lora_bytes = 32 * 2 * 64 * (4096 + 4096) * 4  # r 64 on q and v, fp32: A (64, 4096) and B (4096, 64) each
     assert graphed["phase"] == "loss" and graphed["breakdown"]["lora_grads"] == lora_bytes
     assert eager["breakdown"]["lora_grads"] == (lora_bytes if eager["phase"] == "backward" else 0)
-    for plan in (graphed, eager):
+    # data-parallel steps keep them too (one flat buffer, all-reduced once a step), graphed or not
+    parallel = plan_memory(LLAMA2_7B, 4, 1024, PlanOptions(fast=True, checkpointed=31, loss_chunk=512,
+                                                           embedding_on_host=True), lora_targets=("q_proj", "v_proj"),
+                           data_parallel=True)
+    assert parallel["breakdown"]["lora_grads"] == lora_bytes
+    assert eager["total"] < parallel["total"] <= eager["total"] + lora_bytes  # the loss moment grew past backward
+    for plan in (graphed, eager, parallel):
         assert plan["total"] == sum(plan["breakdown"].values())
