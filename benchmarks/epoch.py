@@ -17,7 +17,7 @@ Impls, each in its own process on the same model files:
   budget6   the same with memory_budget_gib=6
   budget4.8 the same with memory_budget_gib=4.8 (the plan offloads)
   eager     the same with cuda_graphs=False
-  budget6-eager  budget6 with cuda_graphs=False
+  budget6-eager, budget4.8-eager  those two with cuda_graphs=False
   plain     the same with fast=False and every layer checkpointed: transformers' layers, the earlier default
   peft      the classic recipe (prepare_model_for_kbit_training, get_peft_model, HF's loss, torch AdamW,
             cosine schedule with 3% warmup, grad norm 0.3) driven over minilora's batches: the same examples
@@ -59,6 +59,7 @@ from step import SHAPES, _write, prepare, run_child  # noqa: E402
 LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guanaco-lengths.json")
 IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "budget4.8": {"memory_budget_gib": 4.8},
          "budget6-eager": {"memory_budget_gib": 6.0, "cuda_graphs": False},
+         "budget4.8-eager": {"memory_budget_gib": 4.8, "cuda_graphs": False},
          "eager": {"cuda_graphs": False},
          "plain": {"fast": False, "gradient_checkpointing": True}, "peft": None}
 RECIPE = dict(epochs=1.0, batch_size=4, max_len=1024, lr=2e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,

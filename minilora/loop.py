@@ -149,11 +149,13 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line = _setup_model(model, cfg, world)
-    # CUDA graphs need fixed shapes (no packing) and no GradScaler (fp16)
+    # CUDA graphs need fast layers that can be captured, fixed shapes (no packing) and no GradScaler (fp16)
     graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and not cfg.pack
-              and options.graphs(model.config.num_hidden_layers) and capturable(model, PRECISIONS[cfg.precision]))
+              and options.fast and capturable(model, PRECISIONS[cfg.precision]))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
-    stepper = Stepper(model, options.loss_chunk, cfg.precision, graphs, scaler)
+    max_tokens = cfg.batch_size * math.ceil(cfg.max_len / PAD_MULTIPLE) * PAD_MULTIPLE
+    stepper = Stepper(model, options.loss_chunk, cfg.precision, scaler=scaler, graphs=dict(
+        eager_first_per_shape=options.offload, max_tokens=max_tokens) if graphs else None)
     feed = _setup_feed(model, tokenizer, examples, cfg, options, dense=graphs)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * feed.per_epoch / cfg.grad_accum))
     opt, sched = make_optimizer(model, cfg, total_steps)

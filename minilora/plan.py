@@ -2,7 +2,7 @@
 fastest way to train that fits a memory budget.
 
 The peak is what `torch.cuda.max_memory_allocated` reports: persistent tensors (4-bit weights, adapters, optimizer
-state, weights kept dequantized, grads of CUDA-graph steps) plus the larger of two transient moments of a step:
+state, weights kept dequantized, grads and inputs of CUDA-graph steps) plus the larger of two transient moments of a step:
   "loss"      the chunked cross-entropy's forward, with every layer's activations still held;
   "backward"  the backward of the last decoder layer (the first one recomputed if it is checkpointed), with
               every other layer's activations still held.
@@ -52,12 +52,6 @@ class PlanOptions:
         if self.embedding_on_host is not None:
             return self.embedding_on_host
         return self.fast and self.offload and self.layers_checkpointed(num_layers) > 0
-
-    def graphs(self, num_layers: int) -> bool:
-        """Whether a step can replay as a CUDA graph: fast layers, their checkpointed inputs and the embedding
-        table on the GPU (an offloaded unit's copies to pinned host memory are allocated per step)."""
-        return self.fast and not self.host_embedding(num_layers) and not (
-            self.offload and self.layers_checkpointed(num_layers))
 
 
 @dataclass(frozen=True)
@@ -118,9 +112,12 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     tied = getattr(c, "tie_word_embeddings", False)
     host_table = options.host_embedding(z.L, tied)
     b = _persistent(z, setup, step.cached, tied, host_table)
+    if options.fast and host_table:  # CUDA graphs' own copy of the embedded rows (kernels/graphs.py)
+        b["graph_inputs"] = z.S * z.H * z.dt
     moments = step.moments(options.loss_chunk)
-    # the grads of CUDA-graph steps, or of data-parallel ones (one flat all-reduced buffer), live through the run
-    kept_grads = z.lora_bytes if options.graphs(z.L) or setup.data_parallel else 0
+    # the grads of CUDA-graph steps (fast layers), or of data-parallel ones (one flat all-reduced buffer), live
+    # through the run
+    kept_grads = z.lora_bytes if options.fast or setup.data_parallel else 0
     phase = max(moments, key=lambda k: sum(moments[k]) + (kept_grads if k == "loss" else 0))
     phases = {k: extra for k, (_, extra) in moments.items()}
     b["activations"], extra = moments[phase]

@@ -61,18 +61,19 @@ def _unsupervised(example: dict) -> dict:
 class Stepper:
     """Forward and backward of one micro-batch: the gradient of loss_sum / n_step goes into the LoRA .grad.
 
-    graphs: each batch shape's step is a replayed CUDA graph (kernels/graphs.py); else eager.
+    graphs: GraphedSteps' options, and each batch shape's step is a replayed CUDA graph (kernels/graphs.py);
+    None: eager steps.
     In a torch.distributed process group the LoRA gradients are views of one flat buffer per dtype, kept through
     the run, and `reduce` sums it over the processes once per optimizer step: each process's loss is already
     divided by the global step's supervised tokens, so the sum is the global step's gradient.
     """
 
-    def __init__(self, model, chunk: int, precision: str, graphs: bool = False, scaler=None):
+    def __init__(self, model, chunk: int, precision: str, graphs: dict | None = None, scaler=None):
         self.model, self.chunk, self.precision, self.scaler = model, chunk, precision, scaler
         self.device = model.lm_head.weight.device  # not the first parameter's: the embedding may be on the host
         self.params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights
         self.flat = _flat_grads(self.params) if in_process_group() else []
-        self.graphs = GraphedSteps(self.params, self._loss) if graphs else None
+        self.graphs = GraphedSteps(self.params, self._loss, **graphs) if graphs is not None else None
 
     def _loss(self, batch: dict) -> torch.Tensor:
         return causal_lm_loss(self.model, batch, self.chunk)[0]

@@ -5,21 +5,27 @@ two thousand kernels, and at guanaco's ~1,600 tokens a step the GPU finishes the
 issue them. A replayed graph issues them all in one call. What that needs:
 - fixed shapes: the batches are padded to a multiple of PAD_MULTIPLE tokens, so a few shapes recur; the loss
   reads every position with 0/1 weights (loss.to_device(dense=True)) instead of a variable number of rows;
-- fixed addresses: inputs are copied into the graph's own tensors; the LoRA gradients are allocated before
+- fixed addresses: inputs are copied into the graph's own tensors (views of one buffer per input, shared by
+  every graph: the embedded rows of a host table take B x T x H each); the LoRA gradients are allocated before
   the first capture and accumulated into by every replay (the loop zeroes them, never frees them); the
   1 / n_tokens factor of the backward is a tensor filled per call;
 - nothing that waits for the host or allocates for good during a capture: the first micro-batch runs eagerly,
-  which also fills the layers' weight caches (kernels/lora4bit.Projection) outside any graph.
+  which also fills the layers' weight caches (kernels/lora4bit.Projection) outside any graph; with
+  `eager_first_per_shape` (offloaded units) each shape's first micro-batch does, which sizes the pinned host
+  arena the offloaded tensors go to (kernels/offload.py), so that a capture takes only memory already there;
+- an embedding table on the host: its rows come gathered and copied as "inputs_embeds", a static input too.
 All graphs share one memory pool: they never run at the same time, and only their loss outputs outlive a
 replay. Dropout masks come from the CUDA generator's graph-safe offsets, fresh at each replay; a checkpointed
 unit's recompute rewinds the generator to its forward's offset (torch allows that inside a capture), so it
 draws the forward's masks again.
 Used by train() with fast layers whose weights are kept dequantized or dequantized by the Triton NF4 kernel
-(no bitsandbytes call inside a graph), checkpointed or not, but not offloaded: an offloaded unit's copies go
-to pinned host memory that is allocated per step.
+(no bitsandbytes call inside a graph), checkpointed or not, offloaded or not: an offloaded unit's copies run on
+side streams that fork from the captured stream and join it again within the step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,21 +36,24 @@ class GraphedSteps:
     """forward + backward of `loss_fn` (a dense batch -> its summed loss) per batch shape, through one CUDA graph
     each. params: the trainable parameters, whose gradients every replay accumulates into."""
 
-    def __init__(self, params: list[torch.Tensor], loss_fn):
-        self.params, self.loss_fn = params, loss_fn
+    def __init__(self, params: list[torch.Tensor], loss_fn, eager_first_per_shape: bool = False,
+                 max_tokens: int | None = None):
+        self.params, self.loss_fn, self.eager_first_per_shape = params, loss_fn, eager_first_per_shape
+        self.max_tokens = max_tokens  # B x T of the largest batch to come, if known: sizes the shared inputs
         self.graphs = {}  # (B, T) -> (graph, static inputs, static loss)
         self.pool = torch.cuda.graph_pool_handle()
-        self.warm = False
+        self.eager = set()  # the shapes whose first micro-batch ran eagerly (one in all, or each)
+        self.inputs = {}  # input name -> the buffer that every graph's input of that name is a view of
 
     def __call__(self, batch: dict, scale: float) -> torch.Tensor:
         """Add the gradient of scale * loss_sum to the LoRA .grad and return loss_sum: a tensor that the next
         call overwrites. batch: from loss.to_device(dense=True), right-padded (no attention_mask)."""
-        if not self.warm:  # the first one eagerly: lazy initialisation, weight caches
-            self.warm = True
+        key = tuple(batch["input_ids"].shape)
+        if not self.eager or (self.eager_first_per_shape and key not in self.eager):  # lazy initialisation, caches
+            self.eager.add(key)
             loss = self.loss_fn(batch)
             (loss * scale).backward()
             return loss.detach()
-        key = tuple(batch["input_ids"].shape)
         if key not in self.graphs:
             self.graphs[key] = self._capture(batch)
         graph, static, loss = self.graphs[key]
@@ -60,7 +69,9 @@ class GraphedSteps:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # fixed addresses that every replay accumulates into
-        static = {name: batch[name].clone() for name in ("input_ids", "targets", "row_weights")}
+        tokens = batch["input_ids"].numel()
+        static = {name: self._input(name, batch[name], tokens)
+                  for name in ("input_ids", "inputs_embeds", "targets", "row_weights") if name in batch}
         static["scale"] = torch.ones((), device=batch["input_ids"].device)
         graph = torch.cuda.CUDAGraph()
         dtype = torch.get_autocast_dtype("cuda")
@@ -69,3 +80,13 @@ class GraphedSteps:
             loss = self.loss_fn({**static, "n_tokens": None})
             (loss * static["scale"]).backward()
         return graph, static, loss.detach()
+
+    def _input(self, name: str, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A tensor shaped like x (of a batch of `tokens` tokens) for a graph's input `name`: a view of the one
+        buffer that every graph's `name` shares, since graphs never run at once. It is sized for max_tokens; a
+        batch that outgrows it gets a larger one, which later captures share."""
+        buf = self.inputs.get(name)
+        if buf is None or buf.numel() < x.numel():
+            n = max(x.numel(), math.ceil(x.numel() * (self.max_tokens or 0) / tokens))
+            buf = self.inputs[name] = torch.empty(n, dtype=x.dtype, device=x.device)
+        return buf[:x.numel()].view(x.shape)

@@ -5,8 +5,8 @@ a few tensors that spare its recompute some work (attention's output). With offl
 while the next units compute, and come back one unit ahead of the backward that needs them:
 
     forward   unit k: copy its tensors to pinned host memory on a side stream (after the compute stream has
-              produced them); the GPU copies are released once the next unit saves, and their memory is
-              reused only after the side stream's copy has read it (record_stream)
+              produced them); the GPU copies are released when unit k+1 saves, once the compute stream has
+              waited for their copy (a unit later: the copy is long done)
     backward  unit k: wait for the event of its tensors' copy to the GPU, then start the copy of unit k-1's
               on a second side stream, which runs while unit k recomputes and backpropagates
 
@@ -16,6 +16,13 @@ it (its buffers may be memory that compute just freed); compute waits for the co
 reads them. Copies out and back have a stream each, so a backward prefetch never queues behind forward copies
 that are still draining. The last unit's tensors are never released: the backward starts with them.
 
+The host side is one arena per device (`HostArena`): pinned blocks allocated once and handed out again by
+every forward from the start, so that a step allocates no pinned memory and its copies go to the same
+addresses every time. That, the streams forked from and joined back to the compute stream within the step,
+and no `record_stream` (the allocator cannot reuse such memory until a capture ends) let an offloaded step
+replay as a CUDA graph (kernels/graphs.py). A step reuses the host blocks of the one before safely: its
+copies out wait for its compute, which waited for every copy back of the step before.
+
 On a CPU there are no streams: the same bookkeeping runs with plain copies, so the CPU tests check it.
 """
 
@@ -24,6 +31,37 @@ from __future__ import annotations
 import torch
 
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+ALIGN = 256  # bytes: each host tensor starts at a multiple of it
+BLOCK = 256 * 2**20  # bytes: the arena grows by blocks of at least this size
+
+
+class HostArena:
+    """Host memory (pinned for a GPU) that the units of one forward take in order; `reset` starts the next
+    forward from the first block. Blocks are never freed: the largest step's tensors stay reserved."""
+
+    def __init__(self, pinned: bool):
+        self.pinned, self.blocks, self.block, self.offset = pinned, [], 0, 0
+
+    def reset(self):
+        self.block, self.offset = 0, 0
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised host tensor with like's shape, strides and dtype."""
+        span = 1 + sum((n - 1) * st for n, st in zip(like.shape, like.stride())) if like.numel() else 0
+        nbytes = (span * like.element_size() + ALIGN - 1) // ALIGN * ALIGN
+        while self.block < len(self.blocks) and self.offset + nbytes > self.blocks[self.block].numel():
+            self.block, self.offset = self.block + 1, 0
+        if self.block == len(self.blocks):
+            if self.pinned and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the host arena is too small for this step inside a CUDA graph capture: run "
+                                   "the step's shape eagerly once before capturing it")
+            self.blocks.append(torch.empty(max(nbytes, BLOCK), dtype=torch.uint8, pin_memory=self.pinned))
+        start, self.offset = self.offset, self.offset + nbytes
+        raw = self.blocks[self.block][start:start + nbytes].view(like.dtype)
+        return raw.as_strided(like.shape, like.stride())
+
+
+_arenas: dict[torch.device, HostArena] = {}
 
 
 class Offload:
@@ -34,6 +72,8 @@ class Offload:
         if self.cuda and device not in _streams:
             _streams[device] = torch.cuda.Stream(device), torch.cuda.Stream(device)
         self.out, self.back = _streams.get(device, (None, None))  # copies to the host, and back
+        self.arena = _arenas.setdefault(device, HostArena(pinned=self.cuda))
+        self.arena.reset()
         self.host: list[list[torch.Tensor] | None] = []  # per unit, its tensors in (pinned) host memory
         self.saved: list[torch.cuda.Event | None] = []  # per unit, the event of its last copy to the host
         self.gpu: list[list[torch.Tensor] | None] = []  # per unit, its tensors on the device while they are there
@@ -41,8 +81,10 @@ class Offload:
 
     def save(self, x: torch.Tensor) -> int:
         """Start copying a new unit's input x to the host; returns its slot for `add` and `load`."""
-        if self.gpu:
-            self.gpu[-1] = None  # the previous unit's tensors: the host copies serve its backward
+        if self.gpu:  # the previous unit's tensors: the host copies serve its backward
+            if self.cuda:
+                torch.cuda.current_stream(x.device).wait_event(self.saved[-1])  # their copy has read them
+            self.gpu[-1] = None
         self.host.append([])
         self.saved.append(None)
         self.gpu.append([])
@@ -53,14 +95,13 @@ class Offload:
     def add(self, slot: int, *tensors: torch.Tensor):
         """Start copying more of unit `slot`'s tensors to the host (the newest unit's)."""
         for x in tensors:
-            host = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=self.cuda)  # x's layout
+            host = self.arena.take(x)  # x's layout
             if self.cuda:
                 self.out.wait_stream(torch.cuda.current_stream(x.device))  # x has been computed
                 with torch.cuda.stream(self.out):
                     host.copy_(x, non_blocking=True)
                     self.saved[slot] = torch.cuda.Event()
                     self.saved[slot].record()
-                x.record_stream(self.out)  # its memory is reused only after this copy has read it
             else:
                 host.copy_(x)
             self.host[slot].append(host)
@@ -72,9 +113,13 @@ class Offload:
         if self.gpu[slot] is None:  # not prefetched (the first backward unit, or a unit out of order)
             self._fetch(slot)
         tensors, self.gpu[slot] = self.gpu[slot], None
-        if self.ready[slot] is not None:
-            torch.cuda.current_stream(tensors[0].device).wait_event(self.ready[slot])
-        self.host[slot] = None  # its pinned blocks return to the host allocator once the copies are done
+        if self.cuda:
+            compute = torch.cuda.current_stream(tensors[0].device)
+            if self.ready[slot] is not None:
+                compute.wait_event(self.ready[slot])
+            if slot == 0:  # the backward's last load: join the copies out (the last unit's may still run)
+                compute.wait_event(self.saved[-1])
+        self.host[slot] = None
         if slot > 0 and self.host[slot - 1] is not None and self.gpu[slot - 1] is None:
             self._fetch(slot - 1)
         return tensors
@@ -93,6 +138,4 @@ class Offload:
                 x.copy_(h, non_blocking=True)
             self.ready[slot] = torch.cuda.Event()
             self.ready[slot].record()
-        for x in tensors:
-            x.record_stream(self.back)
-        self.gpu[slot] = tensors
+        self.gpu[slot] = tensors  # allocated on the compute stream, which waits for `ready` before it uses them
