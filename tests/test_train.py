@@ -198,7 +198,14 @@ def test_kept_attention_matches_plain_backward(mha_dir, monkeypatch):
     assert len(kept) == 2 and all(kept)  # each layer's forward kept its attention
 
 
-def _assert_same_backward(base_dir, prepare):
+def test_two_offloaded_forwards_then_one_backward(base_dir):
+    """Two forwards whose backward runs once, through their summed loss: the second forward must not reuse the
+    host memory that the first's offloaded inputs still wait in (kernels/offload.HostArena is shared by one
+    forward at a time), or the first's recompute reads the second's inputs."""
+    _assert_same_backward(base_dir, dict(gradient_checkpointing=True, fast=True, offload=True), forwards=2)
+
+
+def _assert_same_backward(base_dir, prepare, forwards=1):
     from minilora.data import Collator
     from minilora.template import encode_rows
     from minilora.loss import causal_lm_loss
@@ -215,7 +222,8 @@ def _assert_same_backward(base_dir, prepare):
         model.train()
         examples, _ = encode_rows(ROWS[:4], tok, 128)
         torch.manual_seed(1)
-        loss, n = causal_lm_loss(model, Collator(tok.pad_token_id)(examples))
+        parts = [causal_lm_loss(model, Collator(tok.pad_token_id)(examples[i::forwards])) for i in range(forwards)]
+        loss, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
         (loss / n).backward()
         results.append((loss.detach(), {k: p.grad for k, p in ml.lora_state_dict(model).items()}))
     (l0, g0), (l1, g1) = results

@@ -28,6 +28,8 @@ On a CPU there are no streams: the same bookkeeping runs with plain copies, so t
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
@@ -36,14 +38,21 @@ BLOCK = 256 * 2**20  # bytes: the arena grows by blocks of at least this size
 
 
 class HostArena:
-    """Host memory (pinned for a GPU) that the units of one forward take in order; `reset` starts the next
+    """Host memory (pinned for a GPU) that the units of one forward take in order; `claim` starts the next
     forward from the first block. Blocks are never freed: the largest step's tensors stay reserved."""
 
     def __init__(self, pinned: bool):
         self.pinned, self.blocks, self.block, self.offset = pinned, [], 0, 0
+        self.user = lambda: None  # a weak reference to the Offload whose tensors the arena holds
 
-    def reset(self):
-        self.block, self.offset = 0, 0
+    def claim(self, user: Offload) -> bool:
+        """Start user's forward from the first block, unless the forward before still waits for its backward
+        (two forwards, then one backward): then False, and user takes an arena of its own."""
+        last = self.user()
+        if last is not None and any(h is not None for h in last.host):
+            return False
+        self.user, self.block, self.offset = weakref.ref(user), 0, 0
+        return True
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised host tensor with like's shape, strides and dtype."""
@@ -73,7 +82,8 @@ class Offload:
             _streams[device] = torch.cuda.Stream(device), torch.cuda.Stream(device)
         self.out, self.back = _streams.get(device, (None, None))  # copies to the host, and back
         self.arena = _arenas.setdefault(device, HostArena(pinned=self.cuda))
-        self.arena.reset()
+        if not self.arena.claim(self):
+            self.arena = HostArena(pinned=self.cuda)
         self.host: list[list[torch.Tensor] | None] = []  # per unit, its tensors in (pinned) host memory
         self.saved: list[torch.cuda.Event | None] = []  # per unit, the event of its last copy to the host
         self.gpu: list[list[torch.Tensor] | None] = []  # per unit, its tensors on the device while they are there
