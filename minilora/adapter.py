@@ -12,6 +12,7 @@ import os
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .lora import add_lora, lora_layers, lora_state_dict
 
@@ -50,14 +51,17 @@ def lora_settings(model: torch.nn.Module) -> dict | None:
     return dict(r=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], targets=c["target_modules"])
 
 
-def save_adapter(model: torch.nn.Module, out_dir: str) -> str:
+def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = None) -> str:
     """Write the LoRA weights and config in PEFT's format into `out_dir`; returns out_dir.
 
     Only the two adapter files are written, each to a temporary file that is then renamed over its name, so
     a crash leaves the old file or the new one, never half of one; nothing else in out_dir is touched.
+    weights: the LoRA tensors to write, keyed as lora_state_dict's (a sharded model's, gathered: fsdp.py);
+    None: the model's own.
     """
     config = adapter_config(model)  # a model without LoRA fails here, before anything is written
-    tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    weights = lora_state_dict(model) if weights is None else weights
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in weights.items()}
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir} is a file; save_adapter writes a directory, so pass another path")
     os.makedirs(out_dir, exist_ok=True)
@@ -110,6 +114,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
         raise
     with torch.no_grad():
         for param, value in pairs:
+            if isinstance(param, DTensor):  # a sharded model's (fsdp.py): each process takes its shard
+                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
             param.copy_(value)
     return model
 

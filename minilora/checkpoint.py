@@ -16,11 +16,13 @@ from array import array
 import torch
 
 from .adapter import CorruptFile, load_adapter, save_adapter, write_atomic
+from .fsdp import full_lora_weights, full_optimizer_state, is_sharded, load_optimizer_state
 from .rundir import RECORD_NAME, STATE_NAME, Run, RunDirError, checkpoints, read_record, step_of
 
 STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda"}  # what save_checkpoint writes
 # TrainConfig fields that shape a checkpoint's state or the data it continues on: resume refuses a change of them
-SHAPE_FIELDS = ("batch_size", "grad_accum", "seed", "max_len", "pack", "group_by_length", "precision", "optimizer")
+SHAPE_FIELDS = ("batch_size", "grad_accum", "seed", "max_len", "pack", "group_by_length", "precision", "optimizer",
+                "fsdp")
 NOT_SETTINGS = {"output_dir", "resume", "overwrite", "progress"}  # fields that describe the invocation, not the run
 
 
@@ -86,12 +88,14 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
 
     The directory appears only when complete, so a crash or a full disk mid-save leaves the previous one; a
     failed write raises CheckpointWriteError saying so. Data-parallel (world > 1): every process calls it, and
-    process 0 writes, with every process's RNG states.
+    process 0 writes, with every process's RNG states (sharded: the full weights and optimizer state).
     """
     optimizer, scheduler, scaler, (rng_cpu, rng_cuda) = training
     path = os.path.join(run.output_dir, f"checkpoint-{step}")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "rng_cpu": rng_cpu, "rng_cuda": rng_cuda}
+    sharded = is_sharded(model)  # then every process gathers the full weights and optimizer state to process 0
+    weights = full_lora_weights(model) if sharded else None
+    state = {"step": step, "optimizer": full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_cpu": rng_cpu, "rng_cuda": rng_cuda}
     if world > 1:
         state["rng_ranks"] = [None] * world  # [(cpu, cuda)] per process, 0 first
         torch.distributed.all_gather_object(state["rng_ranks"], (rng_cpu, rng_cuda))
@@ -100,7 +104,7 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp)
+        save_adapter(model, tmp, weights)
         write_atomic(os.path.join(tmp, STATE_NAME), lambda f: torch.save(state, f))
         write_atomic(os.path.join(tmp, RECORD_NAME), json.dumps({"run_id": run.run_id, "step": step, **record},
                                                                 indent=2, default=str).encode())
@@ -142,7 +146,10 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler, rank: in
         raise ResumeMismatch(f"{path} was written by {written_by} data-parallel process(es); resume it with as many "
                              f"(this run has {world}), e.g. torchrun --nproc-per-node {written_by}")
     load_adapter(model, path)
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        load_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     rng_cpu, rng_cuda = state["rng_ranks"][rank] if world > 1 else (state["rng_cpu"], state["rng_cuda"])

@@ -49,6 +49,7 @@ class TrainConfig:
     fast: bool = True  # minilora's decoder layers (kernels/layer.py); False: transformers' layers
     gradient_checkpointing: bool | None = None  # recompute layers in backward: True all, False none; None: the plan
     cuda_graphs: bool = True  # replay each batch shape's step as a CUDA graph where the plan allows it
+    fsdp: bool = False  # several processes: shard the 4-bit base and LoRA weights over them (FSDP2, fsdp.py)
     # --- logging, evaluation, samples, checkpoints
     log_every: int = 10  # steps between metrics.jsonl lines
     eval_every: int | None = None  # steps between evaluations (and one at the end) when eval rows are given
@@ -96,6 +97,9 @@ def check(cfg: TrainConfig):
     for name, ok, rule in rules:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)} must be {rule}")
+    if cfg.fsdp and (cfg.precision == "fp16" or cfg.optimizer != "adamw"):
+        raise ValueError(f"fsdp=True trains with precision 'bf16' or 'fp32' and optimizer 'adamw'; this config has "
+                         f"precision={cfg.precision!r}, optimizer={cfg.optimizer!r}")
 
 
 def default_precision(device: torch.device | str) -> str:

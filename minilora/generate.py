@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 from .config import PRECISIONS, autocast
 from .kernels.decode import Decoder
 from .kernels.layer import FastLayer, attach_fast, detach_fast, host_embedding, is_fast, unsupported
-from .loss import causal_lm_loss
+from .fsdp import is_sharded, loss_of
 from .model import place_embedding
 from .template import encode_prompt
 
@@ -35,7 +35,8 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
     device = model.lm_head.weight.device
     dtype = model.get_input_embeddings().weight.dtype
     precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
-    llama = isinstance(model, LlamaForCausalLM) and unsupported(model.config) is None
+    # a sharded model (fsdp.py) decodes through its own forward, which gathers each layer's weights
+    llama = isinstance(model, LlamaForCausalLM) and unsupported(model.config) is None and not is_sharded(model)
     fast = llama and is_fast(model)
     # on a GPU, fast layers attached for the call when train() holds none; on the CPU, bitsandbytes' own
     # inference kernel reads the 4-bit weights faster than a dequantization per token would
@@ -74,7 +75,7 @@ def evaluate(model, examples: list[dict], collate, batch_size: int, precision: s
     device, total, n = model.lm_head.weight.device, 0.0, 0  # the embedding table may be on the host
     for i in range(0, len(examples), batch_size):
         with autocast(device, precision):
-            loss, count = causal_lm_loss(model, collate(examples[i : i + batch_size]), chunk)
+            loss, count = loss_of(model)(collate(examples[i : i + batch_size]), chunk)
         total, n = total + loss.item(), n + count
     model.train(was_training)
     return total / n

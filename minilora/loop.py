@@ -15,6 +15,7 @@ from .adapter import lora_settings, save_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
 from .config import PRECISIONS, TrainConfig, check, default_precision
 from .data import Collator, encoded
+from .fsdp import full_lora_weights, is_sharded, shard
 from .generate import evaluate, samples
 from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import capturable, detach_fast, host_embedding, unsupported
@@ -45,6 +46,9 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     start = time.perf_counter()
     check(cfg)  # again: the fields may have changed since the config was made
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(next(model.parameters()).device))
+    if cfg.fsdp and (not in_process_group() or cfg.precision == "fp16"):
+        raise ValueError("fsdp=True needs a torch.distributed process group (torchrun --nproc-per-node N) and "
+                         f"precision 'bf16' or 'fp32' (this run: {cfg.precision!r})")
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
     rank, world = _process()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
@@ -52,7 +56,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         t = _setup(model, tokenizer, examples, cfg, run)
         if not t.step:
             t.log.log({"step": 0, **stats.record(), "memory_plan": t.plan_line})
-            if evals and rank == 0:  # the baseline the eval curve is read against
+            if evals:  # the baseline the eval curve is read against
                 _evaluate(t, evals)
             _sample(t)
         t.seconds["set-up"] = time.perf_counter() - start - sum(t.seconds.values())
@@ -60,9 +64,10 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         try:
             _steps(t, evals)
             _sample(t)
-            if rank == 0:
-                with _timed(t, "save"):
-                    save_adapter(model, f"{cfg.output_dir}/adapter")
+            with _timed(t, "save"):
+                weights = full_lora_weights(model) if is_sharded(model) else None  # every process gathers
+                if rank == 0:
+                    save_adapter(model, f"{cfg.output_dir}/adapter", weights)
             t.seconds["steps"] = time.perf_counter() - start - sum(t.seconds.values())
             _report_times(t)
         finally:
@@ -100,7 +105,7 @@ def _steps(t: _Training, evals):
             log.drain()  # the one wait for the GPU, before anything that reads or saves these steps
             if due_log:
                 log.log_interval(step, step * cfg.grad_accum / t.feed.per_epoch, t.sched.get_last_lr()[0], t.device)
-            if due_eval and log.rank == 0:
+            if due_eval:
                 _evaluate(t, evals)
             if due_sample:
                 _sample(t)
@@ -196,9 +201,12 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
     options, line = _plan(model, cfg, world)
     prepare_for_training(model, options)
+    if cfg.fsdp:
+        shard(model, next(model.parameters()).device)
+        line += f"; sharded over {world} processes (FSDP2)"
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + _process()[0])  # the same LoRA init everywhere, a dropout stream each
-    return options, line + (f"; data-parallel over {world} processes" if world > 1 else "")
+    return options, line + (f"; data-parallel over {world} processes" if world > 1 and not cfg.fsdp else "")
 
 
 def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
@@ -209,7 +217,7 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
     L, device = model.config.num_hidden_layers, next(model.parameters()).device
     options = plan_options(PlanOptions(fast=False, loss_chunk=LOSS_CHUNKS[0]), **cfg.fixed_plan())
     ckpt = f"{options.layers_checkpointed(L)}/{L}"
-    why = "fast=False" if not cfg.fast else unsupported(model.config)
+    why = "fast=False" if not cfg.fast else "fsdp=True" if cfg.fsdp else unsupported(model.config)
     if why:
         return options, f"transformers' decoder layers ({why}), {ckpt} checkpointed"
     if device.type != "cuda":
@@ -267,17 +275,25 @@ def _report_times(t: _Training):
     t.log.say("time: " + ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))
 
 
+def _forwards_here(t: _Training) -> bool:
+    """Whether this process evaluates and samples: process 0, or every process when the model is sharded (a
+    forward then needs every process's shards); process 0 alone logs either way."""
+    return t.log.rank == 0 or is_sharded(t.model)
+
+
 def _evaluate(t: _Training, evals):
     cfg = t.cfg
+    if not _forwards_here(t):
+        return
     with _timed(t, "eval"):
         loss = evaluate(t.model, evals, t.feed.collate, cfg.batch_size, cfg.precision, t.stepper.chunk)
     t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
 
 def _sample(t: _Training):
-    """Greedy answers to the sample prompts, logged (process 0 only)."""
+    """Greedy answers to the sample prompts, logged."""
     cfg = t.cfg
-    if not cfg.sample_prompts or t.log.rank:
+    if not cfg.sample_prompts or not _forwards_here(t):
         return
     with _timed(t, "samples"):
         answers = samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision)

@@ -10,11 +10,13 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig, autocast
 from .data import batches
 from .kernels.graphs import GraphedSteps
-from .loss import causal_lm_loss, supervised_count
+from .fsdp import is_sharded, loss_of
+from .loss import supervised_count
 from .template import IGNORE
 
 
@@ -72,11 +74,13 @@ class Stepper:
         self.model, self.chunk, self.precision, self.scaler = model, chunk, precision, scaler
         self.device = model.lm_head.weight.device  # not the first parameter's: the embedding may be on the host
         self.params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights
-        self.flat = _flat_grads(self.params) if in_process_group() else []
+        # a sharded model's gradients are FSDP's: reduce-scattered by its backward hooks
+        self.flat = _flat_grads(self.params) if in_process_group() and not is_sharded(model) else []
         self.graphs = GraphedSteps(self.params, self._loss, **graphs) if graphs is not None else None
+        self.loss = loss_of(model)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        return causal_lm_loss(self.model, batch, self.chunk)[0]
+        return self.loss(batch, self.chunk)[0]
 
     def __call__(self, batch: dict, n_step: int) -> torch.Tensor:
         """The micro-batch's summed loss, a GPU scalar (no wait)."""
@@ -129,6 +133,8 @@ def optimizer_step(stepper: Stepper, micro: list[tuple[dict, int]], opt, sched, 
     scaler = stepper.scaler
     scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(stepper.params, max_grad_norm)  # a GPU scalar: no wait
+    if isinstance(norm, DTensor):  # over a sharded model's gradients: already the global norm, replicated
+        norm = norm.full_tensor()
     scaler.step(opt)
     scaler.update()
     sched.step()

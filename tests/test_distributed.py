@@ -24,6 +24,7 @@ from minilora.tiny import instruction_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = instruction_rows(18, seed=3)  # 18 rows: the last global batch of 4 is short, one process gets none
+EVALS = instruction_rows(4, seed=9)
 COMMON = dict(max_steps=5, lr=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0, precision="fp32", log_every=1,
               max_len=128, progress=False, seed=7, save_every=2, keep_last=10, group_by_length=True)
 
@@ -40,35 +41,57 @@ def _worker(rank, world, port, base_dir, out, overrides):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
-        ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=out, **{**COMMON, **overrides}))
+        overrides = dict(overrides)
+        evals = overrides.pop("evals", None)
+        history = ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=out, **{**COMMON, **overrides}), evals)
+        held = {"history": history, "bytes": _parameter_bytes(model)}
+        with open(os.path.join(out, f"process-{rank}.json"), "w") as f:
+            json.dump(held, f)
     finally:
         dist.destroy_process_group()
+
+
+def _parameter_bytes(model) -> dict:
+    """{"frozen" | "lora": [bytes this process holds, bytes of the whole tensors]}: shards for a sharded model."""
+    from torch.distributed.tensor import DTensor
+
+    held = {"frozen": [0, 0], "lora": [0, 0]}
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        kind = held["lora" if p.requires_grad else "frozen"]
+        kind[0] += local.numel() * local.element_size()
+        kind[1] += p.numel() * p.element_size()
+    return held
 
 
 def data_parallel(base_dir, out, **overrides):
     mp.spawn(_worker, args=(2, _port(), base_dir, str(out), overrides), nprocs=2)
 
 
-def single(base_dir, out, **overrides):
+def single(base_dir, out, evals=None, **overrides):
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
-    return ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(out), **{**COMMON, **overrides}))
+    return ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(out), **{**COMMON, **overrides}), evals)
 
 
 def adapter(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
-def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp"])
+def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path, sharded):
     # 5 steps of global batch 4 over 18 rows: an epoch of 5 batches, the last one of 2 rows (process 1's
-    # share of it is empty), then the second epoch begins
-    data_parallel(base_dir, tmp_path / "ddp", batch_size=2)
-    history = single(base_dir, tmp_path / "one", batch_size=4)
+    # share of it is empty), then the second epoch begins. fsdp: the 4-bit base and LoRA weights are sharded,
+    # half on each process, through transformers' layers (as the one process here); evaluation and the samples
+    # run on both processes, since each forward needs both halves, and give one process's results
+    both = dict(fast=False, evals=EVALS, sample_prompts=("Which is bigger, 3 or 8?",), sample_max_new_tokens=6)
+    data_parallel(base_dir, tmp_path / "ddp", batch_size=2, **(dict(both, fsdp=True) if sharded else {}))
+    history = single(base_dir, tmp_path / "one", batch_size=4, **(both if sharded else {}))
     a, b = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "ddp" / "adapter")
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
     # process 0 alone wrote: one metrics file, one config, one checkpoint series, one adapter
-    written = sorted(os.listdir(tmp_path / "ddp"))
+    written = sorted(set(os.listdir(tmp_path / "ddp")) - {"process-0.json", "process-1.json"})
     assert written == sorted(os.listdir(tmp_path / "one"))
     assert {"adapter", "checkpoint-2", "checkpoint-4", "checkpoint-5", "metrics.jsonl", "train_config.json"} <= set(
         written) <= {"adapter", "checkpoint-2", "checkpoint-4", "checkpoint-5", "metrics.jsonl", "train_config.json",
@@ -81,16 +104,33 @@ def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path
     # the grad norm before clipping is scale-sensitive (Adam and clipping would hide a gradient off by a factor)
     assert [r["grad_norm"] for r in lines if "loss" in r] == pytest.approx(
         [h["grad_norm"] for h in history if "loss" in h], rel=1e-5)
+    held = [json.load(open(tmp_path / "ddp" / f"process-{r}.json")) for r in (0, 1)]
+    if sharded:
+        assert [r["eval_loss"] for r in lines if "eval_loss" in r] == pytest.approx(
+            [h["eval_loss"] for h in history if "eval_loss" in h], rel=1e-5)
+        assert [r["sample"] for r in lines if "sample" in r] == [h["sample"] for h in history if "sample" in h]
+    for kind in ("frozen", "lora"):  # each process holds half of every weight (shards padded to equal size)
+        mine, whole = zip(*(h["bytes"][kind] for h in held))
+        assert whole[0] == whole[1] and (sum(mine) >= whole[0] and max(mine) <= 0.51 * whole[0] if sharded
+                                         else mine == whole), (kind, mine, whole)
 
 
-def test_two_process_resume_is_bit_exact(base_dir, tmp_path):
-    data_parallel(base_dir, tmp_path / "straight", batch_size=2)
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp"])
+def test_two_process_resume_is_bit_exact(base_dir, tmp_path, sharded):
+    # fsdp: each checkpoint holds the full LoRA weights and optimizer state, gathered to process 0, and the
+    # resumed processes take their shards of them
+    kw = dict(fsdp=True, fast=False) if sharded else {}
+    data_parallel(base_dir, tmp_path / "straight", batch_size=2, **kw)
     shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    data_parallel(base_dir, tmp_path / "resumed", batch_size=2, resume="latest")
+    data_parallel(base_dir, tmp_path / "resumed", batch_size=2, resume="latest", **kw)
     a, b = adapter(tmp_path / "straight" / "adapter"), adapter(tmp_path / "resumed" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ml.ResumeMismatch, match="processes 2 -> 1"):  # resume needs the same N
-        single(base_dir, tmp_path / "one", batch_size=2, resume=str(tmp_path / "straight" / "checkpoint-4"))
+        single(base_dir, tmp_path / "one", batch_size=2, resume=str(tmp_path / "straight" / "checkpoint-4"),
+               fast=not sharded)
+    if sharded:  # and the same sharding: the optimizer state's layout differs
+        with pytest.raises(mp.ProcessRaisedException, match="ResumeMismatch.*fsdp True -> False"):
+            data_parallel(base_dir, tmp_path / "straight", batch_size=2, fast=False, resume="latest")
 
 
 def test_example_under_torchrun_equals_one_process_at_twice_the_batch(tmp_path):

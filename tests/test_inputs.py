@@ -56,6 +56,8 @@ def assert_unchanged(model, before):
     (dict(precision="fp8"), "precision='fp8'"), (dict(eval_every=0), "eval_every=0 must be at least 1, or None"),
     (dict(lora_dropout=1.0), "lora_dropout"), (dict(epochs=0), "epochs=0 must be a positive number"),
     (dict(epochs=math.inf), "epochs=inf must be a positive number"),
+    (dict(fsdp=True, optimizer="adamw_8bit"), "fsdp=True trains with .* optimizer 'adamw'"),
+    (dict(fsdp=True, precision="fp16"), "fsdp=True trains with precision 'bf16' or 'fp32'"),
 ])
 def test_config_is_refused_when_made(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -78,6 +80,8 @@ def test_train_checks_config_and_data_before_touching_the_model(base_dir, tmp_pa
     examples[2] = {**examples[2], "labels": [-100] * len(examples[2]["labels"])}
     with pytest.raises(ValueError, match=r"encoded examples \[2\] supervise no token"):
         ml.train(model, tok, (examples, stats), config(tmp_path))
+    with pytest.raises(ValueError, match=r"fsdp=True needs a torch.distributed process group \(torchrun"):
+        ml.train(model, tok, ROWS, config(tmp_path, fsdp=True))
     assert_unchanged(model, before)
     assert not os.listdir(tmp_path)
 
