@@ -27,7 +27,7 @@ from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, choose_plan, plan_options
 from .rundir import claim
 from .stop import Interrupted, StopRequest
-from .step import Feed, Stepper, apply_settings, in_process_group, make_optimizer, optimizer_step
+from .step import Feed, Stepper, apply_settings, in_process_group, make_optimizer, optimizer_step, rank_and_world
 
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
@@ -38,19 +38,17 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     data and the output directory are checked before the model is touched. A model without LoRA layers gets
     them from cfg. The final adapter lands in cfg.output_dir/adapter/.
 
-    With a torch.distributed process group (torchrun), every process trains data-parallel on its own device,
-    and the LoRA gradients are summed over the processes once a step: batch_size is per process, and the loss is normalised by the supervised tokens of the whole
-    global step, so N processes train the adapter that one would at N x the batch. Process 0 alone logs,
-    evaluates, samples and writes files.
+    With a torch.distributed process group (torchrun), every process trains data-parallel on its own device:
+    batch_size is per process, the loss is normalised by the supervised tokens of the whole global step, and
+    the LoRA gradients are summed over the processes, so N processes train the adapter that one would at N x
+    the batch. Process 0 alone logs and writes files. With fsdp=True the weights are sharded over the
+    processes (fsdp.py).
     """
     start = time.perf_counter()
     check(cfg)  # again: the fields may have changed since the config was made
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(next(model.parameters()).device))
-    if cfg.fsdp and (not in_process_group() or cfg.precision == "fp16"):
-        raise ValueError("fsdp=True needs a torch.distributed process group (torchrun --nproc-per-node N) and "
-                         f"precision 'bf16' or 'fp32' (this run: {cfg.precision!r})")
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
-    rank, world = _process()
+    rank, world = rank_and_world()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
         t = _setup(model, tokenizer, examples, cfg, run)
@@ -149,7 +147,7 @@ class _Training:
 def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
     (eager or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log."""
-    rank, world = _process()
+    rank, world = rank_and_world()
     device = next(model.parameters()).device
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
@@ -177,18 +175,16 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
                      total_steps, plan_line, {"shape": shape, "config": dataclasses.asdict(cfg)})
 
 
-def _process() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) without a torch.distributed process group."""
-    return (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
-
-
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
     """(examples, stats, eval examples or None), checked before the model is touched."""
     examples, stats = encoded(train_rows, tokenizer, cfg.max_len, cfg.skip_malformed)
     evals = encoded(eval_rows, tokenizer, cfg.max_len, cfg.skip_malformed)[0] if eval_rows is not None else None
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
-    if cfg.progress and _process()[0] == 0:
+    if cfg.fsdp and (not in_process_group() or cfg.precision == "fp16"):
+        raise ValueError("fsdp=True needs a torch.distributed process group (torchrun --nproc-per-node N) and "
+                         f"precision 'bf16' or 'fp32' (this run: {cfg.precision!r})")
+    if cfg.progress and rank_and_world()[0] == 0:
         print(stats.summary(cfg.max_len))  # before the progress bar exists, so that it is not on the bar's line
     return examples, stats, evals
 
@@ -205,7 +201,7 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]
         shard(model, next(model.parameters()).device)
         line += f"; sharded over {world} processes (FSDP2)"
     if world > 1:
-        torch.manual_seed(cfg.seed + 1 + _process()[0])  # the same LoRA init everywhere, a dropout stream each
+        torch.manual_seed(cfg.seed + 1 + rank_and_world()[0])  # the same LoRA init everywhere, a dropout stream each
     return options, line + (f"; data-parallel over {world} processes" if world > 1 and not cfg.fsdp else "")
 
 
@@ -252,7 +248,7 @@ def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptio
     collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len,
                        pad_to_multiple_of=PAD_MULTIPLE if options.fast and device.type == "cuda" else None)
     return Feed(examples, cfg.batch_size, cfg.seed, cfg.group_by_length, collate,
-                lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), *_process())
+                lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), *rank_and_world())
 
 
 # ---------------------------------------------------------------- around the steps

@@ -107,6 +107,11 @@ def in_process_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) without a torch.distributed process group."""
+    return (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
+
+
 def _flat_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """One zeroed buffer per dtype, and each parameter's .grad a view of it: one all-reduce a step, no copies."""
     buffers = []
