@@ -95,7 +95,8 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
     sharded = is_sharded(model)  # then every process gathers the full weights and optimizer state to process 0
     weights = full_lora_weights(model) if sharded else None
     state = {"step": step, "optimizer": full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_cpu": rng_cpu, "rng_cuda": rng_cuda}
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_cpu": rng_cpu,
+             "rng_cuda": rng_cuda}
     if world > 1:
         state["rng_ranks"] = [None] * world  # [(cpu, cuda)] per process, 0 first
         torch.distributed.all_gather_object(state["rng_ranks"], (rng_cpu, rng_cuda))

@@ -2,7 +2,8 @@
 fastest way to train that fits a memory budget.
 
 The peak is what `torch.cuda.max_memory_allocated` reports: persistent tensors (4-bit weights, adapters, optimizer
-state, weights kept dequantized, grads and inputs of CUDA-graph steps) plus the larger of two transient moments of a step:
+state, weights kept dequantized, grads and inputs of CUDA-graph steps) plus the larger of two transient moments
+of a step:
   "loss"      the chunked cross-entropy's forward, with every layer's activations still held;
   "backward"  the backward of the last decoder layer (the first one recomputed if it is checkpointed), with
               every other layer's activations still held.

@@ -209,9 +209,9 @@ def _steps(base_dir, graphed: bool, layers: str, dropout: float):
     return losses, {k: p.grad.clone() for k, p in ml.lora_state_dict(model).items()}, steps
 
 
-@pytest.mark.parametrize("layers, dropout", [("cached", 0.0), ("checkpointed", 0.0), ("checkpointed, kept weights", 0.0),
-                                             ("checkpointed", 0.1), ("checkpointed, kept weights", 0.1),
-                                             ("offloaded", 0.0), ("offloaded", 0.1), ("offloaded, kept attention", 0.0)])
+@pytest.mark.parametrize("layers, dropout", [
+    ("cached", 0.0), ("checkpointed", 0.0), ("checkpointed, kept weights", 0.0), ("checkpointed", 0.1),
+    ("checkpointed, kept weights", 0.1), ("offloaded", 0.0), ("offloaded", 0.1), ("offloaded, kept attention", 0.0)])
 def test_graphed_steps_equal_eager_steps(base_dir, mha_dir, monkeypatch, layers, dropout):
     """Each batch shape's step captured once and replayed gives the eager steps' losses and gradients, with
     layers whose weights are kept dequantized, checkpointed ones (recomputed inside the graph, their weights
