@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-from .kernels.lora4bit import _standard_layout, is_4bit
+from .kernels.lora4bit import _standard_layout, bnb, is_4bit  # bnb: None without bitsandbytes, then no 4-bit layer
 from .loss import causal_lm_loss
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -54,7 +54,7 @@ class NF4Linear(nn.Module):
         state = copy.copy(self.quant_state)
         state.absmax = self.absmax.view(self.absmax_dtype)  # gathered with the weight
         dtype = self.compute_dtype or x.dtype
-        w = bnb_dequantize(self.weight.view(torch.uint8).view(-1, 1), state).to(dtype)  # (out, in)
+        w = bnb.functional.dequantize_4bit(self.weight.view(torch.uint8).view(-1, 1), state).to(dtype)  # (out, in)
         return F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype)).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -70,12 +70,6 @@ def _as_float(t: torch.Tensor) -> nn.Parameter:
     if flat.numel() % 2:
         raise ValueError(f"a 4-bit weight's tensor of {flat.numel()} bytes cannot be sharded as 2-byte elements")
     return nn.Parameter(flat.view(torch.bfloat16), requires_grad=False)
-
-
-def bnb_dequantize(packed, state):
-    import bitsandbytes as bnb
-
-    return bnb.functional.dequantize_4bit(packed, state)
 
 
 def shard(model, device: torch.device):
