@@ -226,9 +226,10 @@ def main(argv=None):
     try:
         source, config, tok, train_data, eval_data = load_data(args, cfg)
         check_before_loading(cfg, run, (source, config, train_data[0], world), quant, device)
+        # sharded: each process loads the model into host memory, and train() sends only its shards to the GPU
         model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
-            source, quant=quant, compute_dtype=PRECISIONS[cfg.precision], device=device, tokenizer=tok,
-            config=config))
+            source, quant=quant, compute_dtype=PRECISIONS[cfg.precision], device="cpu" if cfg.fsdp else device,
+            tokenizer=tok, config=config))
         history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
     except KeyboardInterrupt as e:
         return interrupted(e, cfg, argv)
@@ -253,7 +254,7 @@ def check_before_loading(cfg, run, what: tuple, quant, device: str):
     if cfg.max_len > config.max_position_embeddings:
         print(f"warning: --max-len {cfg.max_len} is beyond the {config.max_position_embeddings} positions this "
               "model was trained on; longer examples may train poorly", file=sys.stderr)
-    if device.startswith("cuda"):  # the plan is GPU memory: nothing to say on a CPU run
+    if device.startswith("cuda") and not cfg.fsdp:  # the plan is one GPU's memory, unsharded
         check_memory(config, cfg, quant)
 
 

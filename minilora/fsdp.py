@@ -57,6 +57,14 @@ class NF4Linear(nn.Module):
         w = bnb.functional.dequantize_4bit(self.weight.view(torch.uint8).view(-1, 1), state).to(dtype)  # (out, in)
         return F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype)).to(x.dtype)
 
+    def place_tables(self, device: torch.device):
+        """The tables kept whole (the code, the nested scales) on `device`, where FSDP puts the shards."""
+        s = self.quant_state
+        s.code = s.code.to(device)
+        if s.nested:
+            nested = (s.offset, s.state2.absmax, s.state2.code)
+            s.offset, s.state2.absmax, s.state2.code = (t.to(device) for t in nested)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, shardable"
 
@@ -72,14 +80,24 @@ def _as_float(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(flat.view(torch.bfloat16), requires_grad=False)
 
 
+def training_device(model) -> torch.device:
+    """Where a sharded model trains: this process's GPU when it has one (the model may wait in host memory until
+    it is sharded, so that no GPU ever holds all of it), else where the model is."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else next(
+        model.parameters()).device
+
+
 def shard(model, device: torch.device):
-    """Shard `model` (a LlamaForCausalLM with its LoRA layers, in a process group) over the processes: every
-    4-bit linear made an NF4Linear, each decoder layer an FSDP unit, the model the root."""
+    """Shard `model` (a LlamaForCausalLM with its LoRA layers, in a process group) over the processes, each
+    process's shards on `device`: every 4-bit linear made an NF4Linear, each decoder layer an FSDP unit, the
+    model the root."""
     from torch.distributed.device_mesh import init_device_mesh
 
     for name in [n for n, m in model.named_modules() if is_4bit(m)]:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, NF4Linear(model.get_submodule(name)))
+        nf4 = NF4Linear(model.get_submodule(name))
+        nf4.place_tables(device)
+        setattr(model.get_submodule(parent), child, nf4)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)

@@ -15,7 +15,7 @@ from .adapter import lora_settings, save_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
 from .config import PRECISIONS, TrainConfig, check, default_precision
 from .data import Collator, encoded
-from .fsdp import full_lora_weights, is_sharded, shard
+from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .generate import evaluate, samples
 from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import capturable, detach_fast, host_embedding, unsupported
@@ -46,7 +46,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     """
     start = time.perf_counter()
     check(cfg)  # again: the fields may have changed since the config was made
-    cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(next(model.parameters()).device))
+    device = training_device(model) if cfg.fsdp else next(model.parameters()).device
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
     rank, world = rank_and_world()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
@@ -148,10 +149,10 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
     (eager or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log."""
     rank, world = rank_and_world()
-    device = next(model.parameters()).device
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line = _setup_model(model, cfg, world)
+    device = model.lm_head.weight.device  # not the first parameter: the embedding may be on the host
     # CUDA graphs need fast layers that can be captured, fixed shapes (no packing) and no GradScaler (fp16)
     graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and not cfg.pack
               and options.fast and capturable(model, PRECISIONS[cfg.precision]))
@@ -198,7 +199,7 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]
     options, line = _plan(model, cfg, world)
     prepare_for_training(model, options)
     if cfg.fsdp:
-        shard(model, next(model.parameters()).device)
+        shard(model, training_device(model))
         line += f"; sharded over {world} processes (FSDP2)"
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank_and_world()[0])  # the same LoRA init everywhere, a dropout stream each

@@ -331,27 +331,44 @@ def test_data_parallel_steps_replay_as_cuda_graphs(base_dir, tmp_path):
     assert all(rel(weights[k], ref[k]) <= 1e-2 for k in ref)
 
 
-def test_sharded_training_equals_unsharded_on_the_gpu(base_dir, tmp_path):
-    """fsdp=True in an NCCL group of one: the 4-bit weights as NF4Linear's uint8 parameters, gathered and
-    dequantized by bitsandbytes on the GPU, through transformers' layers, against the same layers unsharded.
+@pytest.mark.parametrize("loaded_on", ["cuda", "cpu"])
+def test_sharded_training_equals_unsharded_on_the_gpu(base_dir, tmp_path, loaded_on):
+    """fsdp=True in an NCCL group of one: the 4-bit weights as NF4Linear's parameters, gathered and dequantized
+    by bitsandbytes on the GPU, through transformers' layers, against the same layers unsharded. The sharded
+    model is loaded on the GPU, or in host memory (quantized there), and then only its shards go to the GPU.
     Eight steps in bf16 without dropout; losses within 1e-3 and the adapter within 1e-2 relative (bf16 runs of
-    the same arithmetic: sharding changes where the weights live between layers, not what a layer computes)."""
+    the same arithmetic: sharding changes where the weights live between layers, not what a layer computes).
+    Both start from the same LoRA weights, made on the CPU (add_lora draws them on the base's device, and the
+    CPU and CUDA generators differ), and the sharded base's packed bytes must equal the GPU-quantized ones."""
     from safetensors.torch import load_file
 
     from minilora.tiny import instruction_rows
 
-    def run(out, **kw):
-        model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+    generator = torch.Generator().manual_seed(0)
+    init = None
+
+    def run(out, device="cuda", **kw):
+        nonlocal init
+        model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device=device)
+        ml.add_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0)
+        init = init or {k: torch.randn(p.shape, generator=generator) * 0.05
+                        for k, p in ml.lora_state_dict(model).items()}
+        with torch.no_grad():
+            for k, p in ml.lora_state_dict(model).items():
+                p.copy_(init[k])
         cfg = ml.TrainConfig(output_dir=str(tmp_path / out), max_steps=8, batch_size=4, max_len=128, lr=1e-3,
                              lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=1, progress=False, fast=False, **kw)
         history = ml.train(model, tok, instruction_rows(32, seed=3), cfg)
         weights = load_file(str(tmp_path / out / "adapter" / "adapter_model.safetensors"))
-        return [h["loss"] for h in history if "loss" in h], history[0]["memory_plan"], weights
+        packed = model.model.layers[0].mlp.down_proj.weight  # a base weight without LoRA, as trained
+        packed = (packed.full_tensor().view(torch.uint8) if kw else packed.data).reshape(-1)
+        return [h["loss"] for h in history if "loss" in h], history[0]["memory_plan"], weights, packed
 
     with _process_group_of_one():
-        losses, line, weights = run("sharded", fsdp=True)
-    ref_losses, _, ref = run("plain")
+        losses, line, weights, packed = run("sharded", loaded_on, fsdp=True)
+    ref_losses, _, ref, ref_packed = run("plain")
     assert "sharded over 1 processes (FSDP2)" in line, line
+    assert torch.equal(packed.cpu(), ref_packed.cpu())  # the same base, quantized where it was loaded
     assert losses == pytest.approx(ref_losses, rel=1e-3)
     assert all(rel(weights[k], ref[k]) <= 1e-2 for k in ref)
 
