@@ -10,7 +10,7 @@ weight with bitsandbytes, the same arithmetic as the unsharded layer.
 
 Each decoder layer is one FSDP unit and the LlamaForCausalLM the root, so that evaluation and transformers'
 `generate` gather the weights through the model's own forward. minilora's loss bypasses that forward, so it is a
-method registered with FSDP (`model.sharded_loss`). The loss is already divided by the global step's supervised
+method registered with FSDP (`model.sharded_loss`, which loss.causal_lm_loss calls). The loss is already divided by the global step's supervised
 tokens, so the processes' gradients are summed, not averaged. Checkpoints and the adapter hold full tensors,
 gathered to process 0: the same files one process writes (the optimizer state keyed by parameter name).
 """
@@ -18,7 +18,6 @@ gathered to process 0: the same files one process writes (the optimizer state ke
 from __future__ import annotations
 
 import copy
-import functools
 import types
 
 import torch
@@ -29,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from .kernels.lora4bit import _standard_layout, bnb, is_4bit  # bnb: None without bitsandbytes, then no 4-bit layer
-from .loss import causal_lm_loss
+from .loss import decoder_loss
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
@@ -101,7 +100,7 @@ def shard(model, device: torch.device):
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
-    model.sharded_loss = types.MethodType(causal_lm_loss, model)
+    model.sharded_loss = types.MethodType(decoder_loss, model)  # causal_lm_loss calls it
     fully_shard(model, mesh=mesh)
     register_fsdp_forward_method(model, "sharded_loss")
     for unit in model.modules():
@@ -112,12 +111,6 @@ def shard(model, device: torch.device):
 
 def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
-
-
-def loss_of(model):
-    """causal_lm_loss(model, batch, chunk) as a function of (batch, chunk): for a sharded model through the
-    method registered with FSDP, which gathers the root's weights (embedding, final norm, lm_head) around it."""
-    return model.sharded_loss if is_sharded(model) else functools.partial(causal_lm_loss, model)
 
 
 def full_lora_weights(model) -> dict:

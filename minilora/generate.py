@@ -6,9 +6,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from .config import PRECISIONS, autocast
+from .fsdp import is_sharded
 from .kernels.decode import Decoder
 from .kernels.layer import FastLayer, attach_fast, detach_fast, host_embedding, is_fast, unsupported
-from .fsdp import is_sharded, loss_of
+from .loss import causal_lm_loss
 from .model import place_embedding
 from .template import encode_prompt
 
@@ -75,7 +76,7 @@ def evaluate(model, examples: list[dict], collate, batch_size: int, precision: s
     device, total, n = model.lm_head.weight.device, 0.0, 0  # the embedding table may be on the host
     for i in range(0, len(examples), batch_size):
         with autocast(device, precision):
-            loss, count = loss_of(model)(collate(examples[i : i + batch_size]), chunk)
+            loss, count = causal_lm_loss(model, collate(examples[i : i + batch_size]), chunk)
         total, n = total + loss.item(), n + count
     model.train(was_training)
     return total / n

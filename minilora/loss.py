@@ -131,8 +131,15 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
 
     batch: a collated batch (CPU tensors, as Collator returns) or one already through `to_device`. A model
     prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch keeps a
-    2-D (left-padding) mask.
+    2-D (left-padding) mask. A model that fsdp.shard sharded runs through the method it registered with FSDP
+    (`sharded_loss`: decoder_loss, with the root's weights gathered around it).
     """
+    sharded = model.__dict__.get("sharded_loss")
+    return sharded(batch, chunk_size) if sharded else decoder_loss(model, batch, chunk_size)
+
+
+def decoder_loss(model, batch: dict, chunk_size: int = 4096):
+    """causal_lm_loss of a model whose weights are all present (not sharded)."""
     if "targets" not in batch:
         batch = to_device(batch, model.lm_head.weight.device, model.lm_head.weight.shape[0],
                           embedding=host_embedding(model))

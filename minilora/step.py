@@ -15,8 +15,8 @@ from torch.distributed.tensor import DTensor
 from .config import TrainConfig, autocast
 from .data import batches
 from .kernels.graphs import GraphedSteps
-from .fsdp import is_sharded, loss_of
-from .loss import supervised_count
+from .fsdp import is_sharded
+from .loss import causal_lm_loss, supervised_count
 from .template import IGNORE
 
 
@@ -77,10 +77,9 @@ class Stepper:
         # a sharded model's gradients are FSDP's: reduce-scattered by its backward hooks
         self.flat = _flat_grads(self.params) if in_process_group() and not is_sharded(model) else []
         self.graphs = GraphedSteps(self.params, self._loss, **graphs) if graphs is not None else None
-        self.loss = loss_of(model)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        return self.loss(batch, self.chunk)[0]
+        return causal_lm_loss(self.model, batch, self.chunk)[0]
 
     def __call__(self, batch: dict, n_step: int) -> torch.Tensor:
         """The micro-batch's summed loss, a GPU scalar (no wait)."""
