@@ -82,8 +82,10 @@ def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path
     # 5 steps of global batch 4 over 18 rows: an epoch of 5 batches, the last one of 2 rows (process 1's
     # share of it is empty), then the second epoch begins. fsdp: the 4-bit base and LoRA weights are sharded,
     # half on each process, through transformers' layers (as the one process here); evaluation and the samples
-    # run on both processes, since each forward needs both halves, and give one process's results
-    both = dict(fast=False, evals=EVALS, sample_prompts=("Which is bigger, 3 or 8?",), sample_max_new_tokens=6)
+    # run on both processes, since each forward needs both halves, and give one process's results; each step
+    # takes two micro-batches there, so sharded gradients accumulate too
+    both = dict(fast=False, evals=EVALS, sample_prompts=("Which is bigger, 3 or 8?",), sample_max_new_tokens=6,
+                grad_accum=2)
     data_parallel(base_dir, tmp_path / "ddp", batch_size=2, **(dict(both, fsdp=True) if sharded else {}))
     history = single(base_dir, tmp_path / "one", batch_size=4, **(both if sharded else {}))
     a, b = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "ddp" / "adapter")
