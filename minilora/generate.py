@@ -69,8 +69,9 @@ def _hf_generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], collate, batch_size: int, precision: str, chunk: int) -> float:
-    """Token-weighted mean loss over `examples`, in micro-batches of batch_size (no grads kept)."""
+def evaluate(model, examples: list[dict], collate, batch_size: int, precision: str, chunk: int) -> tuple[float, int]:
+    """(summed loss, supervised tokens) over `examples`, in micro-batches of batch_size (no grads kept): their
+    ratio is the token-weighted mean loss, and sums from several processes add up."""
     was_training = model.training
     model.eval()
     device, total, n = model.lm_head.weight.device, 0.0, 0  # the embedding table may be on the host
@@ -79,7 +80,7 @@ def evaluate(model, examples: list[dict], collate, batch_size: int, precision: s
             loss, count = causal_lm_loss(model, collate(examples[i : i + batch_size]), chunk)
         total, n = total + loss.item(), n + count
     model.train(was_training)
-    return total / n
+    return total, n
 
 
 def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> list[tuple[str, str]]:

@@ -272,28 +272,37 @@ def _report_times(t: _Training):
     t.log.say("time: " + ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))
 
 
-def _forwards_here(t: _Training) -> bool:
-    """Whether this process evaluates and samples: process 0, or every process when the model is sharded (a
-    forward then needs every process's shards); process 0 alone logs either way."""
-    return t.log.rank == 0 or is_sharded(t.model)
+def _share(t: _Training, items: list) -> list:
+    """This process's part of the evaluation rows or sample prompts: every world-th from its rank, so that the
+    processes share the work; all of them for a sharded model, whose every forward needs every process."""
+    return items if is_sharded(t.model) else items[t.log.rank::t.world]
 
 
 def _evaluate(t: _Training, evals):
     cfg = t.cfg
-    if not _forwards_here(t):
-        return
     with _timed(t, "eval"):
-        loss = evaluate(t.model, evals, t.feed.collate, cfg.batch_size, cfg.precision, t.stepper.chunk)
+        total, n = evaluate(t.model, _share(t, evals), t.feed.collate, cfg.batch_size, cfg.precision,
+                            t.stepper.chunk)
+        if t.world > 1 and not is_sharded(t.model):
+            sums = torch.tensor([total, n], dtype=torch.float64, device=t.device)
+            dist.all_reduce(sums)
+            total, n = sums.tolist()
+    loss = total / n
     t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
 
 def _sample(t: _Training):
     """Greedy answers to the sample prompts, logged."""
     cfg = t.cfg
-    if not cfg.sample_prompts or not _forwards_here(t):
+    if not cfg.sample_prompts:
         return
+    prompts = list(cfg.sample_prompts)
     with _timed(t, "samples"):
-        answers = samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision)
+        answers = samples(t.model, t.tokenizer, _share(t, prompts), cfg.sample_max_new_tokens, cfg.precision)
+        if t.world > 1 and not is_sharded(t.model):  # prompt k was process k % world's
+            parts = [None] * t.world
+            dist.all_gather_object(parts, answers)
+            answers = [parts[k % t.world][k // t.world] for k in range(len(prompts))]
     for prompt, answer in answers:
         t.log.log({"step": t.step, "prompt": prompt, "sample": answer})
         t.log.say(f"[step {t.step}] {prompt!r} -> {answer!r}")

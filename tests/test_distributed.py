@@ -24,7 +24,8 @@ from minilora.tiny import instruction_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = instruction_rows(18, seed=3)  # 18 rows: the last global batch of 4 is short, one process gets none
-EVALS = instruction_rows(4, seed=9)
+EVALS = instruction_rows(5, seed=9)  # 5 rows, 3 sample prompts: shared unevenly by 2 processes
+PROMPTS = ("Which is bigger, 3 or 8?", "What is the opposite of fast?", "Repeat after me: moon ship bread")
 COMMON = dict(max_steps=5, lr=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0, precision="fp32", log_every=1,
               max_len=128, progress=False, seed=7, save_every=2, keep_last=10, group_by_length=True)
 
@@ -79,15 +80,15 @@ def adapter(path):
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp"])
 def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path, sharded):
-    # 5 steps of global batch 4 over 18 rows: an epoch of 5 batches, the last one of 2 rows (process 1's
-    # share of it is empty), then the second epoch begins. fsdp: the 4-bit base and LoRA weights are sharded,
-    # half on each process, through transformers' layers (as the one process here); evaluation and the samples
-    # run on both processes, since each forward needs both halves, and give one process's results; each step
-    # takes two micro-batches there, so sharded gradients accumulate too
-    both = dict(fast=False, evals=EVALS, sample_prompts=("Which is bigger, 3 or 8?",), sample_max_new_tokens=6,
-                grad_accum=2)
-    data_parallel(base_dir, tmp_path / "ddp", batch_size=2, **(dict(both, fsdp=True) if sharded else {}))
-    history = single(base_dir, tmp_path / "one", batch_size=4, **(both if sharded else {}))
+    # 5 steps of global batch 4 over 18 rows, two micro-batches a step: an epoch of 5 batches, the last one of 2
+    # rows (process 1's share of it is empty), then the second epoch begins. The processes share evaluation and
+    # the samples (each takes every other row and prompt) and log what one process does. fsdp: the 4-bit base
+    # and LoRA weights are sharded, half on each process, through transformers' layers (as the one process
+    # here); evaluation and the samples then run whole on both processes, since each forward needs both halves
+    both = dict(evals=EVALS, sample_prompts=PROMPTS, sample_max_new_tokens=6, grad_accum=2,
+                **(dict(fast=False) if sharded else {}))
+    data_parallel(base_dir, tmp_path / "ddp", batch_size=2, **(dict(both, fsdp=True) if sharded else both))
+    history = single(base_dir, tmp_path / "one", batch_size=4, **both)
     a, b = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "ddp" / "adapter")
     assert a.keys() == b.keys()
     for k in a:
@@ -106,11 +107,11 @@ def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path
     # the grad norm before clipping is scale-sensitive (Adam and clipping would hide a gradient off by a factor)
     assert [r["grad_norm"] for r in lines if "loss" in r] == pytest.approx(
         [h["grad_norm"] for h in history if "loss" in h], rel=1e-5)
+    assert [r["eval_loss"] for r in lines if "eval_loss" in r] == pytest.approx(
+        [h["eval_loss"] for h in history if "eval_loss" in h], rel=1e-5)
+    assert [(r["prompt"], r["sample"]) for r in lines if "sample" in r] == [
+        (h["prompt"], h["sample"]) for h in history if "sample" in h]
     held = [json.load(open(tmp_path / "ddp" / f"process-{r}.json")) for r in (0, 1)]
-    if sharded:
-        assert [r["eval_loss"] for r in lines if "eval_loss" in r] == pytest.approx(
-            [h["eval_loss"] for h in history if "eval_loss" in h], rel=1e-5)
-        assert [r["sample"] for r in lines if "sample" in r] == [h["sample"] for h in history if "sample" in h]
     for kind in ("frozen", "lora"):  # each process holds half of every weight (shards padded to equal size)
         mine, whole = zip(*(h["bytes"][kind] for h in held))
         assert whole[0] == whole[1] and (sum(mine) >= whole[0] and max(mine) <= 0.51 * whole[0] if sharded
