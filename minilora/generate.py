@@ -11,6 +11,7 @@ from .kernels.decode import Decoder
 from .kernels.layer import FastLayer, attach_fast, detach_fast, host_embedding, is_fast, unsupported
 from .loss import causal_lm_loss
 from .model import place_embedding
+from .step import rank_and_world
 from .template import encode_prompt
 
 
@@ -99,3 +100,29 @@ def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> l
             torch.cuda.set_rng_state_all(cuda_rng)
         if table is not None:
             place_embedding(model, "cpu")
+
+
+def shared_eval_loss(model, examples: list[dict], collate, batch_size: int, precision: str, chunk: int) -> float:
+    """evaluate()'s mean loss, the work shared by the processes of a process group (every one must call it):
+    each takes every world-th example and the sums are all-reduced. A sharded model's every forward needs every
+    process, so each of them evaluates all the examples."""
+    rank, world = rank_and_world()
+    sharded = is_sharded(model)
+    total, n = evaluate(model, examples if sharded else examples[rank::world], collate, batch_size, precision, chunk)
+    if world > 1 and not sharded:
+        sums = torch.tensor([total, n], dtype=torch.float64, device=model.lm_head.weight.device)
+        torch.distributed.all_reduce(sums)
+        total, n = sums.tolist()
+    return total / n
+
+
+def shared_samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> list[tuple[str, str]]:
+    """samples(), shared as shared_eval_loss shares evaluation: prompt k is process k % world's, and every
+    process returns all the answers."""
+    rank, world = rank_and_world()
+    if world == 1 or is_sharded(model):
+        return samples(model, tokenizer, prompts, max_new_tokens, precision)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, samples(model, tokenizer, prompts[rank::world], max_new_tokens,
+                                                       precision))
+    return [parts[k % world][k // world] for k in range(len(prompts))]

@@ -16,7 +16,7 @@ from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpo
 from .config import PRECISIONS, TrainConfig, check, default_precision
 from .data import Collator, encoded
 from .fsdp import full_lora_weights, is_sharded, shard, training_device
-from .generate import evaluate, samples
+from .generate import shared_eval_loss, shared_samples
 from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import capturable, detach_fast, host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
@@ -272,22 +272,10 @@ def _report_times(t: _Training):
     t.log.say("time: " + ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))
 
 
-def _share(t: _Training, items: list) -> list:
-    """This process's part of the evaluation rows or sample prompts: every world-th from its rank, so that the
-    processes share the work; all of them for a sharded model, whose every forward needs every process."""
-    return items if is_sharded(t.model) else items[t.log.rank::t.world]
-
-
 def _evaluate(t: _Training, evals):
     cfg = t.cfg
     with _timed(t, "eval"):
-        total, n = evaluate(t.model, _share(t, evals), t.feed.collate, cfg.batch_size, cfg.precision,
-                            t.stepper.chunk)
-        if t.world > 1 and not is_sharded(t.model):
-            sums = torch.tensor([total, n], dtype=torch.float64, device=t.device)
-            dist.all_reduce(sums)
-            total, n = sums.tolist()
-    loss = total / n
+        loss = shared_eval_loss(t.model, evals, t.feed.collate, cfg.batch_size, cfg.precision, t.stepper.chunk)
     t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
 
@@ -296,13 +284,8 @@ def _sample(t: _Training):
     cfg = t.cfg
     if not cfg.sample_prompts:
         return
-    prompts = list(cfg.sample_prompts)
     with _timed(t, "samples"):
-        answers = samples(t.model, t.tokenizer, _share(t, prompts), cfg.sample_max_new_tokens, cfg.precision)
-        if t.world > 1 and not is_sharded(t.model):  # prompt k was process k % world's
-            parts = [None] * t.world
-            dist.all_gather_object(parts, answers)
-            answers = [parts[k % t.world][k // t.world] for k in range(len(prompts))]
+        answers = shared_samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision)
     for prompt, answer in answers:
         t.log.log({"step": t.step, "prompt": prompt, "sample": answer})
         t.log.say(f"[step {t.step}] {prompt!r} -> {answer!r}")
