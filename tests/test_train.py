@@ -133,8 +133,8 @@ def test_the_time_account_covers_the_run(base_dir, tmp_path, monkeypatch):
     import time
 
     loop = importlib.import_module("minilora.loop")
-    real_samples, real_save = loop.samples, loop.save_checkpoint
-    monkeypatch.setattr(loop, "samples", lambda *a: (time.sleep(0.2), real_samples(*a))[1])
+    real_samples, real_save = loop.shared_samples, loop.save_checkpoint
+    monkeypatch.setattr(loop, "shared_samples", lambda *a: (time.sleep(0.2), real_samples(*a))[1])
     monkeypatch.setattr(loop, "save_checkpoint", lambda *a: (time.sleep(0.1), real_save(*a))[1])
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
     cfg = ml.TrainConfig(output_dir=str(tmp_path / "timed"), max_steps=4, batch_size=4, lora_r=8, max_len=128,
