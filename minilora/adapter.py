@@ -61,6 +61,10 @@ def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = No
     """
     config = adapter_config(model)  # a model without LoRA fails here, before anything is written
     weights = lora_state_dict(model) if weights is None else weights
+    if any(isinstance(v, DTensor) for v in weights.values()):
+        raise ValueError("the model is sharded (fsdp=True), and each process holds a part of every LoRA weight: "
+                         "pass weights=minilora.fsdp.full_lora_weights(model), which every process must call, "
+                         "and save on process 0")
     tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in weights.items()}
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir} is a file; save_adapter writes a directory, so pass another path")

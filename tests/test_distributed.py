@@ -46,6 +46,10 @@ def _worker(rank, world, port, base_dir, out, overrides):
         evals = overrides.pop("evals", None)
         history = ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=out, **{**COMMON, **overrides}), evals)
         held = {"history": history, "bytes": _parameter_bytes(model)}
+        try:  # a sharded model's own weights are parts: saving them is refused, with the way to do it
+            ml.save_adapter(model, os.path.join(out, f"own-{rank}"))
+        except ValueError as e:
+            held["save_adapter"] = str(e)
         with open(os.path.join(out, f"process-{rank}.json"), "w") as f:
             json.dump(held, f)
     finally:
@@ -94,7 +98,7 @@ def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
     # process 0 alone wrote: one metrics file, one config, one checkpoint series, one adapter
-    written = sorted(set(os.listdir(tmp_path / "ddp")) - {"process-0.json", "process-1.json"})
+    written = sorted(set(os.listdir(tmp_path / "ddp")) - {"process-0.json", "process-1.json", "own-0", "own-1"})
     assert written == sorted(os.listdir(tmp_path / "one"))
     assert {"adapter", "checkpoint-2", "checkpoint-4", "checkpoint-5", "metrics.jsonl", "train_config.json"} <= set(
         written) <= {"adapter", "checkpoint-2", "checkpoint-4", "checkpoint-5", "metrics.jsonl", "train_config.json",
@@ -112,6 +116,7 @@ def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path
     assert [(r["prompt"], r["sample"]) for r in lines if "sample" in r] == [
         (h["prompt"], h["sample"]) for h in history if "sample" in h]
     held = [json.load(open(tmp_path / "ddp" / f"process-{r}.json")) for r in (0, 1)]
+    assert all(("full_lora_weights(model)" in h.get("save_adapter", "")) == sharded for h in held)
     for kind in ("frozen", "lora"):  # each process holds half of every weight (shards padded to equal size)
         mine, whole = zip(*(h["bytes"][kind] for h in held))
         assert whole[0] == whole[1] and (sum(mine) >= whole[0] and max(mine) <= 0.51 * whole[0] if sharded
