@@ -5,6 +5,7 @@ same batches, in one invocation.
     python benchmarks/epoch.py --out benchmarks/results/h100-epoch.json        # fast default, 6 GiB, PEFT
     python benchmarks/epoch.py --impls fast,plain --max-steps 50 --curve        # loss curves, step by step
     python benchmarks/epoch.py --shape tiny --rows 24 --device cpu              # a CPU smoke run
+    python benchmarks/epoch.py --impls fast,budget6,unsloth                     # beside Unsloth (see below)
 
 The rows have the real dataset's shapes: benchmarks/guanaco-lengths.json holds, for each of the 1,000 rows of
 mlabonne/guanaco-llama2-1k, every turn's prompt and answer length under the Llama-2 tokenizer. Each row here
@@ -19,22 +20,34 @@ Impls, each in its own process on the same model files:
   eager     the same with cuda_graphs=False
   budget6-eager, budget4.8-eager  those two with cuda_graphs=False
   plain     the same with fast=False and every layer checkpointed: transformers' layers, the earlier default
+  pack, budget6-pack, budget4.8-pack  fast, budget6 and budget4.8 with pack=True (micro-batches filled with whole
+            examples: fewer, fuller steps)
   peft      the classic recipe (prepare_model_for_kbit_training, get_peft_model, HF's loss, torch AdamW,
             cosine schedule with 3% warmup, grad norm 0.3) driven over minilora's batches: the same examples
             in the same order and padding, the loss read every 25 steps, as TRL's logging does
+  unsloth   Unsloth's own recipe, as its main-job run was measured: FastLanguageModel.from_pretrained(max_seq_length
+            1024, load_in_4bit), get_peft_model(r 64, alpha 16, dropout 0.1, q_proj/v_proj,
+            use_gradient_checkpointing="unsloth"), TRL's SFTTrainer (SFTConfig: batch 4, paged_adamw_32bit, lr 2e-4,
+            weight decay 0.001, grad norm 0.3, 8 warm-up steps, group_by_length sampling, max length 1024, no
+            packing, bf16, loss logged every 25 steps) on the rows as a `text` column, tokenized by the same
+            word-level tokenizer. TRL trains on every token of a text row, so its supervised tokens are all tokens.
+  unsloth-nockpt  the same with use_gradient_checkpointing=False (and gradient_checkpointing=False in SFTConfig)
+The unsloth impls need Unsloth 2026.10.9 + TRL + datasets on the path, before anything else (the GPU kit's
+../shared/device/stage-peers unpacks them into .peer-site); without them their rows say unavailable.
 minilora's runs train with the example's two sample prompts, answered greedily before and after training, as a
 user of examples/train_guanaco.py waits for them (--no-samples: without).
-Reported per impl: the loop's wall time (train() for minilora, from its first to its last step for PEFT), and for
-minilora where it went (train()'s own account: set-up, steps, eval, samples, save),
-the first logged interval apart (warm-up: first kernels, caches) and the steady step time, tokens/s over all
-and over supervised tokens, steps, peak allocated and reserved memory, and minilora's memory plan.
+Reported per impl: the loop's wall time (train() for minilora, from its first to its last step for PEFT,
+trainer.train() for Unsloth), and for minilora where it went (train()'s own account: set-up, steps, eval,
+samples, save), the first logged interval apart (warm-up: first kernels, caches) and the steady step time,
+tokens/s over all and over supervised tokens, steps, peak allocated and reserved memory, and minilora's memory
+plan. The table gives each run's speed against PEFT's and Unsloth's (their wall times over its) when they ran.
 --curve logs every step's loss (max 50 steps, say) so that two impls' curves can be compared.
 
-Several GPUs: `--gpus 1,2,4` runs each minilora impl under torchrun on 1, 2 and 4 GPUs of this host (PEFT on
-one). train() then trains data-parallel with batch_size per GPU, and the table gives each run's speed-up over
-one GPU. `--fixed 2x2048` replaces the guanaco rows by fixed-shape ones (B rows of T tokens per GPU and step,
-a 16-token prompt and the rest answer, LoRA dropout 0) for --max-steps steps (default 30), timed by the steady
-step after warm-up:
+Several GPUs: `--gpus 1,2,4` runs each minilora impl under torchrun on 1, 2 and 4 GPUs of this host (PEFT and
+Unsloth on one). train() then trains data-parallel with batch_size per GPU, and the table gives each run's
+speed-up over one GPU. `--fixed 2x2048` replaces the guanaco rows by fixed-shape ones (B rows of T tokens per GPU
+and step, a 16-token prompt and the rest answer, LoRA dropout 0) for --max-steps steps (default 30), timed by
+the steady step after warm-up:
 
     python benchmarks/epoch.py --impls fast --gpus 1,2,4 --out benchmarks/results/h100x4-epoch.json
     python benchmarks/epoch.py --impls fast --gpus 1,2,4 --fixed 2x2048 --out benchmarks/results/h100x4-standard.json
@@ -54,14 +67,19 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step import SHAPES, _write, prepare, run_child  # noqa: E402
+from step import SHAPES, _write, import_unsloth, prepare, run_child  # noqa: E402
 
 LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guanaco-lengths.json")
 IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "budget4.8": {"memory_budget_gib": 4.8},
          "budget6-eager": {"memory_budget_gib": 6.0, "cuda_graphs": False},
          "budget4.8-eager": {"memory_budget_gib": 4.8, "cuda_graphs": False},
          "eager": {"cuda_graphs": False},
-         "plain": {"fast": False, "gradient_checkpointing": True}, "peft": None}
+         "plain": {"fast": False, "gradient_checkpointing": True},
+         "pack": {"pack": True}, "budget6-pack": {"memory_budget_gib": 6.0, "pack": True},
+         "budget4.8-pack": {"memory_budget_gib": 4.8, "pack": True},
+         "peft": None, "unsloth": {"gradient_checkpointing": "unsloth"},
+         "unsloth-nockpt": {"gradient_checkpointing": False}}
+PEERS = ("peft", "unsloth", "unsloth-nockpt")  # their own loops, on one GPU
 RECIPE = dict(epochs=1.0, batch_size=4, max_len=1024, lr=2e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,
               targets=("q_proj", "v_proj"), warmup_ratio=0.03, weight_decay=0.001, max_grad_norm=0.3,
               schedule="cosine", seed=42, log_every=25, precision="bf16")
@@ -185,7 +203,64 @@ def run_peft(spec, model_dir, tok, rows):
                 else None, peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB if device.type == "cuda" else None)
 
 
+def run_unsloth(spec, rows):
+    """Unsloth's recipe (see the module doc): its model and LoRA, TRL's SFTTrainer on the rows' text."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    r = {**RECIPE, **spec["overrides"]}
+    model, tok = FastLanguageModel.from_pretrained(spec["model_dir"], max_seq_length=r["max_len"], load_in_4bit=True,
+                                                   tokenizer_name=spec["tok_dir"])
+    model = FastLanguageModel.get_peft_model(model, r=r["lora_r"], lora_alpha=r["lora_alpha"],
+                                             lora_dropout=r["lora_dropout"], target_modules=list(r["targets"]),
+                                             use_gradient_checkpointing=r["gradient_checkpointing"],
+                                             random_state=r["seed"])
+    args = SFTConfig(output_dir=spec["out_dir"], per_device_train_batch_size=r["batch_size"], optim="paged_adamw_32bit",
+                     learning_rate=r["lr"], weight_decay=r["weight_decay"], max_grad_norm=r["max_grad_norm"],
+                     warmup_steps=8, max_length=r["max_len"], packing=False, bf16=True, logging_steps=r["log_every"],
+                     num_train_epochs=r["epochs"], max_steps=r.get("max_steps") or -1, seed=r["seed"],
+                     report_to="none", save_strategy="no",
+                     **({"train_sampling_strategy": "group_by_length"} if hasattr(SFTConfig, "train_sampling_strategy")
+                        else {"group_by_length": True}),  # transformers 5 renamed it
+                     **({} if r["gradient_checkpointing"] else {"gradient_checkpointing": False}))
+    losses, intervals = [], []
+
+    class Clock(TrainerCallback):  # the logged losses and the time between logs, as the other impls report them
+        def on_train_begin(self, args, state, control, **kw):
+            self.mark = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last steps' loss too, as PEFT's loop logs it
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                now = time.perf_counter()
+                losses.append((state.global_step, float(logs["loss"])))
+                intervals.append((state.global_step, now - self.mark))
+                self.mark = now
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": rows}),
+                         processing_class=tok, callbacks=[Clock()])
+    tokens = sum(min(len(ids), r["max_len"]) for ids in trainer.train_dataset["input_ids"])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    return dict(wall_s=wall, steps=trainer.state.global_step, tokens=tokens, supervised_tokens=tokens, losses=losses,
+                interval_s=intervals, peak_alloc_gib=torch.cuda.max_memory_allocated() / GiB if cuda else None,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB if cuda else None)
+
+
 def worker(spec: dict) -> dict | None:
+    why = import_unsloth() if spec["impl"].startswith("unsloth") else None  # first: it patches transformers
+    if why:
+        return {"status": why}
     import torch
     import torch.distributed as dist
 
@@ -205,6 +280,9 @@ def worker(spec: dict) -> dict | None:
     t0 = time.perf_counter()
     if spec["impl"] == "peft":
         res = run_peft(spec, spec["model_dir"], tok, rows)
+    elif spec["impl"].startswith("unsloth"):
+        res = run_unsloth(spec, rows)
+        res["load_s"] = time.perf_counter() - t0 - res["wall_s"]  # model, LoRA and the trainer's tokenizing
     else:
         model, _ = ml.load_model(spec["model_dir"], quant="nf4", compute_dtype=torch.bfloat16, device=spec["device"],
                                  tokenizer=spec["tok_dir"])
@@ -217,10 +295,11 @@ def worker(spec: dict) -> dict | None:
         dist.destroy_process_group()
         if int(os.environ["RANK"]):
             return None  # process 0 reports
-    res.update(world=world, tokens=tokens, tokens_per_s=tokens / res["wall_s"],
+    tokens = res.setdefault("tokens", tokens)  # Unsloth's: as TRL tokenized and truncated them
+    res.update(world=world, tokens_per_s=tokens / res["wall_s"],
                supervised_tokens_per_s=res["supervised_tokens"] / res["wall_s"])
     # warm-up: what the first logged interval took beyond its steps at the steady pace of the others
-    (s0, t_first), rest = res["interval_s"][0], res["interval_s"][1:]
+    (s0, t_first), rest = (res["interval_s"] or [(0, 0)])[0], res["interval_s"][1:]
     if rest:
         steady = (sum(t for _, t in rest)) / (res["interval_s"][-1][0] - s0)
         res.update(steady_step_s=steady, warmup_s=t_first - s0 * steady)
@@ -246,7 +325,7 @@ def main(argv=None):
     ap.add_argument("--impls", default="fast,budget6,peft", help=f"comma-separated, from {list(IMPLS)}")
     ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
     ap.add_argument("--rows", type=int, default=1000, help="the first N rows of the dataset's shapes")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop minilora's runs after N steps")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop minilora's and Unsloth's runs after N steps")
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts for minilora's impls, e.g. 1,2,4")
     ap.add_argument("--fixed", default=None, metavar="BxT", help="fixed-shape rows: B rows of T tokens per GPU "
                     "and step, LoRA dropout 0, --max-steps steps (default 30)")
@@ -279,7 +358,7 @@ def main(argv=None):
     for impl in args.impls.split(","):
         if impl not in IMPLS:
             raise SystemExit(f"unknown impl {impl!r}; use one of {list(IMPLS)}")
-        for n in [1] if impl == "peft" else gpus:
+        for n in [1] if impl in PEERS else gpus:
             overrides = dict(base, **(IMPLS[impl] or {}))
             if args.max_steps:
                 overrides["max_steps"] = args.max_steps
@@ -295,19 +374,21 @@ def main(argv=None):
                         samples=not (args.no_samples or args.fixed))
             print(f"{impl} on {n} GPU(s) ...", file=sys.stderr, flush=True)
             res, err, secs = run_child("run", spec, args.timeout, script=__file__, nproc=n)
-            case = dict(impl=impl, gpus=n, overrides=overrides, process_s=secs, **(res or {}),
-                        status="ok" if res else f"error: {err}")
+            status = res.pop("status", "ok") if res else f"error: {err}"
+            case = dict(impl=impl, gpus=n, overrides=overrides, process_s=secs, **(res or {}), status=status)
             meta["cases"].append(case)
             print(json.dumps({k: v for k, v in case.items() if k not in ("losses", "interval_s")}), flush=True)
             if args.out:
                 _write(args.out, meta)
     print(f"\n{args.fixed + ' rows' if args.fixed else f'{args.rows} guanaco-shaped rows'} on {env['card']}:")
     ok = [c for c in meta["cases"] if c.get("status") == "ok"]
-    peft = next((c for c in ok if c["impl"] == "peft"), None)
+    refs = [(name, next((c for c in ok if c["impl"] == impl), None))
+            for impl, name in (("peft", "PEFT"), ("unsloth", "Unsloth"))]
     speed = "steady_tokens_per_s" if args.fixed else "tokens_per_s"
     for c in meta["cases"]:
         one = next((o for o in ok if o["impl"] == c["impl"] and o["gpus"] == 1), None)
-        ratio = f"  {peft['wall_s'] / c['wall_s']:.2f}x PEFT" if peft and c in ok and c["gpus"] == 1 else ""
+        ratio = "".join(f"  {ref['wall_s'] / c['wall_s']:.2f}x {name}" for name, ref in refs
+                        if ref and c in ok and c["gpus"] == 1)
         if one and c in ok and c["gpus"] > 1 and speed in c and speed in one:
             c["speedup"] = c[speed] / one[speed]
             ratio = f"  {c['speedup']:.2f}x one GPU's {speed.replace('_', ' ')}"

@@ -15,13 +15,19 @@ Cases are named `{targets}-r{r}[-a{alpha}][-d{dropout}]-{batch}x{seq}`, targets 
 projections), e.g. qv-r64-4x512; alpha defaults to 16. `--cases standard` is STANDARD below.
 Impls: `peft`, `minilora` and `minilora+opt[+opt...]`, where each opt is a keyword of
 `minilora.prepare_for_training` switched on (offload, fused, compile, ...). A variant whose keyword the
-installed `prepare_for_training` does not accept is reported as unavailable.
+installed `prepare_for_training` does not accept is reported as unavailable. `unsloth` (not in the default
+list) loads with Unsloth's FastLanguageModel and its offloaded checkpointing; it needs Unsloth on the path
+(../shared/device/stage-peers, .peer-site first on PYTHONPATH) and is reported as unavailable without it:
+
+    python benchmarks/step.py --cases qv-r64-4x512,qv-r64-2x2048 --impls minilora+fast,unsloth
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -52,6 +58,10 @@ PEFT_RECIPE = ("AutoModelForCausalLM.from_pretrained(quantization_config=BitsAnd
                "(the standard QLoRA recipe: it also casts embeddings, norms and lm_head to fp32) -> "
                "get_peft_model(LoraConfig(r, alpha, dropout, targets, bias='none', task_type='CAUSAL_LM')); "
                "loss = model(input_ids, labels=input_ids).loss (HF loss, fp32 logits)")
+UNSLOTH_RECIPE = ("import unsloth first -> FastLanguageModel.from_pretrained(dir, max_seq_length=seq, dtype=bf16, "
+                  "load_in_4bit=True) -> FastLanguageModel.get_peft_model(r, alpha, dropout, targets, "
+                  "use_gradient_checkpointing='unsloth') -> for_training; "
+                  "loss = model(input_ids, labels=input_ids).loss (Unsloth's own loss)")
 MINILORA_RECIPE = ("ml.load_model(dir, quant='nf4', double_quant=True, compute_dtype=bf16) -> ml.add_lora -> "
                    "ml.prepare_for_training(model, gradient_checkpointing=True, **variant) ; "
                    "loss_sum, n = minilora.loss.causal_lm_loss(model, batch); loss = loss_sum / n")
@@ -144,6 +154,11 @@ def prepare(spec: dict) -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception as e:  # noqa: BLE001 - report, don't fail: the impls that need it will say why
             versions[mod] = f"unavailable: {e}"
+    for dist in ("unsloth", "unsloth_zoo", "trl", "datasets"):  # read, not imported: importing Unsloth patches
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
     try:
         from minilora.model import prepare_for_training
 
@@ -185,6 +200,35 @@ def load_peft(spec):
     torch.manual_seed(spec["seed"])
     model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
                                              target_modules=list(spec["targets"]), bias="none", task_type="CAUSAL_LM"))
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, loss_fn
+
+
+def import_unsloth() -> str | None:
+    """Import Unsloth, which patches transformers, PEFT and TRL as it loads, so it must come before transformers
+    does: None, or the status that says why it cannot (not staged, no GPU, ...)."""
+    try:
+        importlib.import_module("unsloth")
+    except Exception as e:  # noqa: BLE001 - the row says why, the other impls run on
+        why = (str(e).splitlines() or [""])[0]
+        return (f"unavailable: cannot import unsloth ({type(e).__name__}: {why}); stage it with "
+                "../shared/device/stage-peers and put .peer-site first on PYTHONPATH")
+    return None
+
+
+def load_unsloth(spec):
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(spec["model_dir"], max_seq_length=spec["seq"], dtype=torch.bfloat16,
+                                                 load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
+                                             target_modules=list(spec["targets"]), use_gradient_checkpointing="unsloth",
+                                             random_state=spec["seed"])
+    FastLanguageModel.for_training(model)
 
     def loss_fn(ids):
         return model(input_ids=ids, labels=ids).loss
@@ -287,14 +331,18 @@ def worker(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    if spec["impl"] == "peft":  # imports are not part of the load time
-        import peft  # noqa: F401
+    if spec["impl"] == "unsloth":  # imports are not part of the load time; Unsloth's comes before transformers
+        why = import_unsloth()
+        if why:
+            return {"status": why}
+    elif spec["impl"] == "peft":
+        importlib.import_module("peft")
     else:
-        import minilora  # noqa: F401
-    import transformers  # noqa: F401
+        importlib.import_module("minilora")
+    importlib.import_module("transformers")
 
     t0 = time.perf_counter()
-    model, loss_fn = (load_peft if spec["impl"] == "peft" else load_minilora)(spec)
+    model, loss_fn = {"peft": load_peft, "unsloth": load_unsloth}.get(spec["impl"], load_minilora)(spec)
     model.train()  # HF checkpointing and LoRA dropout act only in training mode
     sync()
     load_s = time.perf_counter() - t0
@@ -333,7 +381,7 @@ def worker(spec: dict) -> dict:
                    alloc_steady_gib=torch.cuda.memory_allocated() / GiB, device_name=torch.cuda.get_device_name())
     else:
         res.update(peak_alloc_gib=None, peak_reserved_gib=None)
-    if spec["impl"] != "peft":  # the planner models minilora's step, not PEFT's fp32 upcasts and logits
+    if spec["impl"].startswith("minilora"):  # the planner models minilora's step, not the peers' own
         from minilora.plan import plan_memory
 
         opts = variant_kwargs(spec["impl"])
@@ -452,7 +500,7 @@ def main(argv=None):
             "config": env["config"], "device": args.device, "steps": args.steps, "warmup": args.warmup,
             "scale": args.scale, "seed": args.seed, "build_s": env["build_s"], "reused_model": env["reused_model"],
             "prepare_for_training_kwargs": env["prepare_kwargs"], "peft_recipe": PEFT_RECIPE,
-            "minilora_recipe": MINILORA_RECIPE, "loop": LOOP,
+            "minilora_recipe": MINILORA_RECIPE, "unsloth_recipe": UNSLOTH_RECIPE, "loop": LOOP,
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cases": []}
     durations = []
     for case in cases:
@@ -460,10 +508,11 @@ def main(argv=None):
             spec = dict(case, impl=impl, case=case["name"], model_dir=model_dir, device=args.device, seed=args.seed,
                         steps=args.steps, warmup=args.warmup, peak_tensors=args.peak_tensors)
             row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq")}
-            missing = set(variant_kwargs(impl)) - set(env["prepare_kwargs"]) if impl != "peft" else set()
+            missing = set(variant_kwargs(impl)) - set(env["prepare_kwargs"]) if impl.startswith("minilora") else set()
             elapsed, guess = time.perf_counter() - t_start, (statistics.mean(durations) if durations else 0)
-            if impl != "peft" and not impl.startswith("minilora"):
-                row["status"] = f"unknown impl {impl!r}: use peft, minilora or minilora+<prepare_for_training flag>"
+            if impl not in ("peft", "unsloth") and not impl.startswith("minilora"):
+                row["status"] = (f"unknown impl {impl!r}: use peft, unsloth, minilora or "
+                                 "minilora+<prepare_for_training flag>")
             elif missing:
                 row["status"] = f"unavailable: prepare_for_training has no {sorted(missing)}"
             elif args.budget and elapsed + guess > args.budget:
@@ -473,7 +522,8 @@ def main(argv=None):
                 left = args.budget - elapsed if args.budget else float("inf")  # always finish inside the budget
                 res, err, secs = run_child("worker", spec, max(30.0, min(args.case_timeout, left)))
                 durations.append(secs)
-                row.update(res or {}, status="ok" if res else f"error: {err}", wall_s=secs)
+                status = res.pop("status", "ok") if res else f"error: {err}"
+                row.update(res or {}, status=status, wall_s=secs)
             print(json.dumps(row), flush=True)
             meta["cases"].append(row)
             if args.out:
