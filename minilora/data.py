@@ -1,5 +1,5 @@
-"""Loading rows from files and hub datasets, the eval split, and batching: Collator (padding and packing) and
-batches. The template and tokenize-and-mask are in template.py.
+"""Loading rows from files and hub datasets, the eval split, and batching: Collator (padding and packing),
+batches and packs. The template and tokenize-and-mask are in template.py.
 """
 
 from __future__ import annotations
@@ -24,56 +24,74 @@ class Collator:
     """Batches examples into LongTensors, right-padded with pad_id; labels are -100 on padding by position,
     so a real EOS label survives pad_id == eos_id. Labels stay unshifted (the loss shifts them).
 
-    pack=True fills each row with several examples (first fit, up to max_len or the longest example) and
-    returns position_ids restarting at 0 per example and a (B, 1, T, T) boolean mask, True = may attend:
-    causal and block-diagonal, so no token sees another example. transformers passes a 4D mask to SDPA as it
-    is. Every example opens with BOS labelled -100, so after the shift no label crosses a boundary.
+    pack_tokens: lay all the examples out in one row of exactly this many tokens instead (a packed micro-batch:
+    one shape, whatever the examples). Each example's position_ids restart at 0, and "segment_starts" (int32)
+    says where each begins, so that attention stays inside it (kernels/attention.py); the padding after the last
+    example forms examples of its own, at most max_len tokens each, with no labels. segment_starts has a power
+    of two entries plus one (empty examples at the end), so that packs of similar counts share a CUDA graph;
+    "segment_longest" (max_len) bounds every example's length. Every example opens with BOS labelled -100, so
+    after the shift no label crosses a boundary.
     """
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, pack: bool = False,
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, pack_tokens: int | None = None,
                  max_len: int | None = None):
-        self.pad_id, self.multiple, self.pack, self.max_len = pad_id, pad_to_multiple_of, pack, max_len
+        self.pad_id, self.multiple, self.pack_tokens, self.max_len = pad_id, pad_to_multiple_of, pack_tokens, max_len
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("Collator got no examples")
-        rows = self._first_fit(examples) if self.pack else [[ex] for ex in examples]
-        B, T = len(rows), max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
+        if self.pack_tokens:
+            return self._pack(examples)
+        B, T = len(examples), max(len(ex["input_ids"]) for ex in examples)
         if self.multiple:
             T = -(-T // self.multiple) * self.multiple
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE, dtype=torch.long)
-        position_ids = torch.zeros((B, T), dtype=torch.long)
-        owner = torch.zeros((B, T), dtype=torch.long)  # 1 + the example's place in its row; 0 = padding
-        for b, row in enumerate(rows):
-            t = 0
-            for k, ex in enumerate(row):
-                n = len(ex["input_ids"])
-                input_ids[b, t:t + n] = torch.tensor(ex["input_ids"])
-                labels[b, t:t + n] = torch.tensor(ex["labels"])
-                position_ids[b, t:t + n] = torch.arange(n)
-                owner[b, t:t + n] = k + 1
-                t += n
-        if not self.pack:
-            return {"input_ids": input_ids, "labels": labels, "attention_mask": (owner > 0).long()}
-        # Padding shares owner 0, so a pad query sees itself (and earlier pads): no softmax row is empty (NaN).
-        same = owner[:, :, None] == owner[:, None, :]  # (B, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": (same & causal)[:, None]}  # (B, 1, T, T)
-
-    def _first_fit(self, examples: list[dict]) -> list[list[dict]]:
-        cap = max(self.max_len or 0, max(len(ex["input_ids"]) for ex in examples))
-        rows, room = [], []
-        for ex in examples:
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, ex in enumerate(examples):
             n = len(ex["input_ids"])
-            b = next((b for b, r in enumerate(room) if r >= n), len(rows))
-            if b == len(rows):
-                rows.append([])
-                room.append(cap)
-            rows[b].append(ex)
-            room[b] -= n
-        return rows
+            input_ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"]), 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    def _pack(self, examples: list[dict]) -> dict:
+        T, longest = self.pack_tokens, self.max_len or self.pack_tokens
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        if sum(lengths) > T or max(lengths) > longest:
+            raise ValueError(f"examples of {lengths} tokens do not pack into one row of pack_tokens={T} with none "
+                             f"over max_len={longest}; pack them with data.packs, or raise pack_tokens")
+        pad = T - sum(lengths)
+        lengths += [longest] * (pad // longest) + ([pad % longest] if pad % longest else [])  # the padding's examples
+        ids = [t for ex in examples for t in ex["input_ids"]] + [self.pad_id] * pad
+        labels = [t for ex in examples for t in ex["labels"]] + [IGNORE] * pad
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        starts += [T] * ((1 << (len(lengths) - 1).bit_length()) - len(lengths))  # 2^k examples in all
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
+                "segment_starts": torch.tensor(starts, dtype=torch.int32), "segment_longest": longest}
+
+
+def packs(examples: list[dict], tokens: int, seed: int = 0, epoch: int = 0, window: int = 16) -> list[list[dict]]:
+    """The examples in packs of at most `tokens` tokens each, in an order that is a pure function of (seed,
+    epoch), every example once: in a shuffled order, each goes into the first of the last `window` packs with
+    room for it, or opens a new one. On guanaco's lengths at 4 x 1024 tokens a pack, 104 packs hold what 102.6
+    would at best; examples of one length fill each pack in the shuffled order, as `batches` would batch them."""
+    order = list(range(len(examples)))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    groups, room = [], []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > tokens:
+            raise ValueError(f"an example has {n} tokens, more than a pack's {tokens}: give packs at least the "
+                             "longest example's tokens")
+        k = next((k for k in range(max(0, len(groups) - window), len(groups)) if room[k] >= n), len(groups))
+        if k == len(groups):
+            groups.append([])
+            room.append(tokens)
+        groups[k].append(examples[i])
+        room[k] -= n
+    return groups
 
 
 def batches(examples: list[dict], batch_size: int, seed: int = 0, shuffle: bool = True,

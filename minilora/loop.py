@@ -153,9 +153,9 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line = _setup_model(model, cfg, world)
     device = model.lm_head.weight.device  # not the first parameter: the embedding may be on the host
-    # CUDA graphs need fast layers that can be captured, fixed shapes (no packing) and no GradScaler (fp16)
-    graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and not cfg.pack
-              and options.fast and capturable(model, PRECISIONS[cfg.precision]))
+    # CUDA graphs need fast layers that can be captured and no GradScaler (fp16)
+    graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and options.fast
+              and capturable(model, PRECISIONS[cfg.precision]))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
     max_tokens = cfg.batch_size * math.ceil(cfg.max_len / PAD_MULTIPLE) * PAD_MULTIPLE
     stepper = Stepper(model, options.loss_chunk, cfg.precision, scaler=scaler, graphs=dict(
@@ -244,12 +244,15 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
 
 def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptions, dense: bool) -> Feed:
     """The micro-batch stream. On the GPU, lengths padded to a multiple of PAD_MULTIPLE make a few batch shapes
-    that recur: each CUDA graph and each of cuBLAS's per-shape GEMM choices is made once and reused."""
+    that recur: each CUDA graph and each of cuBLAS's per-shape GEMM choices is made once and reused. Packed
+    micro-batches are one row of batch_size x max_len tokens, the plan's worst padded micro-batch."""
     device, vocab, table = model.lm_head.weight.device, model.lm_head.weight.shape[0], host_embedding(model)
-    collate = Collator(tokenizer.pad_token_id, pack=cfg.pack, max_len=cfg.max_len,
+    pack_tokens = cfg.batch_size * cfg.max_len if cfg.pack else None
+    collate = Collator(tokenizer.pad_token_id, pack_tokens=pack_tokens, max_len=cfg.max_len,
                        pad_to_multiple_of=PAD_MULTIPLE if options.fast and device.type == "cuda" else None)
     return Feed(examples, cfg.batch_size, cfg.seed, cfg.group_by_length, collate,
-                lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), *rank_and_world())
+                lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), *rank_and_world(),
+                pack_tokens=pack_tokens)
 
 
 # ---------------------------------------------------------------- around the steps

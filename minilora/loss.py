@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.attention import Segments, segment_mask
 from .kernels.layer import host_embedding, is_fast, model_forward
 from .template import IGNORE
 
@@ -85,7 +86,7 @@ def to_device(batch: dict, device, vocab_size: int, dense: bool = False, embeddi
     0/1 "row_weights": shapes that depend on the batch's shape alone, as a CUDA graph needs.
     A 2-D attention_mask that is right padding is dropped: a causal model never attends to later positions,
     so right padding changes no supervised output, and without a mask attention runs as plain causal
-    (flash attention, no (T, T) mask). Any other mask (left padding, a packed 4-D mask) is kept.
+    (flash attention, no (T, T) mask). Any other mask (left padding) is kept; a packed row's segment_starts too.
     embedding: a host-resident embedding table (kernels.layer.host_embedding): the batch's rows of it are
     gathered here, into pinned memory, and copied as "inputs_embeds".
     """
@@ -104,7 +105,8 @@ def to_device(batch: dict, device, vocab_size: int, dense: bool = False, embeddi
         ids = batch["input_ids"]
         out["inputs_embeds"] = torch.empty((*ids.shape, embedding.shape[1]), dtype=embedding.dtype, pin_memory=pin)
         torch.index_select(embedding, 0, ids.reshape(-1), out=out["inputs_embeds"].view(-1, embedding.shape[1]))
-    out = {k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin) for k, v in out.items()}
+    out = {k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin) if torch.is_tensor(v)
+           else v for k, v in out.items()}
     return {**out, "n_tokens": targets.numel()}
 
 
@@ -131,8 +133,9 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
 
     batch: a collated batch (CPU tensors, as Collator returns) or one already through `to_device`. A model
     prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch keeps a
-    2-D (left-padding) mask. A model that fsdp.shard sharded runs through the method it registered with FSDP
-    (`sharded_loss`: decoder_loss, with the root's weights gathered around it).
+    2-D (left-padding) mask. A packed row's examples attend each to itself alone (Collator(pack_tokens=...)).
+    A model that fsdp.shard sharded runs through the method it registered with FSDP (`sharded_loss`:
+    decoder_loss, with the root's weights gathered around it).
     """
     sharded = model.__dict__.get("sharded_loss")
     return sharded(batch, chunk_size) if sharded else decoder_loss(model, batch, chunk_size)
@@ -143,10 +146,14 @@ def decoder_loss(model, batch: dict, chunk_size: int = 4096):
     if "targets" not in batch:
         batch = to_device(batch, model.lm_head.weight.device, model.lm_head.weight.shape[0],
                           embedding=host_embedding(model))
-    mask = batch.get("attention_mask")
-    if is_fast(model) and (mask is None or mask.dim() == 4):
-        hidden = model_forward(model, batch["input_ids"], mask, batch.get("position_ids"), batch.get("inputs_embeds"))
+    mask, starts = batch.get("attention_mask"), batch.get("segment_starts")
+    segments = Segments(starts, batch["segment_longest"]) if starts is not None else None
+    if is_fast(model) and mask is None:
+        hidden = model_forward(model, batch["input_ids"], segments, batch.get("position_ids"),
+                               batch.get("inputs_embeds"))
     else:
+        if segments is not None:
+            mask = segment_mask(starts, batch["input_ids"].shape[1])
         embeds = batch.get("inputs_embeds")
         hidden = model.model(input_ids=None if embeds is not None else batch["input_ids"], inputs_embeds=embeds,
                              attention_mask=mask, position_ids=batch.get("position_ids"),

@@ -3,9 +3,9 @@ CUDA graph, then (data-parallel) one all-reduce of the LoRA gradients."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterator
 
 import torch
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig, autocast
-from .data import batches
+from .data import batches, packs
 from .kernels.graphs import GraphedSteps
 from .fsdp import is_sharded
 from .loss import causal_lm_loss, supervised_count
@@ -23,7 +23,8 @@ from .template import IGNORE
 @dataclass
 class Feed:
     """The stream of micro-batches. Global micro-batch k holds what one process at batch world x batch_size
-    would take as its batch k; process `rank` takes every world-th example of it."""
+    would take as its batch k, and process `rank` takes every world-th example of it; with pack_tokens, it
+    holds `world` packs (data.packs) of that many tokens, one for each process."""
 
     examples: list[dict]
     batch_size: int  # per process
@@ -33,31 +34,39 @@ class Feed:
     move: Callable  # a CPU batch -> one on the device, ready for the loss (loss.to_device)
     rank: int = 0
     world: int = 1
+    pack_tokens: int | None = None
 
-    @property
+    @cached_property
     def per_epoch(self) -> int:
-        """Global micro-batches in one pass over the examples."""
-        return math.ceil(len(self.examples) / (self.batch_size * self.world))
+        """Global micro-batches in one pass over the examples (the first pass: packs may differ by a few)."""
+        return len(self._epoch(0))
+
+    def _epoch(self, epoch: int) -> list[list[list[dict]]]:
+        """The global micro-batches of one pass, each as the examples of every process."""
+        if self.pack_tokens:
+            groups = packs(self.examples, self.pack_tokens, self.seed, epoch)
+            return [groups[i:i + self.world] for i in range(0, len(groups), self.world)]
+        order = batches(self.examples, self.batch_size * self.world, self.seed,
+                        group_by_length=self.group_by_length, epoch=epoch)
+        return [[batch[r::self.world] for r in range(self.world)] for batch in order]
 
     def stream(self, start: int) -> Iterator[tuple[dict, int]]:
         """(this process's micro-batch on the device, supervised tokens of the global one) from micro-batch
         `start` on: a pure function of (seed, position), the same in every process, so a run resumes mid-epoch."""
-        k = start
+        epoch = 0
         while True:
-            epoch, i = divmod(k, self.per_epoch)
-            order = batches(self.examples, self.batch_size * self.world, self.seed,
-                            group_by_length=self.group_by_length, epoch=epoch)
-            for batch in itertools.islice(order, i, None):
-                share = batch[self.rank::self.world] or [_unsupervised(batch[0])]  # a short last batch
-                n = sum(supervised_count(ex["labels"]) for ex in batch)  # the global batch's, the same everywhere
-                yield self.move(self.collate(share)), n  # the copies to the device are asynchronous
-            k = (epoch + 1) * self.per_epoch
+            shares = self._epoch(epoch)
+            for share in shares[start:]:
+                mine = share[self.rank] if self.rank < len(share) and share[self.rank] else _unsupervised(share[0])
+                n = sum(supervised_count(ex["labels"]) for part in share for ex in part)  # the same everywhere
+                yield self.move(self.collate(mine)), n  # the copies to the device are asynchronous
+            start, epoch = max(0, start - len(shares)), epoch + 1
 
 
-def _unsupervised(example: dict) -> dict:
-    """A copy of example that supervises nothing: the input of a process whose share of a short last global
-    batch is empty. It takes part in the step (the all-reduce needs every process there) and adds nothing to it."""
-    return {**example, "labels": [IGNORE] * len(example["labels"])}
+def _unsupervised(examples: list[dict]) -> list[dict]:
+    """A copy of the first example that supervises nothing: the input of a process whose share of a short last
+    global batch is empty. It takes part in the step (the all-reduce needs every process there) and adds nothing."""
+    return [{**examples[0], "labels": [IGNORE] * len(examples[0]["labels"])}]
 
 
 class Stepper:

@@ -9,6 +9,7 @@ import codecs
 import csv
 import io
 import json
+import random
 import runpy
 import sys
 
@@ -19,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
-from minilora.data import Collator, batches, check_eval_size, load_rows, split_eval
+from minilora.data import Collator, batches, check_eval_size, load_rows, packs, split_eval
+from minilora.kernels.attention import segment_mask
 from minilora.template import (
     IGNORE, MalformedRow, SkipExample, encode_chat, encode_prompt, encode_rows, parse_text, render_chat,
 )
@@ -273,59 +275,71 @@ def test_encode_rows_takes_a_datasets_dataset(tokenizer):
 # ---------------------------------------------------------------- packing
 
 def test_packing_matches_one_by_one(tokenizer, tiny_model):
+    """The examples of one packed row, through transformers' layers with the row's segment mask and position ids,
+    give each example's logits and its loss alone: fp32, the same math on other shapes, 1e-5."""
     convs = [messages(p, s) for p in CONVERSATIONS.values() for s in (None, SYSTEM)]
     examples = [encode_chat(t, tokenizer) for t in convs]
-    max_len = max(len(ex["input_ids"]) for ex in examples) + 20
-    batch = Collator(pad_id=tokenizer.pad_token_id, pack=True, max_len=max_len, pad_to_multiple_of=16)(examples)
-    B, T = batch["input_ids"].shape
-    assert B < len(examples) and T % 16 == 0 and batch["attention_mask"].shape == (B, 1, T, T)
-    assert batch["attention_mask"].dtype == torch.bool
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    T = sum(lengths) + 2 * max(lengths) + 5  # room for three examples of padding
+    batch = Collator(pad_id=tokenizer.pad_token_id, pack_tokens=T, max_len=max(lengths))(examples)
+    starts = batch["segment_starts"]
+    assert batch["input_ids"].shape == (1, T) and starts.dtype == torch.int32 and batch["segment_longest"] == max(lengths)
+    assert starts[:len(examples) + 1].diff().tolist() == lengths and starts[-1] == T
+    assert len(starts) - 1 == 16  # 6 examples and 3 of padding, rounded up to a power of two
 
     with torch.no_grad():
-        packed = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
+        mask = segment_mask(starts, T)
+        packed = tiny_model(batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits[0]
         alone = [tiny_model(torch.tensor([ex["input_ids"]])).logits[0] for ex in examples]  # [(n, V)]
-        # The same rows without the block mask and position reset: the check below must be able to fail.
-        naive = tiny_model(batch["input_ids"], attention_mask=(batch["input_ids"] != -1).long()).logits
-    assert torch.isfinite(packed).all()  # padding queries attend to themselves: no NaN
-
-    # Find each example in the packed rows: it starts with BOS at position 0 (padding has position 0 too).
-    found, worst, naive_gap = set(), 0.0, 0.0
-    for b in range(B):
-        for t in (batch["position_ids"][b] == 0).nonzero().flatten().tolist():
-            if batch["input_ids"][b, t] != tokenizer.bos_token_id:
-                continue
-            k = next(k for k, ex in enumerate(examples)
-                     if batch["input_ids"][b, t:t + len(ex["input_ids"])].tolist() == ex["input_ids"])
-            n = len(examples[k]["input_ids"])
-            worst = max(worst, (packed[b, t:t + n] - alone[k]).abs().max().item())
-            naive_gap = max(naive_gap, (naive[b, t:t + n] - alone[k]).abs().max().item())
-            assert batch["labels"][b, t] == IGNORE  # no label crosses into the next example after the shift
-            found.add(k)
-    assert found == set(range(len(examples)))
-    assert batch["attention_mask"].any(-1).all()  # every query, padding too, sees some key
-    assert worst <= 1e-5, worst  # fp32, same math on different shapes: only rounding differs
+        naive = tiny_model(batch["input_ids"]).logits[0]  # the check below must be able to fail
+    assert torch.isfinite(packed).all()  # padding queries attend to their own piece: no NaN
+    worst = max((packed[a:a + len(r)] - r).abs().max().item() for a, r in zip(starts.tolist(), alone))
+    naive_gap = max((naive[a:a + len(r)] - r).abs().max().item() for a, r in zip(starts.tolist(), alone))
+    assert worst <= 1e-5, worst
     assert naive_gap > 1e-2  # attention across examples would change the logits a lot
+    assert all(batch["labels"][0, a] == IGNORE for a in starts.tolist() if a < T)  # no label crosses a boundary
 
     def token_loss_sum(logits, labels):  # (n, V), (n,): unshifted, as HF does
         return F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum")
 
     n_sup = sum(sum(label != IGNORE for label in ex["labels"][1:]) for ex in examples)
-    packed_loss = sum(token_loss_sum(packed[b], batch["labels"][b]) for b in range(B)) / n_sup
+    packed_loss = token_loss_sum(packed, batch["labels"][0]) / n_sup
     alone_loss = sum(token_loss_sum(a, torch.tensor(ex["labels"])) for a, ex in zip(alone, examples)) / n_sup
     assert n_sup == (batch["labels"][:, 1:] != IGNORE).sum()
     assert abs(packed_loss - alone_loss) <= 1e-5 * alone_loss, (packed_loss, alone_loss)
 
 
-def test_packed_mask_is_block_diagonal_and_causal():
+def test_a_packed_row_and_its_segments():
     ex = lambda n: {"input_ids": [1] + [5] * (n - 1), "labels": [IGNORE] + [5] * (n - 1)}  # noqa: E731
-    batch = Collator(pad_id=0, pack=True, max_len=8)([ex(3), ex(6), ex(4), ex(2)])
-    assert batch["input_ids"].tolist() == [[1, 5, 5, 1, 5, 5, 5, 0], [1, 5, 5, 5, 5, 5, 1, 5]]  # first fit
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
-    mask = batch["attention_mask"][0, 0].int()
-    assert mask.tolist() == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0],
-                             [0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0],
-                             [0, 0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]
-    assert batch["labels"][0, 7] == IGNORE
+    batch = Collator(pad_id=0, pack_tokens=16, max_len=6)([ex(3), ex(6), ex(4)])
+    assert batch["input_ids"].tolist() == [[1, 5, 5, 1, 5, 5, 5, 5, 5, 1, 5, 5, 5, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1, 2]]
+    assert batch["segment_starts"].tolist() == [0, 3, 9, 13, 16]  # the padding is an example of its own
+    assert batch["labels"][0, 13:].tolist() == [IGNORE] * 3
+    mask = segment_mask(batch["segment_starts"][:3], 9)[0, 0].int()  # the first two examples
+    assert mask.tolist() == [[1, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0],
+                             [0, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0, 0],
+                             [0, 0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1, 1, 1]]
+    # four examples and an 18-token padding cut at max_len: 7 in all, and an empty one makes 8
+    batch = Collator(pad_id=0, pack_tokens=30, max_len=6)([ex(2), ex(3), ex(4), ex(3)])
+    assert batch["segment_starts"].tolist() == [0, 2, 5, 9, 12, 18, 24, 30, 30]
+    with pytest.raises(ValueError, match="do not pack into one row of pack_tokens=16"):
+        Collator(pad_id=0, pack_tokens=16, max_len=6)([ex(6), ex(6), ex(6)])
+
+
+def test_packs_hold_every_example_once_in_a_seeded_order():
+    lengths = [random.Random(i).randint(5, 90) for i in range(300)]
+    examples = [{"input_ids": [1] * n, "id": i} for i, n in enumerate(lengths)]
+    groups = packs(examples, 256, seed=3, epoch=1)
+    assert sorted(ex["id"] for g in groups for ex in g) == list(range(300))
+    assert all(sum(len(ex["input_ids"]) for ex in g) <= 256 for g in groups)
+    assert len(groups) <= 1.03 * sum(lengths) / 256 + 1  # first fit wastes little room
+    assert groups == packs(examples, 256, seed=3, epoch=1) and groups != packs(examples, 256, seed=3, epoch=2)
+    # examples of one length fill the packs in the order in which batches() batches them
+    same = [{"input_ids": [1] * 10, "id": i} for i in range(40)]
+    assert packs(same, 40, seed=5) == list(batches(same, 4, seed=5))
+    with pytest.raises(ValueError, match="has 10 tokens, more than a pack's 8"):
+        packs(same, 8)
 
 
 # ---------------------------------------------------------------- malformed rows

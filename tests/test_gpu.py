@@ -1,6 +1,6 @@
 """The fast paths that exist only on a GPU: the Triton NF4 and SwiGLU kernels, torch's fused RMSNorm kernels,
-the step replayed as CUDA graphs, and activations offloaded on a side stream. Each against what it replaces,
-on the device it runs on.
+the step replayed as CUDA graphs, activations offloaded on a side stream, and packed rows' variable-length flash
+attention. Each against what it replaces, on the device it runs on.
 
 These need CUDA (Triton kernels, CUDA graphs); on a machine without a GPU they are skipped, and the CPU suite
 covers the same formulas through their CPU code (test_kernels.py). Results of a run on an H100 are kept in
@@ -107,6 +107,29 @@ def test_kept_attention_equals_sdpa():
         assert rel(o, ref) <= 2e-2 and rel(grad, ref_grad) <= 2e-2
 
 
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_segment_attention_equals_attention_per_example(n_kv):
+    """Variable-length flash attention over a packed row (the fast layer's strided q, k, v; examples of 1 to 700
+    tokens, a padding piece, and empty examples at the end) against causal SDPA on each example alone: outputs
+    and gradients within bf16 tolerance, 2e-2, with as many kv heads as q heads or fewer (grouped queries)."""
+    from minilora.kernels.attention import Segments, segment_attention
+
+    torch.manual_seed(0)
+    lengths, n_q, hd = [700, 1, 130, 64, 300, 29], 4, 128
+    T = sum(lengths)
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist(), T, T], dtype=torch.int32, device="cuda")
+    qkv = torch.randn(1, T, n_q + 2 * n_kv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, n_q, T, hd, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([n_q, n_kv, n_kv], dim=2))
+    o = segment_attention(q, k, v, Segments(starts, 700), 0.1)
+    (grad,) = torch.autograd.grad(o, qkv, g)
+    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=0.1, enable_gqa=n_kv != n_q)
+        for a, b in zip(starts.tolist(), starts.tolist()[1:]) if b > a], dim=2)
+    (ref_grad,) = torch.autograd.grad(ref, qkv, g)
+    assert rel(o, ref) <= 2e-2 and rel(grad, ref_grad) <= 2e-2
+
+
 @pytest.mark.parametrize("keep_attention", [False, True])
 def test_offloaded_steps_equal_plain_steps(base_dir, mha_dir, monkeypatch, keep_attention):
     """Several steps with every layer's halves offloaded on the side stream (and the embedding table on the
@@ -152,14 +175,15 @@ def _load(base_dir, dropout=0.0, **prepare):
     return model.train(), tok
 
 
-def _batches(tok, n=3):
-    """n padded batches of 2, 3, 4, ... examples: n different shapes."""
+def _batches(tok, n=3, packed=False):
+    """n padded batches of 2, 3, 4, ... examples: n different shapes; or those examples packed into rows of
+    1024 tokens: one shape, and 4 or 8 examples (with the padding's)."""
     from minilora.data import Collator
     from minilora.template import encode_rows
     from minilora.tiny import instruction_rows
 
     examples, _ = encode_rows(instruction_rows(4 * n, seed=5), tok, 256)
-    collate = Collator(tok.pad_token_id, pad_to_multiple_of=64)
+    collate = Collator(tok.pad_token_id, pad_to_multiple_of=64, pack_tokens=1024 if packed else None, max_len=512)
     return [collate(examples[4 * i: 4 * i + 2 + i]) for i in range(n)]
 
 
@@ -184,7 +208,9 @@ PREPARED = {"cached": dict(gradient_checkpointing=False, cached_layers=2),
             "checkpointed": dict(gradient_checkpointing=True),
             "checkpointed, kept weights": dict(gradient_checkpointing=True, keep_weights=True),
             "offloaded": dict(gradient_checkpointing=True, offload=True),
-            "offloaded, kept attention": dict(gradient_checkpointing=True, offload=True)}
+            "offloaded, kept attention": dict(gradient_checkpointing=True, offload=True),
+            "checkpointed, packed": dict(gradient_checkpointing=True),
+            "offloaded, packed": dict(gradient_checkpointing=True, offload=True)}
 
 
 def _steps(base_dir, graphed: bool, layers: str, dropout: float):
@@ -197,7 +223,7 @@ def _steps(base_dir, graphed: bool, layers: str, dropout: float):
                          lambda b: causal_lm_loss(model, b, 4096)[0], eager_first_per_shape="offloaded" in layers)
     torch.cuda.manual_seed(7)
     losses = []
-    for batch in _batches(tok, 3) * 2:  # three shapes, each replayed again
+    for batch in _batches(tok, 3, packed="packed" in layers) * 2:  # three shapes, each replayed again
         b = to_device(batch, "cuda", model.lm_head.weight.shape[0], dense=True, embedding=host_embedding(model))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if graphed:
@@ -211,7 +237,8 @@ def _steps(base_dir, graphed: bool, layers: str, dropout: float):
 
 @pytest.mark.parametrize("layers, dropout", [
     ("cached", 0.0), ("checkpointed", 0.0), ("checkpointed, kept weights", 0.0), ("checkpointed", 0.1),
-    ("checkpointed, kept weights", 0.1), ("offloaded", 0.0), ("offloaded", 0.1), ("offloaded, kept attention", 0.0)])
+    ("checkpointed, kept weights", 0.1), ("offloaded", 0.0), ("offloaded", 0.1), ("offloaded, kept attention", 0.0),
+    ("checkpointed, packed", 0.0), ("offloaded, packed", 0.0)])
 def test_graphed_steps_equal_eager_steps(base_dir, mha_dir, monkeypatch, layers, dropout):
     """Each batch shape's step captured once and replayed gives the eager steps' losses and gradients, with
     layers whose weights are kept dequantized, checkpointed ones (recomputed inside the graph, their weights
@@ -220,7 +247,8 @@ def test_graphed_steps_equal_eager_steps(base_dir, mha_dir, monkeypatch, layers,
     output too: as many kv heads as q heads, every row length). With dropout, a graph draws other masks than
     eager steps (graph-safe generator offsets), so the reference is the graph of uncheckpointed layers from the
     same seed: a checkpointed unit's recompute must draw its forward's masks again, or its gradients differ by
-    the dropped tenth of their inputs. Tolerances: bf16 (2e-2 grads, 1e-3 losses), as between eager runs."""
+    the dropped tenth of their inputs. Packed rows: one shape, whose graphs differ by the count of examples.
+    Tolerances: bf16 (2e-2 grads, 1e-3 losses), as between eager runs."""
     from minilora.kernels import attention
 
     if layers == "offloaded, kept attention":
@@ -228,7 +256,8 @@ def test_graphed_steps_equal_eager_steps(base_dir, mha_dir, monkeypatch, layers,
         base_dir = mha_dir
     losses, grads, steps = _steps(base_dir, True, layers, dropout)
     ref_losses, ref_grads, _ = _steps(base_dir, dropout > 0, "cached" if dropout else layers, dropout)
-    assert len(steps.graphs) == 3  # each shape was captured once (after one eager step, or each shape's first)
+    # each shape was captured once (after one eager step, or each shape's first); packed: 4 and 8 examples
+    assert len(steps.graphs) == (2 if "packed" in layers else 3)
     assert losses == pytest.approx(ref_losses, rel=1e-3)
     assert all(rel(grads[k], ref_grads[k]) <= 1e-2 for k in ref_grads)
 
@@ -266,6 +295,28 @@ def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp
     losses, line = run("fast", **kw)
     assert expect in line, line
     assert ("CUDA graphs on" in line) == (outcome != "cached, eager"), line
+    assert losses == pytest.approx(reference, rel=2e-2)
+
+
+def test_packed_training_equals_padded_training_on_the_gpu(base_dir, tmp_path):
+    """train() on the GPU with packed micro-batches (variable-length flash attention, the steps replayed as CUDA
+    graphs) against padded ones, on examples that all have max_len tokens, two to a pack: the steps hold the
+    same examples, so each step's loss agrees within bf16 tolerance, 2e-2 (different attention kernels)."""
+    from test_train import one_length_examples
+
+    rows = one_length_examples(base_dir, 128)
+
+    def run(out, **kw):
+        model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+        cfg = ml.TrainConfig(output_dir=str(tmp_path / out), max_steps=6, batch_size=2, max_len=128, lr=1e-3,
+                             lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=1, progress=False,
+                             group_by_length=False, **kw)
+        history = ml.train(model, tok, rows, cfg)
+        return [h["loss"] for h in history if "loss" in h], history[0]["memory_plan"]
+
+    reference, _ = run("padded")
+    losses, line = run("packed", pack=True)
+    assert "CUDA graphs on" in line, line
     assert losses == pytest.approx(reference, rel=2e-2)
 
 

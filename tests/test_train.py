@@ -19,12 +19,25 @@ checkpoint_module = importlib.import_module("minilora.checkpoint")
 ROWS = instruction_rows(16, seed=3)  # 16 rows, 4 micro-batches of 4 per epoch
 
 
-def run(base_dir, out, dtype=torch.float32, quant="nf4", **overrides):
+def run(base_dir, out, dtype=torch.float32, quant="nf4", rows=ROWS, **overrides):
     model, tok = ml.load_model(base_dir, quant=quant, compute_dtype=dtype, device="cpu")
     kw = dict(output_dir=str(out), max_steps=6, batch_size=4, lr=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1,
               precision="fp32", log_every=1, max_len=128, progress=False, seed=7, keep_last=10)
     kw.update(overrides)
-    return model, tok, ml.train(model, tok, ROWS, ml.TrainConfig(**kw))
+    return model, tok, ml.train(model, tok, rows, ml.TrainConfig(**kw))
+
+
+def one_length_examples(base_dir, length: int):
+    """encode_rows' (examples, stats) for 16 examples of `length` tokens each: BOS, 7 prompt tokens, then an
+    answer, random ids of the tiny vocabulary."""
+    tok = ml.load_tokenizer(base_dir)
+    _, stats = ml.encode_rows(ROWS, tok, 128)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(16):
+        ids = [tok.bos_token_id] + torch.randint(3, len(tok), (length - 1,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 8 + ids[8:]})
+    return examples, stats
 
 
 def adapter(path):
@@ -91,14 +104,16 @@ def test_accumulation_equals_big_batch(base_dir, tmp_path):
         assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
 
 
-def test_resume_is_bit_exact(base_dir, tmp_path):
-    # 10 steps straight, checkpoints at 3 (mid first epoch) and 6 (mid second epoch: 4 micro-batches/epoch)
-    run(base_dir, tmp_path / "straight", max_steps=10, save_every=3)
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_is_bit_exact(base_dir, tmp_path, pack):
+    # 10 steps straight, checkpoints at 3 (mid first epoch) and 6 (mid second epoch: 4 micro-batches/epoch;
+    # packed, 3 or 4 an epoch: resuming skips whole epochs of packs, which differ from epoch to epoch)
+    run(base_dir, tmp_path / "straight", max_steps=10, save_every=3, pack=pack)
     final = adapter(tmp_path / "straight" / "adapter")
     for ckpt in ("checkpoint-3", "checkpoint-6"):
         out = tmp_path / f"from-{ckpt}"
         shutil.copytree(tmp_path / "straight" / ckpt, out / ckpt)
-        _, _, history = run(base_dir, out, max_steps=10, save_every=3, resume="latest")
+        _, _, history = run(base_dir, out, max_steps=10, save_every=3, resume="latest", pack=pack)
         resumed = adapter(out / "adapter")
         assert all(torch.equal(final[k], resumed[k]) for k in final), ckpt
         assert [h["step"] for h in history if "loss" in h][-1] == 10
@@ -280,24 +295,32 @@ def test_config_errors(base_dir, tmp_path):
         ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(tmp_path), precision="fp16", progress=False))
 
 
-@pytest.mark.parametrize("variant,default", [
-    (dict(pack=True, max_len=96), dict(max_len=96)),
-    (dict(batch_size=2, grad_accum=2, group_by_length=False), dict(batch_size=4, group_by_length=False)),
+@pytest.mark.parametrize("variant,default,rows,adapter_tol", [
+    (dict(batch_size=2, grad_accum=2), dict(batch_size=4), ROWS, 1e-5),
+    (dict(batch_size=2, pack=True), dict(batch_size=2), "one length", 1e-5),
+    (dict(batch_size=2, pack=True, fast=False), dict(batch_size=2, fast=False), "one length", 1e-4),
 ])
-def test_loop_options_equal_the_default(base_dir, tmp_path, variant, default):
-    """Six steps with packed rows (several examples a row at max_len 96), or with two micro-batches of 2 a step
-    (without grouping by length, a step's 4 examples are those of a batch of 4), against the default loop on the
-    same examples per step: fp32, no dropout, so per-step losses, pre-clip grad norms and final adapters agree
-    to float32 round-off through Adam, 1e-5 relative."""
-    common = dict(max_steps=6, lora_dropout=0.0)
-    _, _, ref = run(base_dir, tmp_path / "default", **common, **default)
-    _, _, got = run(base_dir, tmp_path / "variant", **common, **variant)
+def test_loop_options_equal_the_default(base_dir, tmp_path, variant, default, rows, adapter_tol):
+    """Six steps against the default loop on the same examples per step, without grouping by length: two
+    micro-batches of 2 a step (a step's 4 examples are those of a batch of 4); or packed micro-batches of
+    examples that all have max_len tokens, two to a pack (a pack holds what a padded batch of 2 holds, each
+    example attending to itself alone: fast layers' segment attention, or transformers' layers with the segment
+    mask, against padded batches through the same layers).
+    fp32, no dropout, so per-step losses, pre-clip grad norms and final adapters agree to float32 round-off
+    through Adam, 1e-5 relative. Transformers' layers, packed: their masked SDPA kernel rounds otherwise than the
+    causal one (3e-7 of a step's gradients), and Adam's first updates, lr x sign(g), flip where a gradient entry
+    is that small: the adapters end 2e-5 apart (bound 1e-4), while losses and grad norms agree to 1e-5."""
+    common = dict(max_steps=6, lora_dropout=0.0, group_by_length=False)
+    if rows == "one length":
+        rows, common["max_len"] = one_length_examples(base_dir, 64), 64
+    _, _, ref = run(base_dir, tmp_path / "default", rows=rows, **common, **default)
+    _, _, got = run(base_dir, tmp_path / "variant", rows=rows, **common, **variant)
     assert len(losses(ref)) == 6
     assert losses(got) == pytest.approx(losses(ref), rel=1e-5)
     assert grad_norms(got) == pytest.approx(grad_norms(ref), rel=1e-5)
     a, b = adapter(tmp_path / "default" / "adapter"), adapter(tmp_path / "variant" / "adapter")
     for k in a:
-        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+        assert (a[k] - b[k]).norm() <= adapter_tol * a[k].norm(), k
 
 
 def test_adamw_8bit_follows_adamw(base_dir, tmp_path):
@@ -316,12 +339,11 @@ def test_adamw_8bit_follows_adamw(base_dir, tmp_path):
     assert 1e-3 < diff <= 5e-2
 
 
-@pytest.mark.parametrize("variant", [dict(pack=True), dict(fast=False), dict(gradient_checkpointing=False),
+@pytest.mark.parametrize("variant", [dict(fast=False), dict(gradient_checkpointing=False),
                                      dict(fast=False, gradient_checkpointing=False)])
 def test_training_equals_the_padded_fast_default(base_dir, tmp_path, variant):
     """Ten steps of the default path (fast layers, padded rows, every layer checkpointed on the CPU) against
-    packed rows (the same examples form each step, laid out with a block-diagonal mask), against transformers'
-    layers, and without checkpointing (either layers): fp32, no dropout, so the per-step
+    transformers' layers, and without checkpointing (either layers): fp32, no dropout, so the per-step
     losses and the final LoRA weights agree to float32 round-off through Adam, 1e-5 relative."""
     common = dict(max_steps=10, lora_dropout=0.0, max_len=128, lr=1e-3, log_every=1)
     _, _, ref = run(base_dir, tmp_path / "default", **common)

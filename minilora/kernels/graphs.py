@@ -3,8 +3,9 @@
 Eager PyTorch pays some microseconds of host time per kernel launch; the fast layer's step launches about
 two thousand kernels, and at guanaco's ~1,600 tokens a step the GPU finishes them sooner than the host can
 issue them. A replayed graph issues them all in one call. What that needs:
-- fixed shapes: the batches are padded to a multiple of PAD_MULTIPLE tokens, so a few shapes recur; the loss
-  reads every position with 0/1 weights (loss.to_device(dense=True)) instead of a variable number of rows;
+- fixed shapes: the batches are padded to a multiple of PAD_MULTIPLE tokens, so a few shapes recur (a packed
+  micro-batch has one shape, and a few counts of examples); the loss reads every position with 0/1 weights
+  (loss.to_device(dense=True)) instead of a variable number of rows;
 - fixed addresses: inputs are copied into the graph's own tensors (views of one buffer per input, shared by
   every graph: the embedded rows of a host table take B x T x H each); the LoRA gradients are allocated before
   the first capture and accumulated into by every replay (the loop zeroes them, never frees them); the
@@ -40,15 +41,17 @@ class GraphedSteps:
                  max_tokens: int | None = None):
         self.params, self.loss_fn, self.eager_first_per_shape = params, loss_fn, eager_first_per_shape
         self.max_tokens = max_tokens  # B x T of the largest batch to come, if known: sizes the shared inputs
-        self.graphs = {}  # (B, T) -> (graph, static inputs, static loss)
+        self.graphs = {}  # the batch's shapes and constants -> (graph, static inputs, static loss)
         self.pool = torch.cuda.graph_pool_handle()
         self.eager = set()  # the shapes whose first micro-batch ran eagerly (one in all, or each)
         self.inputs = {}  # input name -> the buffer that every graph's input of that name is a view of
 
     def __call__(self, batch: dict, scale: float) -> torch.Tensor:
         """Add the gradient of scale * loss_sum to the LoRA .grad and return loss_sum: a tensor that the next
-        call overwrites. batch: from loss.to_device(dense=True), right-padded (no attention_mask)."""
-        key = tuple(batch["input_ids"].shape)
+        call overwrites. batch: from loss.to_device(dense=True), right-padded (no attention_mask) or packed. Its
+        tensors are the graph's inputs; its other values but n_tokens are constants of the graph."""
+        key = tuple((name, tuple(x.shape) if torch.is_tensor(x) else x) for name, x in batch.items()
+                    if name != "n_tokens")
         if not self.eager or (self.eager_first_per_shape and key not in self.eager):  # lazy initialisation, caches
             self.eager.add(key)
             loss = self.loss_fn(batch)
@@ -70,14 +73,14 @@ class GraphedSteps:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # fixed addresses that every replay accumulates into
         tokens = batch["input_ids"].numel()
-        static = {name: self._input(name, batch[name], tokens)
-                  for name in ("input_ids", "inputs_embeds", "targets", "row_weights") if name in batch}
+        static = {name: self._input(name, x, tokens) for name, x in batch.items() if torch.is_tensor(x)}
+        constants = {name: x for name, x in batch.items() if not torch.is_tensor(x)}
         static["scale"] = torch.ones((), device=batch["input_ids"].device)
         graph = torch.cuda.CUDAGraph()
         dtype = torch.get_autocast_dtype("cuda")
         with torch.cuda.graph(graph, pool=self.pool), torch.autocast("cuda", dtype=dtype, cache_enabled=False,
                                                                      enabled=torch.is_autocast_enabled("cuda")):
-            loss = self.loss_fn({**static, "n_tokens": None})
+            loss = self.loss_fn({**static, **constants, "n_tokens": None})
             (loss * static["scale"]).backward()
         return graph, static, loss.detach()
 

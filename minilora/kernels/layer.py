@@ -9,8 +9,8 @@ kernels and keeps fewer activations:
 - RoPE rotates q and k in one pass and copies v beside them, so attention keeps one (B, T, heads, hd) tensor
   and the projection's output is freed (rope.py);
 - attention is SDPA with is_causal and no mask for right-padded rows (a causal model never looks right, so
-  padding needs no mask), on flash attention (no per-shape plan), or cuDNN's from LONG_ATTENTION tokens a row
-  (attention.py);
+  padding needs no mask), on flash attention (no per-shape plan), or cuDNN's from LONG_ATTENTION tokens a row;
+  a packed row's examples each attend to themselves through variable-length flash attention (attention.py);
 - SwiGLU keeps only gate and up (one tensor) for its backward, where autograd would also keep silu(gate)
   (swiglu.py);
 - RMSNorm keeps x and its fp32 1/rms only, and runs torch's fused kernels on CUDA (rmsnorm.py).
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention  # KEEP_ATTENTION and keep_attention are read through it at call time: patchable there
-from .attention import KeptAttention, attention_backends
+from .attention import KeptAttention, Segments, attention_backends, segment_attention
 from .lora4bit import Projection, compute_dtype
 from .offload import Offload
 from .rmsnorm import rms_norm
@@ -107,12 +107,13 @@ def host_embedding(model) -> torch.Tensor | None:
     return w if w.device.type == "cpu" and model.lm_head.weight.is_cuda else None
 
 
-def model_forward(model, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
+def model_forward(model, input_ids, segments: Segments | None = None, position_ids=None,
+                  inputs_embeds=None) -> torch.Tensor:
     """The final-norm hidden states (B, T, H) of a LlamaForCausalLM prepared with fast=True.
 
-    attention_mask: None for right-padded rows (causal attention is exact for them), or a boolean
-    (B, 1, T, T) mask, True where a query may attend (the Collator's packed rows). inputs_embeds: the
-    embedded input_ids, gathered on the host when the table is there (loss.to_device does it).
+    segments: None for right-padded rows (causal attention is exact for them), or where the examples of a
+    packed row (B = 1) begin and end, with position_ids restarting at 0 in each. inputs_embeds: the embedded
+    input_ids, gathered on the host when the table is there (loss.to_device does it).
     """
     inner = model.model
     if inputs_embeds is None:
@@ -126,18 +127,18 @@ def model_forward(model, input_ids, attention_mask=None, position_ids=None, inpu
     copies = Offload(h.device) if torch.is_grad_enabled() and any(
         fast_layer(layer).offload for layer in inner.layers) else None
     with attention_backends(h.shape[1]):
-        h = _layers(inner.layers, h, cos, sin, attention_mask, copies)
+        h = _layers(inner.layers, h, cos, sin, segments, copies)
     return rms_norm(h, inner.norm)
 
 
-def _layers(layers, h, cos, sin, attention_mask, copies):
+def _layers(layers, h, cos, sin, segments, copies):
     for layer in layers:
         spec = fast_layer(layer)
         if not (spec.checkpoint and torch.is_grad_enabled()):
-            h = layer_forward(layer, h, cos, sin, attention_mask)
+            h = layer_forward(layer, h, cos, sin, segments)
             continue
         for part in (attention_block, mlp_block) if spec.offload else (layer_forward,):
-            h = Recomputed.apply(h, layer, cos, sin, attention_mask, part, copies if spec.offload else None,
+            h = Recomputed.apply(h, layer, cos, sin, segments, part, copies if spec.offload else None,
                                  *spec.params[part])
     return h
 
@@ -159,8 +160,8 @@ class Recomputed(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, layer, cos, sin, mask, part, copies, *params):
-        ctx.layer, ctx.mask, ctx.part, ctx.copies = layer, mask, part, copies
+    def forward(ctx, x, layer, cos, sin, segments, part, copies, *params):
+        ctx.layer, ctx.segments, ctx.part, ctx.copies = layer, segments, part, copies
         ctx.rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         if copies:
@@ -171,7 +172,7 @@ class Recomputed(torch.autograd.Function):
         kept_attention = [] if copies and part is attention_block and x.shape[1] >= attention.KEEP_ATTENTION \
             else None
         with torch.no_grad():
-            y = part(layer, x, cos, sin, mask, kept_attention)
+            y = part(layer, x, cos, sin, segments, kept_attention)
         ctx.state = None
         if kept_attention:  # attention's output and logsumexp go with x; the backend's small state stays here
             o, lse, ctx.state = kept_attention[0]
@@ -188,7 +189,7 @@ class Recomputed(torch.autograd.Function):
                 torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             (torch.cuda.set_rng_state(ctx.rng, x.device) if x.is_cuda else torch.set_rng_state(ctx.rng))
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            y = ctx.part(ctx.layer, x_, cos, sin, ctx.mask, [(*kept, ctx.state)] if kept else None)
+            y = ctx.part(ctx.layer, x_, cos, sin, ctx.segments, [(*kept, ctx.state)] if kept else None)
             # The backward needs y's graph, not its values (no function saves its own output): free them now.
             y.untyped_storage().resize_(0)
             inputs = ([x_] if x_.requires_grad else []) + params
@@ -197,18 +198,18 @@ class Recomputed(torch.autograd.Function):
         return dx, None, None, None, None, None, None, *grads[len(inputs) - len(params):]
 
 
-def layer_forward(layer, x, cos, sin, attention_mask=None, kept_attention=None):
+def layer_forward(layer, x, cos, sin, segments=None, kept_attention=None):
     """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype.
     (kept_attention, for one signature with the halves: a whole checkpointed layer keeps no attention output.)"""
-    return mlp_block(layer, attention_block(layer, x, cos, sin, attention_mask))
+    return mlp_block(layer, attention_block(layer, x, cos, sin, segments))
 
 
-def attention_block(layer, x, cos, sin, attention_mask=None, kept_attention=None):
+def attention_block(layer, x, cos, sin, segments=None, kept_attention=None):
     """x + attention(norm(x)): the layer's first half.
 
-    kept_attention: an empty list asks to keep attention's output: where the backend allows (causal rows, no mask, as
-    many kv heads as q heads), (o, logsumexp, state) is appended to it. A list holding that runs the recompute
-    of the same unit, whose attention then returns the kept output (KeptAttention).
+    kept_attention: an empty list asks to keep attention's output: where the backend allows (rows not packed, as
+    many kv heads as q heads), (o, logsumexp, state) is appended to it. A list holding that runs the recompute of
+    the same unit, whose attention then returns the kept output (KeptAttention).
     """
     spec = fast_layer(layer)
     att = layer.self_attn
@@ -218,17 +219,19 @@ def attention_block(layer, x, cos, sin, attention_mask=None, kept_attention=None
     q, k, v = Rope.apply(spec.qkv(a), cos, sin, n_q, n_kv)  # (B, heads, T, hd) each
     if kept_attention:
         o = KeptAttention.apply(q, k, v, att.scaling, kept_attention[0])
-    elif (kept_attention is not None and attention_mask is None and n_kv == n_q
+    elif segments is not None:
+        o = segment_attention(q, k, v, segments, att.scaling)
+    elif (kept_attention is not None and n_kv == n_q
           and (kept := attention.keep_attention(q, k, v, att.scaling))):
         kept_attention.append(kept)
         o = kept[0]
     else:  # SDPA on the backends of attention_backends: the callers (model_forward, Recomputed) enter them
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
-                                           scale=att.scaling, enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=att.scaling,
+                                           enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
     return spec.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
 
 
-def mlp_block(layer, h, cos=None, sin=None, attention_mask=None, kept_attention=None):
+def mlp_block(layer, h, cos=None, sin=None, segments=None, kept_attention=None):
     """h + MLP(norm(h)): the layer's second half (the unused arguments keep one signature with the first)."""
     spec = fast_layer(layer)
     m = SwiGLU.apply(spec.gate_up(rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
