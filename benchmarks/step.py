@@ -161,8 +161,11 @@ def prepare(spec: dict) -> dict:
             versions[dist] = "not installed"
     try:
         from minilora.model import prepare_for_training
+        from minilora.plan import PlanOptions
 
-        kwargs = sorted(inspect.signature(prepare_for_training).parameters)
+        # its keywords, and PlanOptions' fields, which it takes by name too (gradient_checkpointing among them)
+        kwargs = sorted({*inspect.signature(prepare_for_training).parameters, "gradient_checkpointing",
+                         *PlanOptions.__dataclass_fields__} - {"model", "options", "fields"})
     except Exception as e:  # noqa: BLE001
         kwargs, versions["minilora"] = [], f"unavailable: {e}"
     card = driver = None
