@@ -283,7 +283,8 @@ def test_packing_matches_one_by_one(tokenizer, tiny_model):
     T = sum(lengths) + 2 * max(lengths) + 5  # room for three examples of padding
     batch = Collator(pad_id=tokenizer.pad_token_id, pack_tokens=T, max_len=max(lengths))(examples)
     starts = batch["segment_starts"]
-    assert batch["input_ids"].shape == (1, T) and starts.dtype == torch.int32 and batch["segment_longest"] == max(lengths)
+    assert batch["input_ids"].shape == (1, T) and starts.dtype == torch.int32
+    assert batch["segment_longest"] == max(lengths)
     assert starts[:len(examples) + 1].diff().tolist() == lengths and starts[-1] == T
     assert len(starts) - 1 == 16  # 6 examples and 3 of padding, rounded up to a power of two
 
