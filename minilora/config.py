@@ -24,9 +24,9 @@ class TrainConfig:
     max_len: int = 1024  # tokens per example (at least 64); longer ones are truncated as encode_chat says
     batch_size: int = 4  # examples per micro-batch (per process, with several)
     grad_accum: int = 1  # micro-batches per optimizer step
-    pack: bool = False  # micro-batches of batch_size x max_len tokens filled with whole examples: fewer steps
+    pack: bool = False  # micro-batches of batch_size x max_len tokens of whole examples: fewer steps, no padding
     skip_malformed: bool = False  # skip and count malformed rows instead of raising MalformedRow
-    group_by_length: bool = True  # batch similar lengths together: less padding, same examples per epoch
+    group_by_length: bool = True  # batch similar lengths together: less padding, same examples per epoch (unpacked)
     # --- length of the run
     epochs: float = 1.0  # passes over the training rows; ignored when max_steps is set
     max_steps: int | None = None  # optimizer steps; overrides epochs

@@ -3,8 +3,11 @@ each against the plain fp32 path. The step's arithmetic itself is checked agains
 formulas in test_reference.py."""
 
 import importlib
+import itertools
 import json
+import math
 import os
+import random
 import shutil
 
 import pytest
@@ -12,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import minilora as ml
-from minilora.data import batches
+from minilora.data import batches, packs
+from minilora.loss import supervised_count
+from minilora.step import Feed
 from minilora.tiny import instruction_rows, tiny_config
 
 checkpoint_module = importlib.import_module("minilora.checkpoint")
@@ -102,6 +107,31 @@ def test_accumulation_equals_big_batch(base_dir, tmp_path):
     a, b = adapter(tmp_path / "big" / "adapter"), adapter(tmp_path / "acc" / "adapter")
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+
+
+@pytest.mark.parametrize("pack_tokens", [None, 140])
+def test_the_processes_share_every_epoch_once(pack_tokens):
+    """The micro-batch stream of 3 processes, padded (batch 2 each) or packed (140 tokens each): over each of
+    two epochs the processes' shares hold every example once; in every global micro-batch each process counts
+    the supervised tokens of all the shares; a process left without a share of the short last one gets an
+    example that supervises nothing; and a stream started later (a resume) is the tail of the first."""
+    rng = random.Random(0)
+    examples = [{"input_ids": [1] * n, "labels": [-100] + [5] * (n - 1), "id": i}
+                for i, n in enumerate(rng.randint(5, 60) for _ in range(25))]
+    feeds = [Feed(examples, 2, 7, False, collate=lambda share: share, move=lambda share: share, rank=r, world=3,
+                  pack_tokens=pack_tokens) for r in range(3)]
+    per_epoch = [math.ceil(len(packs(examples, pack_tokens, 7, e)) / 3) if pack_tokens else math.ceil(25 / 6)
+                 for e in (0, 1)]
+    streams = [list(itertools.islice(f.stream(0), sum(per_epoch))) for f in feeds]
+    for a, b in ((0, per_epoch[0]), (per_epoch[0], sum(per_epoch))):
+        seen = [ex["id"] for s in streams for share, _ in s[a:b] for ex in share if supervised_count(ex["labels"])]
+        assert sorted(seen) == list(range(25))
+    for k in range(sum(per_epoch)):
+        counts = {s[k][1] for s in streams}
+        assert counts == {sum(supervised_count(ex["labels"]) for s in streams for ex in s[k][0])}
+    last = [s[per_epoch[0] - 1][0] for s in streams]  # the first epoch's short last global micro-batch
+    assert any(not supervised_count(share[0]["labels"]) for share in last)
+    assert list(itertools.islice(feeds[1].stream(3), sum(per_epoch) - 3)) == streams[1][3:]
 
 
 @pytest.mark.parametrize("pack", [False, True])
