@@ -1,5 +1,6 @@
 """Data-parallel training through torch.distributed, on the CPU: 2 gloo processes against one process at twice
-the batch, resume of a 2-process run, the example under torchrun, and a process group of one.
+the batch, resume of a 2-process run, packed steps sharded and replicated, the example under torchrun, and a
+process group of one.
 
 Tolerance 1e-5 relative on the LoRA weights (fp32, dropout 0): both compute the gradient of the same loss over
 the same examples; the 2 processes sum two partial gradients where one process sums over one batch, so only
@@ -139,6 +140,22 @@ def test_two_process_resume_is_bit_exact(base_dir, tmp_path, sharded):
     if sharded:  # and the same sharding: the optimizer state's layout differs
         with pytest.raises(mp.ProcessRaisedException, match="ResumeMismatch.*fsdp True -> False"):
             data_parallel(base_dir, tmp_path / "straight", batch_size=2, fast=False, resume="latest")
+
+
+def test_packed_steps_train_the_same_sharded_or_replicated(base_dir, tmp_path):
+    """Two processes, each taking one pack of 2 x 128 tokens of every global micro-batch (pack=True), through
+    transformers' layers with the packs' segment mask: sharded (fsdp) they train what they train replicated,
+    on the same packs. Losses and adapters within 1e-5 (fp32; only the order of additions differs)."""
+    kw = dict(pack=True, batch_size=2, fast=False)
+    data_parallel(base_dir, tmp_path / "replicated", **kw)
+    data_parallel(base_dir, tmp_path / "sharded", fsdp=True, **kw)
+    a, b = adapter(tmp_path / "replicated" / "adapter"), adapter(tmp_path / "sharded" / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl") if '"loss"' in line]
+              for run in ("replicated", "sharded")]
+    assert len(losses[0]) == 5 and losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 def test_example_under_torchrun_equals_one_process_at_twice_the_batch(tmp_path):
