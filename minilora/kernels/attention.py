@@ -102,7 +102,7 @@ def segment_mask(starts: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The (1, 1, T, T) boolean mask of packed causal attention, True where a query may attend: causal, and
     within the query's own example. For SDPA where flash attention cannot run, and for transformers' layers."""
     pos = torch.arange(seq_len, device=starts.device)
-    example = torch.searchsorted(starts[1:].contiguous(), pos, right=True)  # each position's example
+    example = torch.searchsorted(starts[1:], pos, right=True)  # each position's example
     return ((example[:, None] == example[None, :]) & (pos[:, None] >= pos[None, :]))[None, None]
 
 
