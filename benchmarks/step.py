@@ -20,11 +20,18 @@ list) loads with Unsloth's FastLanguageModel and its offloaded checkpointing; it
 (../shared/device/stage-peers, .peer-site first on PYTHONPATH) and is reported as unavailable without it:
 
     python benchmarks/step.py --cases qv-r64-4x512,qv-r64-2x2048 --impls minilora+fast,unsloth
+
+`minilora@GiB` (e.g. minilora@4.6) is train()'s own step with the memory plan train() chooses for a budget of
+that many GiB at the case's shape: the batch copied from the host as train() copies it, forward and backward
+replayed as CUDA graphs where train() replays them, clipping, fused AdamW and the schedule:
+
+    python benchmarks/step.py --cases qv-r64-2x2048:minilora@4.6/unsloth,qv-r64-4x512:minilora@4.4/unsloth
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
 import importlib.metadata
@@ -84,8 +91,14 @@ def parse_case(name: str, scale: float = 1.0) -> dict:
 
 
 def variant_kwargs(impl: str) -> dict:
-    """'minilora+fused+compile' -> {'fused': True, 'compile': True}."""
-    return {opt: True for opt in impl.split("+")[1:]}
+    """'minilora+fused+compile' -> {'fused': True, 'compile': True}; 'minilora@4.6' -> {} (the plan decides)."""
+    return {} if "@" in impl else {opt: True for opt in impl.split("+")[1:]}
+
+
+def impl_budget(impl: str) -> float | None:
+    """The memory budget of a `minilora@GiB` impl (train()'s own step under its plan for that budget), or None."""
+    m = re.fullmatch(r"minilora@(\d+(?:\.\d+)?)", impl)
+    return float(m[1]) if m else None
 
 
 # ----------------------------------------------------------------------------------------------- subprocesses
@@ -261,6 +274,48 @@ def load_minilora(spec):
     return model, loss_fn
 
 
+def load_minilora_plan(spec):
+    """train()'s step at a fixed shape: the memory plan train() chooses for the impl's budget (loop._plan), the
+    decoder prepared as it says, and each step as train() takes it: the batch copied from the host
+    (loss.to_device), forward and backward through minilora.step.Stepper (replayed CUDA graphs where train()
+    would use them), then minilora.step.optimizer_step's clipping, fused AdamW and schedule. Returns (model,
+    step): step(ids) takes one optimizer step and returns its mean loss."""
+    import torch
+
+    import minilora as ml
+    from minilora.kernels.layer import capturable, host_embedding
+    from minilora.loop import _plan
+    from minilora.loss import to_device
+    from minilora.model import prepare_for_training
+    from minilora.step import Stepper, make_optimizer, optimizer_step
+
+    model, _ = ml.load_model(spec["model_dir"], quant="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+                             device=spec["device"])
+    torch.manual_seed(spec["seed"])
+    ml.add_lora(model, targets=spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"])
+    cfg = ml.TrainConfig(batch_size=spec["batch"], max_len=spec["seq"], lora_r=spec["r"], lora_alpha=spec["alpha"],
+                         lora_dropout=spec["dropout"], targets=tuple(spec["targets"]), precision="bf16",
+                         memory_budget_gib=impl_budget(spec["impl"]), max_steps=10**6)
+    options, line = _plan(model, cfg, 1)
+    prepare_for_training(model, options)
+    graphs = torch.device(spec["device"]).type == "cuda" and capturable(model, torch.bfloat16)
+    scaler = torch.amp.GradScaler(enabled=False)
+    stepper = Stepper(model, options.loss_chunk, "bf16", scaler=scaler, graphs=dict(
+        eager_first_per_shape=options.offload, max_tokens=spec["batch"] * spec["seq"]) if graphs else None)
+    opt, sched = make_optimizer(model, cfg, cfg.max_steps)
+    vocab, table = model.lm_head.weight.shape[0], host_embedding(model)
+    spec.update(loss_chunk=options.loss_chunk, memory_plan=line + f"; CUDA graphs {'on' if graphs else 'off'}",
+                plan_options=dataclasses.asdict(options))
+
+    def step(ids):
+        ids = ids.cpu()
+        batch = to_device({"input_ids": ids, "labels": ids}, stepper.device, vocab, dense=graphs, embedding=table)
+        loss_sum, n, _ = optimizer_step(stepper, [(batch, batch["n_tokens"])], opt, sched, cfg.max_grad_norm)
+        return loss_sum / n
+
+    return model, step
+
+
 def loss_chunk(config, spec, opts) -> int:
     """The loss chunk train()'s memory plan would take for fast layers with these options: the largest that
     leaves the step's predicted peak where the smallest chunk has it. transformers' layers: the default 4096."""
@@ -345,14 +400,20 @@ def worker(spec: dict) -> dict:
     importlib.import_module("transformers")
 
     t0 = time.perf_counter()
-    model, loss_fn = {"peft": load_peft, "unsloth": load_unsloth}.get(spec["impl"], load_minilora)(spec)
+    planned = impl_budget(spec["impl"]) is not None
+    loader = load_minilora_plan if planned else {"peft": load_peft, "unsloth": load_unsloth}.get(spec["impl"],
+                                                                                                  load_minilora)
+    model, loss_fn = loader(spec)  # for a planned impl, loss_fn is the whole step
     model.train()  # HF checkpointing and LoRA dropout act only in training mode
     sync()
     load_s = time.perf_counter() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=2e-4)
+    opt = None if planned else torch.optim.AdamW(trainable, lr=2e-4)
     B, T, V = spec["batch"], spec["seq"], model.config.vocab_size
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(spec["seed"])).to(device)
+
+    def one_step():
+        return loss_fn(ids) if planned else train_step(model, loss_fn, ids, opt, device)
     res = {"load_s": load_s, "trainable_params": sum(p.numel() for p in trainable),
            "ids_checksum": int(ids.sum()), "alloc_after_load_gib": torch.cuda.memory_allocated() / GiB if cuda else None}
     if cuda:
@@ -362,7 +423,7 @@ def worker(spec: dict) -> dict:
     for i in range(n):
         sync()
         t = time.perf_counter()
-        loss = train_step(model, loss_fn, ids, opt, device)
+        loss = one_step()
         sync()
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
@@ -372,7 +433,7 @@ def worker(spec: dict) -> dict:
             warm_peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
             torch.cuda.reset_peak_memory_stats()
     if cuda and spec.get("peak_tensors"):
-        res["peak_tensors"] = peak_tensors(lambda: train_step(model, loss_fn, ids, opt, device), spec["peak_tensors"])
+        res["peak_tensors"] = peak_tensors(one_step, spec["peak_tensors"])
     timed = times[spec["warmup"]:]
     step_s = statistics.median(timed)
     res.update(step_s=step_s, tokens_per_s=B * T / step_s, step_times=timed, warmup_times=times[:spec["warmup"]],
@@ -384,7 +445,11 @@ def worker(spec: dict) -> dict:
                    alloc_steady_gib=torch.cuda.memory_allocated() / GiB, device_name=torch.cuda.get_device_name())
     else:
         res.update(peak_alloc_gib=None, peak_reserved_gib=None)
-    if spec["impl"].startswith("minilora"):  # the planner models minilora's step, not the peers' own
+    if planned:  # the plan's own prediction, for the options it chose
+        predicted = re.search(r"predicted peak ([\d.]+) GiB", spec["memory_plan"])  # none off a GPU
+        res.update(memory_plan=spec["memory_plan"], plan_options=spec["plan_options"], loss_chunk=spec["loss_chunk"],
+                   predicted_gib=float(predicted[1]) if predicted else None)
+    elif spec["impl"].startswith("minilora"):  # the planner models minilora's step, not the peers' own
         from minilora.plan import plan_memory
 
         opts = variant_kwargs(spec["impl"])
@@ -513,9 +578,10 @@ def main(argv=None):
             row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq")}
             missing = set(variant_kwargs(impl)) - set(env["prepare_kwargs"]) if impl.startswith("minilora") else set()
             elapsed, guess = time.perf_counter() - t_start, (statistics.mean(durations) if durations else 0)
-            if impl not in ("peft", "unsloth") and not impl.startswith("minilora"):
-                row["status"] = (f"unknown impl {impl!r}: use peft, unsloth, minilora or "
-                                 "minilora+<prepare_for_training flag>")
+            if impl not in ("peft", "unsloth") and not impl.startswith("minilora") or (
+                    "@" in impl and impl_budget(impl) is None):
+                row["status"] = (f"unknown impl {impl!r}: use peft, unsloth, minilora, "
+                                 "minilora+<prepare_for_training flag> or minilora@<GiB>")
             elif missing:
                 row["status"] = f"unavailable: prepare_for_training has no {sorted(missing)}"
             elif args.budget and elapsed + guess > args.budget:
