@@ -14,6 +14,10 @@ from .model import place_embedding
 from .step import rank_and_world
 from .template import encode_prompt
 
+# prompts decoded together: a token's step reads every weight once for all of them, and each row's KV cache takes
+# 0.5 MiB a token on a 7B shape
+DECODE_ROWS = 4
+
 
 def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str | None = None) -> str:
     """Greedy answer to one user message (or a list of turns) under the LLaMA-2 template.
@@ -28,7 +32,8 @@ def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str 
 
 @torch.no_grad()
 def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | None) -> list[str]:
-    """generate() for each prompt, through one Decoder (one KV cache and CUDA graph) where it can."""
+    """generate() for each prompt, through one Decoder (one CUDA graph) where it can, DECODE_ROWS prompts at a
+    time."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: give a whole number of at least 1")
     if not prompts:
@@ -51,8 +56,10 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
                 attach_fast(layer, FastLayer(layer))
         with autocast(device, precision):
             if fast or attach:
-                decoder = Decoder(model, max(map(len, ids)) + max_new_tokens, PRECISIONS[precision])
-                outs = [decoder(x, max_new_tokens, tokenizer.eos_token_id) for x in ids]
+                rows = min(len(ids), DECODE_ROWS)
+                decoder = Decoder(model, max(map(len, ids)) + max_new_tokens, PRECISIONS[precision], rows=rows)
+                outs = [out for k in range(0, len(ids), rows)
+                        for out in decoder(ids[k:k + rows], max_new_tokens, tokenizer.eos_token_id)]
             else:
                 outs = [_hf_generate(model, tokenizer, x, max_new_tokens) for x in ids]
     finally:

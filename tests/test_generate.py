@@ -2,6 +2,7 @@
 token for token, on tiny NF4 LLaMAs in fp32 on the CPU (the same arithmetic up to summation order, so the
 argmax agrees; the GPU's CUDA-graph replay is checked in test_gpu.py)."""
 
+import importlib
 
 import pytest
 import torch
@@ -70,10 +71,31 @@ def test_decoding_stops_at_eos_and_at_max_len(base_dir):
     model.eval()
     ml.prepare_for_training(model, PlanOptions(fast=True))
     decoder = Decoder(model, len(ids) + 24, torch.float32)
-    assert decoder(ids, 24, eos) == stopped
-    assert decoder(ids, 24, None) == full  # the same cache again: nothing left from the last prompt matters
-    assert Decoder(model, len(ids) + 3, torch.float32)(ids, 24, None) == full[:3]
-    assert Decoder(model, len(ids), torch.float32)(ids, 24, None) == []
+    assert decoder([ids], 24, eos) == [stopped]
+    assert decoder([ids], 24, None) == [full]  # the same cache again: nothing left from the last prompt matters
+    assert Decoder(model, len(ids) + 3, torch.float32)([ids], 24, None) == [full[:3]]
+    assert Decoder(model, len(ids), torch.float32)([ids], 24, None) == [[]]
+
+
+def test_prompts_decoded_together_equal_each_alone(base_dir, monkeypatch):
+    """Rows of one Decoder step together, each with its own length, cache, positions and EOS: every row's answer
+    is its prompt's answer alone, a row left without a prompt changes nothing, and generation in groups of
+    DECODE_ROWS (here 2 for 3 prompts) gives transformers' answers."""
+    model, tok = adapted(base_dir)
+    alone = [transformers_answer(model, tok, p, 24) for p in PROMPTS]
+    ids = [i for i, _ in alone]
+    assert len(set(map(len, ids))) == len(ids)  # prompts of different lengths
+    eos = alone[1][1][4]  # the 5th token of the second answer: that row stops early, the others do not
+    model.eval()
+    ml.prepare_for_training(model, PlanOptions(fast=True))
+    decoder = Decoder(model, max(map(len, ids)) + 24, torch.float32, rows=4)
+    together = decoder(ids, 24, eos)
+    for (prompt, full), answer in zip(alone, together):
+        assert answer == (full[:full.index(eos) + 1] if eos in full else full)
+    assert len(together[1]) < 24 and len(together[0]) == 24
+    monkeypatch.setattr(importlib.import_module("minilora.generate"), "DECODE_ROWS", 2)  # the module, not the function
+    expected = [tok.decode(full, skip_special_tokens=True).strip() for _, full in alone]
+    assert [a for _, a in samples(model, tok, PROMPTS, 24, "fp32")] == expected
 
 
 def test_other_models_generate_through_transformers(tokenizer):

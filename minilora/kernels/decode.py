@@ -1,12 +1,12 @@
 """Greedy decoding through the fast layers: the weights they hold (kept dequantized by the memory plan, or
-dequantized per use), a KV cache of fixed size, and on CUDA every new token as one replayed CUDA graph (where
-every projection can run inside one: layer.capturable).
+dequantized per use), a KV cache of fixed size for each of a few prompts decoded together, and on CUDA every new
+token as one replayed CUDA graph (where every projection can run inside one: layer.capturable).
 
 transformers' generate runs each decoder layer's modules one by one for every new token, and bitsandbytes'
 4-bit linears with them: a 7B model spends tens of milliseconds a token on the host. Here the prompt runs
 through the fast layers once (prefill), then each token's step (embedding, every layer with its KV cache
-write, the final norm, lm_head, argmax) reads and writes fixed tensors only: the next token, its position
-and the cache, so that on CUDA it is captured once and replayed, one launch a token.
+write, the final norm, lm_head, argmax) reads and writes fixed tensors only: each row's next token, its
+position and the cache, so that on CUDA it is captured once and replayed, one launch a token.
 """
 
 from __future__ import annotations
@@ -22,45 +22,55 @@ CHECK_EVERY = 16  # new tokens between two looks for EOS (each look waits for th
 
 
 class Decoder:
-    """Greedy continuations of token ids, up to `max_len` tokens in all (prompt and answer), for a model whose
-    decoder layers have FastLayers attached. Built once for several prompts: its cache and CUDA graph serve
-    each of them."""
+    """Greedy continuations of up to `rows` prompts at once, each up to `max_len` tokens in all (prompt and
+    answer), for a model whose decoder layers have FastLayers attached. Every row has its own KV cache and
+    position, and one step advances all of them: a token's step reads every weight once, whatever the rows.
+    Built once for several calls: its cache and CUDA graph serve each of them."""
 
-    def __init__(self, model, max_len: int, dtype: torch.dtype, graphs: bool = True):
+    def __init__(self, model, max_len: int, dtype: torch.dtype, graphs: bool = True, rows: int = 1):
         self.model, self.max_len, self.dtype = model, max_len, dtype
         c, device = model.config, model.lm_head.weight.device
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        shape = (1, c.num_key_value_heads, max_len, head_dim)
+        shape = (rows, c.num_key_value_heads, max_len, head_dim)
         # zeros, not empty: a masked position's weight is exactly 0, and 0 * NaN garbage would still be NaN
         self.cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                       for _ in model.model.layers]
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # the step's input token ...
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # ... and its position
-        self.out = torch.zeros(max_len, dtype=torch.long, device=device)  # out[p]: the token chosen at position p
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)  # each row's step input token ...
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)  # ... and its position
+        self.out = torch.zeros(rows, max_len, dtype=torch.long, device=device)  # out[b, p]: row b's choice at p
         self.graph = None
         self.graphs = graphs and device.type == "cuda" and capturable(model, dtype)
 
     @torch.no_grad()
-    def __call__(self, ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
-        """The new tokens after `ids`, up to and with the first EOS, or max_new_tokens of them."""
-        n = min(max_new_tokens, self.max_len - len(ids))
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None) -> list[list[int]]:
+        """For each prompt (token ids), the new tokens after it, up to and with the first EOS, or max_new_tokens of
+        them, as far as max_len allows."""
+        if len(prompts) > len(self.token):
+            raise ValueError(f"{len(prompts)} prompts for a Decoder of {len(self.token)} rows")
+        n = min(max_new_tokens, self.max_len - max(map(len, prompts)))
         if n <= 0:
-            return []
-        prompt = torch.tensor([ids], device=self.token.device)
-        self.pos.fill_(len(ids) - 1)  # the prompt's step writes its choice after its last position
-        self._forward(prompt, torch.arange(len(ids), device=prompt.device))
+            return [[] for _ in prompts]
+        self.pos.zero_()  # rows without a prompt stay in range and are never read
+        for b, ids in enumerate(prompts):  # each prompt through its own row: its step writes its first choice
+            self.pos[b] = len(ids) - 1
+            self._forward(torch.tensor([ids], device=self.token.device), torch.arange(len(ids), device=self.pos.device
+                                                                                      )[None], slice(b, b + 1))
         done = 1
         while done < n:
             for _ in range(min(CHECK_EVERY, n - done)):
                 self._next()
             done = min(n, done + CHECK_EVERY)
-            if eos_id is not None and (self.out[len(ids):len(ids) + done] == eos_id).any():
+            if eos_id is not None and all((self.out[b, len(ids):len(ids) + done] == eos_id).any()
+                                          for b, ids in enumerate(prompts)):
                 break
-        new = self.out[len(ids):len(ids) + n].tolist()
-        return new[:new.index(eos_id) + 1] if eos_id in new else new
+        answers = []
+        for b, ids in enumerate(prompts):
+            new = self.out[b, len(ids):len(ids) + n].tolist()
+            answers.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
+        return answers
 
     def _next(self):
-        """One new token's step: as a CUDA graph, captured at the first call, or eagerly."""
+        """One new token's step for every row: as a CUDA graph, captured at the first call, or eagerly."""
         if self.graph is not None:
             return self.graph.replay()
         if not self.graphs:
@@ -76,34 +86,37 @@ class Decoder:
 
     def _step(self):
         self.pos += 1
-        self._forward(self.token, self.pos)
+        self._forward(self.token, self.pos, slice(None))
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor):
-        """ids (1, T) at `positions` (T,) through the model, their keys and values into the cache; the argmax
-        after the last one goes to out[positions[-1] + 1] and becomes the next step's input token."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: slice):
+        """ids (B, T) at `positions` (B, T) through the model for the cache's `rows` (B of them), their keys and
+        values into those rows' cache; the argmax after each row's last position goes to out[b, last + 1] and
+        becomes its next step's input token."""
         inner = self.model.model
-        h = inner.embed_tokens(ids).to(self.dtype)  # (1, T, H)
-        rope = [t.to(self.dtype)[:, :, None] for t in inner.rotary_emb(h, positions[None])]  # cos, sin (1, T, 1, hd)
+        h = inner.embed_tokens(ids).to(self.dtype)  # (B, T, H)
+        rope = [t.to(self.dtype)[:, :, None] for t in inner.rotary_emb(h, positions)]  # cos, sin (B, T, 1, hd)
         # key j is visible to the query at position p when j <= p: the prompt's causal mask, and for one new
-        # token every filled cache entry
-        visible = torch.arange(self.max_len, device=ids.device) <= positions[:, None]  # (T, max_len)
-        for layer, kv in zip(inner.layers, self.cache):
-            h = mlp_block(layer, _attention_block(layer, h, rope, kv, positions, visible))
-        logits = self.model.lm_head(rms_norm(h[:, -1:], inner.norm))  # (1, 1, vocab)
-        self.token.copy_(logits.argmax(-1))
-        self.out.index_copy_(0, positions[-1:] + 1, self.token[0])
+        # token every filled cache entry of its row
+        visible = torch.arange(self.max_len, device=ids.device) <= positions[:, :, None]  # (B, T, max_len)
+        for layer, (keys, values) in zip(inner.layers, self.cache):
+            h = mlp_block(layer, _attention_block(layer, h, rope, (keys[rows], values[rows]), positions, visible))
+        logits = self.model.lm_head(rms_norm(h[:, -1:], inner.norm))  # (B, 1, vocab)
+        token = self.token[rows]
+        token.copy_(logits.argmax(-1))
+        self.out[rows].scatter_(1, positions[:, -1:] + 1, token)
 
 
 def _attention_block(layer, x, rope, kv, positions, visible):
-    """x + attention(norm(x)) with the layer's KV cache: the new keys and values written at `positions`, the
-    queries attending to the visible entries."""
+    """x + attention(norm(x)) with the rows' KV cache: each row's new keys and values written at its `positions`,
+    the queries attending to the visible entries."""
     spec, att = fast_layer(layer), layer.self_attn
     B, T, _ = x.shape
     hd, n_q, n_kv = att.head_dim, att.config.num_attention_heads, att.config.num_key_value_heads
-    q, k, v = Rope.apply(spec.qkv(rms_norm(x, layer.input_layernorm)), *rope, n_q, n_kv)  # (1, heads, T, hd)
-    keys, values = kv
-    keys.index_copy_(2, positions, k)
-    values.index_copy_(2, positions, v)
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None, None], scale=att.scaling,
-                                       enable_gqa=n_kv != n_q)  # (1, n_q, T, hd)
+    q, k, v = Rope.apply(spec.qkv(rms_norm(x, layer.input_layernorm)), *rope, n_q, n_kv)  # (B, heads, T, hd)
+    keys, values = kv  # (B, n_kv, max_len, hd): these rows' cache
+    where = positions[:, None, :, None].expand_as(k)  # each row's new entries at its own positions
+    keys.scatter_(2, where, k)
+    values.scatter_(2, where, v)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], scale=att.scaling,
+                                       enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
     return spec.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)
