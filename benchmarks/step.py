@@ -295,10 +295,11 @@ def load_minilora_plan(spec):
     ml.add_lora(model, targets=spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"])
     cfg = ml.TrainConfig(batch_size=spec["batch"], max_len=spec["seq"], lora_r=spec["r"], lora_alpha=spec["alpha"],
                          lora_dropout=spec["dropout"], targets=tuple(spec["targets"]), precision="bf16",
-                         memory_budget_gib=impl_budget(spec["impl"]), max_steps=10**6)
+                         memory_budget_gib=impl_budget(spec["impl"]), max_steps=10**6, schedule="constant",
+                         warmup_ratio=0.0)  # lr 2e-4 from the first step, as the other impls train
     options, line = _plan(model, cfg, 1)
     prepare_for_training(model, options)
-    graphs = torch.device(spec["device"]).type == "cuda" and capturable(model, torch.bfloat16)
+    graphs = options.graphs and torch.device(spec["device"]).type == "cuda" and capturable(model, torch.bfloat16)
     scaler = torch.amp.GradScaler(enabled=False)
     stepper = Stepper(model, options.loss_chunk, "bf16", scaler=scaler, graphs=dict(
         eager_first_per_shape=options.offload, max_tokens=spec["batch"] * spec["seq"]) if graphs else None)

@@ -68,7 +68,10 @@ class TrainConfig:
     def fixed_plan(self) -> dict:
         """The memory plan's options that this config decides itself (choose_plan's `fixed`, which
         plan.plan_options reads); the plan chooses the rest."""
-        return {} if self.gradient_checkpointing is None else {"gradient_checkpointing": self.gradient_checkpointing}
+        fixed = {} if self.cuda_graphs else {"graphs": False}
+        if self.gradient_checkpointing is not None:
+            fixed["gradient_checkpointing"] = self.gradient_checkpointing
+        return fixed
 
 
 def check(cfg: TrainConfig):

@@ -153,8 +153,8 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line = _setup_model(model, cfg, world)
     device = model.lm_head.weight.device  # not the first parameter: the embedding may be on the host
-    # CUDA graphs need fast layers that can be captured and no GradScaler (fp16)
-    graphs = (cfg.cuda_graphs and device.type == "cuda" and cfg.precision != "fp16" and options.fast
+    # CUDA graphs need fast layers that can be captured and no GradScaler (fp16), and a plan that has room for them
+    graphs = (options.graphs and device.type == "cuda" and cfg.precision != "fp16" and options.fast
               and capturable(model, PRECISIONS[cfg.precision]))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
     max_tokens = cfg.batch_size * math.ceil(cfg.max_len / PAD_MULTIPLE) * PAD_MULTIPLE
@@ -237,6 +237,8 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
     line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): fast layers, {o.cached_layers}/{L} "
             f"layers' weights kept dequantized, {n}/{L} checkpointed{keeps}{offloads}, loss chunk {o.loss_chunk}; "
             f"predicted peak {plan['total'] / GiB:.2f} GiB at {cfg.batch_size} x {cfg.max_len} tokens")
+    if not o.graphs and cfg.cuda_graphs:
+        line += " (eager steps: the CUDA graphs' copy of the inputs would not fit)"
     if not choice["fits"]:
         line += "; that exceeds the budget: lower batch_size or max_len"
     return o, line

@@ -41,6 +41,7 @@ class PlanOptions:
     keep_weights: bool = False  # a checkpointed layer's recompute keeps its dequantized weights for the backward
     embedding_on_host: bool | None = None  # the embedding table in pinned host memory; None: in the lean mode
     loss_chunk: int = 4096  # supervised rows per chunk of the vocabulary projection
+    graphs: bool = True  # fast steps replayed as CUDA graphs (on a GPU), which keep their inputs and LoRA grads
 
     def layers_checkpointed(self, num_layers: int) -> int:
         return num_layers if self.checkpointed is None else min(self.checkpointed, num_layers)
@@ -113,12 +114,13 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     tied = getattr(c, "tie_word_embeddings", False)
     host_table = options.host_embedding(z.L, tied)
     b = _persistent(z, setup, step.cached, tied, host_table)
-    if options.fast and host_table:  # CUDA graphs' own copy of the embedded rows (kernels/graphs.py)
+    graphs = options.fast and options.graphs
+    if graphs and host_table:  # CUDA graphs' own copy of the embedded rows (kernels/graphs.py)
         b["graph_inputs"] = z.S * z.H * z.dt
     moments = step.moments(options.loss_chunk)
     # the grads of CUDA-graph steps (fast layers), or of data-parallel ones (one flat all-reduced buffer), live
     # through the run
-    kept_grads = z.lora_bytes if options.fast or setup.data_parallel else 0
+    kept_grads = z.lora_bytes if graphs or setup.data_parallel else 0
     phase = max(moments, key=lambda k: sum(moments[k]) + (kept_grads if k == "loss" else 0))
     phases = {k: extra for k, (_, extra) in moments.items()}
     b["activations"], extra = moments[phase]
@@ -131,7 +133,7 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
                            quant=setup.quant, offload=options.offload, lora_dropout=setup.lora_dropout,
                            fast=options.fast, checkpointed=step.ckpt, cached_layers=step.cached,
                            keep_weights=options.keep_weights, loss_chunk=options.loss_chunk, layers=z.L,
-                           embedding_on_host=host_table)}
+                           embedding_on_host=host_table, graphs=graphs)}
     if print_breakdown:
         print(format_plan(plan))
     return plan
@@ -209,10 +211,13 @@ class _Step:
         return (offloaded if self.options.offload else 0) + (z.V * z.H * z.dt if host_table else 0)
 
     def held(self, n, inputs=None) -> int:
-        """Activations of the layers 0..n-1 (the later ones' are freed by then)."""
-        ckpt = self.ckpt
-        inputs = inputs if inputs is not None else min(ckpt, n, 1) if self.options.offload else min(ckpt, n)
-        return inputs * self.z.S * self.z.H * self.z.dt + max(0, n - ckpt) * self.saved
+        """Activations of the layers 0..n-1 (the later ones' are freed by then). Offloaded fast units: the last
+        two units' tensors (an attention unit's kept output among them) wait on the GPU for their release."""
+        ckpt, kept = self.ckpt, 0
+        if inputs is None and self.options.offload:
+            inputs, kept = (2, self.kept_attention) if self.units == 2 and min(ckpt, n) else (min(ckpt, n, 1), 0)
+        inputs = min(ckpt, n) if inputs is None else inputs
+        return inputs * self.z.S * self.z.H * self.z.dt + kept + max(0, n - ckpt) * self.saved
 
     def backward(self, i) -> tuple[int, int]:
         """Layer i's backward: (activations held, its saved set (kept, or recomputed) and transients, every
@@ -257,7 +262,8 @@ def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None
     "plan": plan_memory's result for them, "budget", "fits"}.
 
     From the leanest (every layer checkpointed, nothing cached; offloaded only if nothing else fits, since
-    the copies and the split dequantizations cost some time), memory is spent in the order that saves the
+    the copies and the split dequantizations cost some time, and then eager steps only if even that does not
+    fit: CUDA graphs keep their own copy of the inputs), memory is spent in the order that saves the
     most time per byte at a guanaco-like step: the recompute keeps its dequantized weights for the backward
     (keep_weights: one dequantization fewer per weight, a layer's weights once), then layers keep their
     weights dequantized for good (cached_layers: no dequantization at all), then layers stop checkpointing
@@ -273,8 +279,10 @@ def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None
         return plan_memory(config, batch, seq_len, plan_options(options, **fixed), setup)["total"]
 
     opts = PlanOptions(fast=True, checkpointed=L, loss_chunk=LOSS_CHUNKS[-1])
-    if peak(opts) > budget and "offload" not in fixed and peak(change(opts, offload=True)) <= budget:
-        opts = change(opts, offload=True)  # the leanest: checkpointed inputs and the embedding table in host memory
+    # leaner and slower: checkpointed inputs and the embedding table in host memory, then eager steps too
+    for lean in ({"offload": True}, {"graphs": False}):
+        if peak(opts) > budget and not lean.keys() & fixed.keys():
+            opts = change(opts, **lean)
     if peak(opts) <= budget:
         if peak(change(opts, keep_weights=True)) <= budget:
             opts = change(opts, keep_weights=True)

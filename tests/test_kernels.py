@@ -218,3 +218,23 @@ def test_swiglu_function_matches_autograd_and_writes_over_its_input():
     assert torch.allclose(m, ref, atol=1e-6)
     (grad,) = torch.autograd.grad(m, x, dm)
     assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_offloaded_units_wait_two_units_on_the_device_and_come_back_whole():
+    """kernels/offload.Offload: a unit's device tensors are released when the unit two after it saves (the one
+    after it must not wait for a copy that its predecessor only just started), the last two stay for the
+    backward, and every unit's tensors come back, in reverse order, equal to what was saved. (The CPU runs the
+    same bookkeeping with plain copies; the GPU's streams run in tests/test_gpu.py's offloaded steps.)"""
+    from minilora.kernels.offload import Offload
+
+    copies = Offload(torch.device("cpu"))
+    units = [(torch.randn(3, 4), torch.randn(2)) for _ in range(5)]
+    for k, (x, extra) in enumerate(units):
+        slot = copies.save(x)
+        copies.add(slot, extra)
+        assert slot == k
+        assert [g is not None for g in copies.gpu] == [i >= k - 1 for i in range(k + 1)]
+    for k in reversed(range(5)):
+        x, extra = copies.load(k)
+        assert torch.equal(x, units[k][0]) and torch.equal(extra, units[k][1])
+        assert copies.host[k] is None  # the host copy is handed back to the arena once loaded

@@ -59,6 +59,11 @@ def test_fast_offload_holds_two_inputs_and_moves_the_embedding_table():
     assert offloaded["cpu"] == 2 * 32 * layer_input + table
     assert offloaded["breakdown"]["layer_backward"] < on_gpu["breakdown"]["layer_backward"]  # half a layer
     assert offloaded["breakdown"]["graph_inputs"] == layer_input  # the graphs' copy of the embedded rows
+    # at the loss moment the last two units' tensors wait on the GPU, and from KEEP_ATTENTION tokens a row the
+    # attention unit's kept output (S, q) and fp32 logsumexp with them (kernels/offload.py)
+    for T, kept in ((1024, 0), (2048, 4 * 2048 * 4096 * 2 + 4 * 32 * 2048 * 4)):
+        at_loss = plan_memory(LLAMA2_7B, 4, T, fast=True, offload=True, loss_chunk=4096)
+        assert at_loss["phase"] == "loss" and at_loss["breakdown"]["activations"] == 2 * 4 * T * 4096 * 2 + kept
     # the table stays on the GPU when asked, and with transformers' layers
     kept = plan_memory(LLAMA2_7B, 4, 1024, fast=True, offload=True, loss_chunk=1024, embedding_on_host=False)
     assert kept["total"] - offloaded["total"] == table - layer_input and "graph_inputs" not in kept["breakdown"]
@@ -91,6 +96,24 @@ def test_choose_plan_offloads_only_when_nothing_else_fits():
     assert tight["fits"] and tight["options"].offload and tight["plan"]["total"] <= leanest - 0.5 * GiB
     refused = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB, fixed={"offload": False})
     assert not refused["fits"] and not refused["options"].offload
+
+
+def test_choose_plan_gives_up_graphs_last_and_returns_the_leanest_when_nothing_fits():
+    """At 1 x 32768 tokens the offloaded plan fits 7.5 GiB only with eager steps: CUDA graphs keep their own copy
+    of the embedded rows (256 MiB here). With less, nothing fits, and the leanest plan comes back, flagged; a
+    config without CUDA graphs (fixed) never counts their copy."""
+    rows = 32768 * 4096 * 2
+    graphed = plan_memory(LLAMA2_7B, 1, 32768, PlanOptions(fast=True, offload=True, loss_chunk=512))
+    eager = plan_memory(LLAMA2_7B, 1, 32768, PlanOptions(fast=True, offload=True, loss_chunk=512, graphs=False))
+    assert graphed["breakdown"]["graph_inputs"] == rows and "graph_inputs" not in eager["breakdown"]
+    assert eager["total"] <= 7.5 * GiB < graphed["total"]
+    fits = choose_plan(LLAMA2_7B, 1, 32768, 7.5 * GiB)
+    assert fits["fits"] and fits["options"].offload and not fits["options"].graphs
+    leanest = choose_plan(LLAMA2_7B, 1, 32768, 6 * GiB)
+    assert not leanest["fits"] and leanest["plan"]["total"] == eager["total"]
+    assert leanest["plan"]["total"] < plan_memory(LLAMA2_7B, 1, 32768, PlanOptions(fast=True, loss_chunk=512))["total"]
+    roomy = choose_plan(LLAMA2_7B, 4, 1024, 40 * GiB, fixed={"graphs": False})
+    assert not roomy["options"].graphs and roomy["plan"]["inputs"]["graphs"] is False
 
 
 def test_unquantized_weights_cost_four_times_more():

@@ -5,16 +5,18 @@ a few tensors that spare its recompute some work (attention's output). With offl
 while the next units compute, and come back one unit ahead of the backward that needs them:
 
     forward   unit k: copy its tensors to pinned host memory on a side stream (after the compute stream has
-              produced them); the GPU copies are released when unit k+1 saves, once the compute stream has
-              waited for their copy (a unit later: the copy is long done)
+              produced them); the GPU copies are released when unit k+2 saves, once the compute stream has
+              waited for their copy. Two units later, not one: an attention unit's output is copied from the
+              end of its forward, and the next unit would wait for that copy at its start
     backward  unit k: wait for the event of its tensors' copy to the GPU, then start the copy of unit k-1's
               on a second side stream, which runs while unit k recomputes and backpropagates
 
-So at most two units' tensors are on the GPU at once: the ones in use and the next ones, copying. Events
+So two units' tensors are on the GPU besides the input of the unit that runs: in the forward the last two
+units', in the backward the ones in use and the next ones, copying. Events
 order the streams: a copy back waits for the copy out of the same tensors, and for the compute queued before
 it (its buffers may be memory that compute just freed); compute waits for the copy back's event before it
 reads them. Copies out and back have a stream each, so a backward prefetch never queues behind forward copies
-that are still draining. The last unit's tensors are never released: the backward starts with them.
+that are still draining. The last two units' tensors are never released: the backward starts with them.
 
 The host side is one arena per device (`HostArena`): pinned blocks allocated once and handed out again by
 every forward from the start, so that a step allocates no pinned memory and its copies go to the same
@@ -91,10 +93,10 @@ class Offload:
 
     def save(self, x: torch.Tensor) -> int:
         """Start copying a new unit's input x to the host; returns its slot for `add` and `load`."""
-        if self.gpu:  # the previous unit's tensors: the host copies serve its backward
+        if len(self.gpu) >= 2:  # the tensors of the unit before the previous: the host copies serve its backward
             if self.cuda:
-                torch.cuda.current_stream(x.device).wait_event(self.saved[-1])  # their copy has read them
-            self.gpu[-1] = None
+                torch.cuda.current_stream(x.device).wait_event(self.saved[-2])  # their copy has read them
+            self.gpu[-2] = None
         self.host.append([])
         self.saved.append(None)
         self.gpu.append([])
