@@ -91,11 +91,14 @@ class Stepper:
         return causal_lm_loss(self.model, batch, self.chunk)[0]
 
     def __call__(self, batch: dict, n_step: int) -> torch.Tensor:
-        """The micro-batch's summed loss, a GPU scalar (no wait)."""
+        """The micro-batch's summed loss, a GPU scalar (no wait). The batch is consumed: emptied once read, so
+        that no tensor of it outlives its use (the embedded rows of a host table are the first layer's input,
+        which an offloaded step keeps on the host only)."""
         with autocast(self.device, self.precision):
             if self.graphs:
                 return self.graphs(batch, 1.0 / n_step)
             loss = self._loss(batch)
+            batch.clear()
             self.scaler.scale(loss / n_step).backward()
         return loss.detach()
 

@@ -49,40 +49,46 @@ class GraphedSteps:
     def __call__(self, batch: dict, scale: float) -> torch.Tensor:
         """Add the gradient of scale * loss_sum to the LoRA .grad and return loss_sum: a tensor that the next
         call overwrites. batch: from loss.to_device(dense=True), right-padded (no attention_mask) or packed. Its
-        tensors are the graph's inputs; its other values but n_tokens are constants of the graph."""
+        tensors are the graph's inputs; its other values but n_tokens are constants of the graph. The batch is
+        consumed (emptied once read), so that its tensors are not held through the step beside the graph's."""
         key = tuple((name, tuple(x.shape) if torch.is_tensor(x) else x) for name, x in batch.items()
                     if name != "n_tokens")
         if not self.eager or (self.eager_first_per_shape and key not in self.eager):  # lazy initialisation, caches
             self.eager.add(key)
             loss = self.loss_fn(batch)
+            batch.clear()
             (loss * scale).backward()
             return loss.detach()
         if key not in self.graphs:
-            self.graphs[key] = self._capture(batch)
-        graph, static, loss = self.graphs[key]
+            self.graphs[key] = self._static(batch)
+        static, constants = self.graphs[key][:2]
         for name, tensor in static.items():
-            if name == "scale":
-                tensor.fill_(scale)
-            else:
-                tensor.copy_(batch[name])
+            tensor.fill_(scale) if name == "scale" else tensor.copy_(batch[name])
+        batch.clear()
+        if len(self.graphs[key]) == 2:  # captured after the inputs are in place and the batch's copies are gone
+            self.graphs[key] = (static, constants, *self._capture(static, constants))
+        _, _, graph, loss = self.graphs[key]
         graph.replay()
         return loss
 
-    def _capture(self, batch):
+    def _static(self, batch: dict) -> tuple[dict, dict]:
+        """(the graph's input tensors, its constants) for batches shaped like this one."""
+        tokens = batch["input_ids"].numel()
+        static = {name: self._input(name, x, tokens) for name, x in batch.items() if torch.is_tensor(x)}
+        static["scale"] = torch.ones((), device=batch["input_ids"].device)
+        return static, {name: x for name, x in batch.items() if not torch.is_tensor(x)}
+
+    def _capture(self, static: dict, constants: dict) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # fixed addresses that every replay accumulates into
-        tokens = batch["input_ids"].numel()
-        static = {name: self._input(name, x, tokens) for name, x in batch.items() if torch.is_tensor(x)}
-        constants = {name: x for name, x in batch.items() if not torch.is_tensor(x)}
-        static["scale"] = torch.ones((), device=batch["input_ids"].device)
         graph = torch.cuda.CUDAGraph()
         dtype = torch.get_autocast_dtype("cuda")
         with torch.cuda.graph(graph, pool=self.pool), torch.autocast("cuda", dtype=dtype, cache_enabled=False,
                                                                      enabled=torch.is_autocast_enabled("cuda")):
             loss = self.loss_fn({**static, **constants, "n_tokens": None})
             (loss * static["scale"]).backward()
-        return graph, static, loss.detach()
+        return graph, loss.detach()
 
     def _input(self, name: str, x: torch.Tensor, tokens: int) -> torch.Tensor:
         """A tensor shaped like x (of a batch of `tokens` tokens) for a graph's input `name`: a view of the one
