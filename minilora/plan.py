@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from .kernels.attention import KEEP_ATTENTION
-from .plan_layers import StepSizes, fast_layer_bytes, hf_layer_bytes
+from .plan_layers import StepSizes, fast_layer_bytes, hf_layer_bytes, linear_shapes
 
 GiB = 2**30
 CUBLAS_WORKSPACES = 2 * 32 * 2**20  # cuBLAS keeps a 32 MiB workspace per (thread, stream): forward + autograd thread
@@ -87,15 +87,6 @@ def _split(options, setup, fields) -> tuple[PlanOptions, Setup]:
     return plan_options(options, **{k: v for k, v in fields.items() if k not in names}), setup
 
 
-def _linears(c):
-    """(in, out) features of each linear of one decoder layer."""
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    q, kv = c.num_attention_heads * hd, (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * hd
-    H, I = c.hidden_size, c.intermediate_size
-    return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
-            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
-
-
 def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setup: Setup | None = None,
                 print_breakdown=False, **fields):
     """Peak allocated bytes of a step of `minilora.train()`'s loop (labels on every token), itemised.
@@ -143,7 +134,7 @@ def _sizes(c, batch, seq_len, setup: Setup) -> StepSizes:
     """The step's sizes, from the config, the batch and the adapter; an unknown optimizer or target refused."""
     if setup.optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer={setup.optimizer!r}; plan_memory knows {sorted(OPTIMIZER_STATES)}")
-    lin = _linears(c)
+    lin = linear_shapes(c)
     lora_targets = setup.lora_targets
     # each linear carries one adapter however often it is named (add_lora wraps it once)
     targets = [lora_targets] if isinstance(lora_targets, str) else list(dict.fromkeys(lora_targets))

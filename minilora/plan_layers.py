@@ -10,6 +10,15 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}  # the projections of the fast layer: linears that read one input
 
 
+def linear_shapes(c) -> dict:
+    """(in, out) features of each linear of one decoder layer of the config c."""
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * hd
+    H, I = c.hidden_size, c.intermediate_size
+    return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+
+
 @dataclass(frozen=True)
 class StepSizes:
     """The sizes of one training step that the plan reads: the batch, the model's widths, the adapter."""

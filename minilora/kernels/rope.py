@@ -53,11 +53,16 @@ def _rotate(x, out, cos, sin, n_rot: int, backward: bool):
     tensors = (x, out, cos, sin)
     if not (triton is not None and all(t.is_cuda and t.stride(-1) == 1 for t in tensors) and hd & (hd - 1) == 0):
         return _rotate_torch(x, out, cos, sin, n_rot, backward)
-    B, T, heads, _ = x.shape
+    _launch(x, out, cos, sin, n_rot, backward)
+
+
+def _launch(x, out, cos, sin, n_rot: int, backward: bool):
+    B, T, heads, hd = x.shape
     rows = B * T * heads
     c_b = cos.stride(0) if cos.shape[0] > 1 else 0  # cos and sin of one row, or of each
-    _rope[(triton.cdiv(rows, ROWS),)](x, out, cos, sin, rows, T, heads, n_rot, *x.stride()[:3], *out.stride()[:3],
-                                      c_b, cos.stride(1), HD=hd, ROWS=ROWS, BACKWARD=backward)
+    _rope[(triton.cdiv(rows, ROWS),)]((x, out, cos, sin), (rows, T, heads, n_rot),
+                                      (*x.stride()[:3], *out.stride()[:3], c_b, cos.stride(1)), HD=hd,
+                                      BACKWARD=backward)
 
 
 def _rotate_torch(x, out, cos, sin, n_rot: int, backward: bool):
@@ -72,10 +77,16 @@ def _rotate_torch(x, out, cos, sin, n_rot: int, backward: bool):
 
 if triton is not None:
 
+    _ROWS = tl.constexpr(ROWS)
+
     @triton.jit
-    def _rope(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, T, heads, n_rot, x_b, x_t, x_h, o_b, o_t, o_h, c_b, c_t,
-              HD: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) rows (b, t, head)
+    def _rope(tensors, sizes, strides, HD: tl.constexpr, BACKWARD: tl.constexpr):
+        """tensors: x, out, cos, sin; sizes: rows (B x T x heads), T, heads, and n_rot, the heads rotated;
+        strides: x's and out's over (b, t, head), cos's and sin's over (b, t) (0 over b for one row)."""
+        x_ptr, out_ptr, cos_ptr, sin_ptr = tensors
+        rows, T, heads, n_rot = sizes
+        x_b, x_t, x_h, o_b, o_t, o_h, c_b, c_t = strides
+        r = tl.program_id(0).to(tl.int64) * _ROWS + tl.arange(0, _ROWS)  # (ROWS,) rows (b, t, head)
         live = (r < rows)[:, None]
         h, t, b = r % heads, (r // heads) % T, r // (heads * T)
         i = tl.arange(0, HD)[None, :]
