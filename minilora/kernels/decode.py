@@ -53,8 +53,8 @@ class Decoder:
         self.pos.zero_()  # rows without a prompt stay in range and are never read
         for b, ids in enumerate(prompts):  # each prompt through its own row: its step writes its first choice
             self.pos[b] = len(ids) - 1
-            self._forward(torch.tensor([ids], device=self.token.device), torch.arange(len(ids), device=self.pos.device
-                                                                                      )[None], slice(b, b + 1))
+            positions = torch.arange(len(ids), device=self.pos.device)[None]
+            self._forward(torch.tensor([ids], device=self.pos.device), positions, slice(b, b + 1))
         done = 1
         while done < n:
             for _ in range(min(CHECK_EVERY, n - done)):

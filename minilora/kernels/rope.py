@@ -49,15 +49,11 @@ class Rope(torch.autograd.Function):
 def _rotate(x, out, cos, sin, n_rot: int, backward: bool):
     """out = x rotated (the forward's rotation, or with backward its transpose) on the first n_rot heads and
     copied on the rest; x, out (B, T, heads, hd), cos, sin (1 or B, T, 1, hd)."""
-    hd = x.shape[-1]
-    tensors = (x, out, cos, sin)
-    if not (triton is not None and all(t.is_cuda and t.stride(-1) == 1 for t in tensors) and hd & (hd - 1) == 0):
-        return _rotate_torch(x, out, cos, sin, n_rot, backward)
-    _launch(x, out, cos, sin, n_rot, backward)
-
-
-def _launch(x, out, cos, sin, n_rot: int, backward: bool):
     B, T, heads, hd = x.shape
+    tensors = (x, out, cos, sin)
+    if not (triton is not None and all(t.is_cuda and t.stride(-1) == 1 for t in tensors) and hd & (hd - 1) == 0
+            and cos.stride() == sin.stride()):
+        return _rotate_torch(x, out, cos, sin, n_rot, backward)
     rows = B * T * heads
     c_b = cos.stride(0) if cos.shape[0] > 1 else 0  # cos and sin of one row, or of each
     _rope[(triton.cdiv(rows, ROWS),)]((x, out, cos, sin), (rows, T, heads, n_rot),
