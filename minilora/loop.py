@@ -20,6 +20,7 @@ from .generate import shared_eval_loss, shared_samples
 from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import capturable, detach_fast, host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
+from .kernels.offload import release_host_memory
 from .lora import add_lora, lora_layers, lora_state_dict
 from .loss import to_device
 from .metrics import Metrics
@@ -72,6 +73,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         finally:
             t.log.close()
             detach_fast(model)  # the fast layers' weight caches go with them; generation needs neither
+            release_host_memory()  # the offloaded steps' pinned host memory
             place_embedding(model)  # back beside lm_head, where generation and transformers' forward want it
         if rank == 0:
             t.log.plot()

@@ -238,3 +238,28 @@ def test_offloaded_units_wait_two_units_on_the_device_and_come_back_whole():
         x, extra = copies.load(k)
         assert torch.equal(x, units[k][0]) and torch.equal(extra, units[k][1])
         assert copies.host[k] is None  # the host copy is handed back to the arena once loaded
+
+
+def test_train_lets_go_of_the_offloaded_steps_host_memory(base_dir, tmp_path, monkeypatch):
+    """The host arena that offloaded steps fill (pinned on a GPU: up to tens of GiB at long rows) is let go when
+    train() ends, and the next offloaded forward starts a new one. (train() off a GPU plans no offload, so the
+    plan here is made to offload, as a GPU's lean budget would.)"""
+    import importlib
+
+    from minilora.kernels import offload
+    from minilora.plan import PlanOptions
+    from minilora.tiny import instruction_rows
+
+    loop = importlib.import_module("minilora.loop")  # the module (minilora.train is the function)
+    plan = loop._plan
+    monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (PlanOptions(fast=True, offload=True, loss_chunk=512),
+                                                                  plan(model, cfg, world)[1]))
+    seen = []
+    monkeypatch.setattr(offload.HostArena, "take", lambda self, like, take=offload.HostArena.take: (
+        seen.append(self), take(self, like))[1])
+    model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ml.train(model, tok, instruction_rows(8, seed=1), ml.TrainConfig(output_dir=str(tmp_path), max_steps=2,
+                                                                     batch_size=2, max_len=96, progress=False))
+    assert seen and not offload._arenas  # the steps offloaded into an arena, which is gone
+    copies = offload.Offload(torch.device("cpu"))
+    assert copies.arena not in seen and offload._arenas == {torch.device("cpu"): copies.arena}

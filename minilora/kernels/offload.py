@@ -75,6 +75,12 @@ class HostArena:
 _arenas: dict[torch.device, HostArena] = {}
 
 
+def release_host_memory():
+    """Let go of every device's arena (train() calls it as it ends): its pinned blocks are freed once the last
+    step that used them is gone, and the next offloaded forward allocates anew."""
+    _arenas.clear()
+
+
 class Offload:
     """The saved tensors of one forward pass: `save` (and `add`) in forward order, `load` in the reverse order."""
 
