@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "result.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--shape", "tiny", "--steps", "2", "--warmup", "1",
-           "--impls", "minilora,peft,minilora+no_such_option", "--cases", "qv-r4-2x32", "--device", "cpu",
+           "--impls", "minilora,peft,minilora+no_such_option,minilora@1", "--cases", "qv-r4-2x64", "--device", "cpu",
            "--model-dir", str(tmp / "model"), "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -41,12 +41,12 @@ def test_json_lines_for_both_impls(run):
     proc, _ = run
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     by_impl = {r["impl"]: r for r in rows}
-    assert set(by_impl) == {"minilora", "peft", "minilora+no_such_option"}
-    for impl in ("minilora", "peft"):
+    assert set(by_impl) == {"minilora", "peft", "minilora+no_such_option", "minilora@1"}
+    for impl in ("minilora", "peft", "minilora@1"):
         r = by_impl[impl]
         assert r["status"] == "ok", r["status"]
         assert all(f in r for f in FIELDS), [f for f in FIELDS if f not in r]
-        assert r["batch"] == 2 and r["seq"] == 32 and r["finite"] and r["step_s"] > 0
+        assert r["batch"] == 2 and r["seq"] == 64 and r["finite"] and r["step_s"] > 0
         assert r["peak_alloc_gib"] is None  # CPU: no CUDA peak memory
     # same tokens, same trainable parameters, same starting loss (B = 0: both start at the base model)
     m, p = by_impl["minilora"], by_impl["peft"]
@@ -54,6 +54,10 @@ def test_json_lines_for_both_impls(run):
     assert abs(m["loss_first"] - p["loss_first"]) < 1e-2  # bf16 autocast; the logits path differs slightly
     assert m["predicted_gib"] > 0 and "predicted_gib" not in p
     assert by_impl["minilora+no_such_option"]["status"].startswith("unavailable")
+    # train()'s own step (fast layers, every one checkpointed off a GPU) starts from the same model
+    planned = by_impl["minilora@1"]
+    assert planned["ids_checksum"] == m["ids_checksum"] and abs(planned["loss_first"] - m["loss_first"]) < 1e-2
+    assert planned["plan_options"]["fast"] and "no memory plan off a GPU" in planned["memory_plan"]
     assert "tok/s" in proc.stdout and "×peft" in proc.stdout  # the closing table
 
 
@@ -62,9 +66,9 @@ def test_result_file_and_readme_table(run):
     for key in ("date", "card", "driver", "versions", "command", "peft_recipe", "cases"):
         assert key in result
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(result["versions"])
-    assert len(result["cases"]) == 3
+    assert len(result["cases"]) == 4
     md = _module("table").markdown_table(result)
-    assert "| r4 qv | 2 × 32 | minilora |" in md and "PEFT tok/s" in md
+    assert "| r4 qv | 2 × 64 | minilora |" in md and "PEFT tok/s" in md
 
 
 def test_case_names_and_variants():
@@ -73,6 +77,8 @@ def test_case_names_and_variants():
     assert case["targets"][-1] == "down_proj" and case["r"] == 16 and case["alpha"] == 32
     assert case["dropout"] == 0.05 and (case["batch"], case["seq"]) == (2, 1024)
     assert step.variant_kwargs("minilora+fused+compile") == {"fused": True, "compile": True}
+    assert step.impl_budget("minilora@4.6") == 4.6 and step.variant_kwargs("minilora@4.6") == {}
+    assert step.impl_budget("minilora+offload") is None and step.impl_budget("minilora@") is None
     assert [step.parse_case(n)["name"] for n in step.STANDARD] == step.STANDARD
     with pytest.raises(SystemExit):
         step.parse_case("qv-64-4x512")
