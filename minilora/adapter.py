@@ -30,9 +30,11 @@ def adapter_config(model: torch.nn.Module) -> dict:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save; call minilora.add_lora(model, ...) first")
-    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for m in layers.values()}
+    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0)
+                for m in layers.values()}
     if len(settings) > 1:
-        raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one adapter config")
+        raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one "
+                         "adapter config")
     (r, alpha, dropout), = settings
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM",
             "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
@@ -152,7 +154,8 @@ def check_adapter(adapter_dir: str) -> dict:
 def _matched_weights(model, state: dict, config: dict, adapter_dir: str) -> list[tuple]:
     """[(the model's LoRA weight, the file's tensor for it)], once every tensor is known to fit one to one."""
     if {m.scaling for m in lora_layers(model).values()} != {config["lora_alpha"] / config["r"]}:
-        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = {config['lora_alpha']}/{config['r']}")
+        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = "
+                         f"{config['lora_alpha']}/{config['r']}")
     own = lora_state_dict(model)
     state = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in state.items()}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())

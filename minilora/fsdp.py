@@ -11,8 +11,9 @@ weight with bitsandbytes, the same arithmetic as the unsharded layer.
 Each decoder layer is one FSDP unit and the LlamaForCausalLM the root, so that evaluation and transformers'
 `generate` gather the weights through the model's own forward. minilora's loss bypasses that forward, so it is a
 method registered with FSDP (`model.sharded_loss`, which loss.causal_lm_loss calls). The loss is already divided
-by the global step's supervised tokens, so the processes' gradients are summed, not averaged. Checkpoints and the adapter hold full tensors,
-gathered to process 0: the same files one process writes (the optimizer state keyed by parameter name).
+by the global step's supervised tokens, so the processes' gradients are summed, not averaged. Checkpoints and the
+adapter hold full tensors, gathered to process 0: the same files one process writes (the optimizer state keyed by
+parameter name).
 """
 
 from __future__ import annotations

@@ -294,6 +294,7 @@ def format_plan(plan) -> str:
     other = next(k for k in plan["phases"] if k != plan["phase"])
     return "\n".join([f"{'term':<18}{'GiB':>9}", *rows, "-" * 27,
                       f"{'total (peak)':<18}{plan['total'] / GiB:>9.3f}",
-                      f"peak during {plan['phase']}; the {other} moment's transients: {plan['phases'][other] / GiB:.3f} GiB",
-                      f"+ pinned host memory {plan['cpu'] / GiB:.3f} GiB; + CUDA context ~{plan['cuda_context'] / GiB:.2f} "
-                      "GiB outside torch's counters"])
+                      f"peak during {plan['phase']}; the {other} moment's transients: "
+                      f"{plan['phases'][other] / GiB:.3f} GiB",
+                      f"+ pinned host memory {plan['cpu'] / GiB:.3f} GiB; + CUDA context "
+                      f"~{plan['cuda_context'] / GiB:.2f} GiB outside torch's counters"])

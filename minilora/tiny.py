@@ -120,7 +120,8 @@ def build_base(out_dir: str, steps: int = 500, seed: int = 0, **config) -> str:
     model = LlamaForCausalLM(tiny_config(**{**cfg, **config}))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     # documents: BOS + sentence + EOS, packed into rows of 64 tokens
-    stream = [i for s in sentences for i in [tok.bos_token_id, *tok.encode(s, add_special_tokens=False), tok.eos_token_id]]
+    stream = [i for s in sentences
+              for i in [tok.bos_token_id, *tok.encode(s, add_special_tokens=False), tok.eos_token_id]]
     rows = torch.tensor(stream[: len(stream) // 64 * 64]).view(-1, 64)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="pretrain base", unit="step", dynamic_ncols=True)

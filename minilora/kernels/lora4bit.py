@@ -88,7 +88,8 @@ class Projection:
             raise ValueError("nested LoRA layers cannot be projected")
         self.in_features = self.bases[0].in_features
         if any(b.in_features != self.in_features for b in self.bases):
-            raise ValueError(f"a projection's members must share the input size, got {[b.in_features for b in self.bases]}")
+            raise ValueError("a projection's members must share the input size, got "
+                             f"{[b.in_features for b in self.bases]}")
         rows, start = [], 0
         for b in self.bases:
             rows.append(slice(start, start + b.out_features))
