@@ -283,11 +283,11 @@ def load_minilora_plan(spec):
     import torch
 
     import minilora as ml
-    from minilora.kernels.layer import capturable, host_embedding
+    from minilora.kernels.layer import host_embedding
     from minilora.loop import _plan
     from minilora.loss import to_device
     from minilora.model import prepare_for_training
-    from minilora.step import Stepper, make_optimizer, optimizer_step
+    from minilora.step import make_optimizer, make_stepper, optimizer_step
 
     model, _ = ml.load_model(spec["model_dir"], quant="nf4", double_quant=True, compute_dtype=torch.bfloat16,
                              device=spec["device"])
@@ -299,10 +299,8 @@ def load_minilora_plan(spec):
                          warmup_ratio=0.0)  # lr 2e-4 from the first step, as the other impls train
     options, line = _plan(model, cfg, 1)
     prepare_for_training(model, options)
-    graphs = options.graphs and torch.device(spec["device"]).type == "cuda" and capturable(model, torch.bfloat16)
-    scaler = torch.amp.GradScaler(enabled=False)
-    stepper = Stepper(model, options.loss_chunk, "bf16", scaler=scaler, graphs=dict(
-        eager_first_per_shape=options.offload, max_tokens=spec["batch"] * spec["seq"]) if graphs else None)
+    stepper = make_stepper(model, cfg, options)
+    graphs = stepper.graphs is not None
     opt, sched = make_optimizer(model, cfg, cfg.max_steps)
     vocab, table = model.lm_head.weight.shape[0], host_embedding(model)
     spec.update(loss_chunk=options.loss_chunk, memory_plan=line + f"; CUDA graphs {'on' if graphs else 'off'}",

@@ -18,7 +18,7 @@ from .data import Collator, encoded
 from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .generate import shared_eval_loss, shared_samples
 from .kernels.graphs import PAD_MULTIPLE
-from .kernels.layer import capturable, detach_fast, host_embedding, unsupported
+from .kernels.layer import detach_fast, host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
 from .kernels.offload import release_host_memory
 from .lora import add_lora, lora_layers, lora_state_dict
@@ -28,7 +28,8 @@ from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, choose_plan, plan_options
 from .rundir import claim
 from .stop import Interrupted, StopRequest
-from .step import Feed, Stepper, apply_settings, in_process_group, make_optimizer, optimizer_step, rank_and_world
+from .step import (Feed, Stepper, apply_settings, in_process_group, make_optimizer, make_stepper, optimizer_step,
+                   rank_and_world)
 
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
@@ -154,14 +155,8 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line = _setup_model(model, cfg, world)
-    device = model.lm_head.weight.device  # not the first parameter: the embedding may be on the host
-    # CUDA graphs need fast layers that can be captured and no GradScaler (fp16), and a plan that has room for them
-    graphs = (options.graphs and device.type == "cuda" and cfg.precision != "fp16" and options.fast
-              and capturable(model, PRECISIONS[cfg.precision]))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16: small grads survive
-    max_tokens = cfg.batch_size * math.ceil(cfg.max_len / PAD_MULTIPLE) * PAD_MULTIPLE
-    stepper = Stepper(model, options.loss_chunk, cfg.precision, scaler=scaler, graphs=dict(
-        eager_first_per_shape=options.offload, max_tokens=max_tokens) if graphs else None)
+    stepper = make_stepper(model, cfg, options)
+    graphs, scaler = stepper.graphs is not None, stepper.scaler
     feed = _setup_feed(model, tokenizer, examples, cfg, options, dense=graphs)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * feed.per_epoch / cfg.grad_accum))
     opt, sched = make_optimizer(model, cfg, total_steps)
@@ -174,7 +169,7 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
         log.say(f"resumed from {run.resume_from} at step {step}, with changed settings applied from here on: "
                 + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         log.log({"step": step, "resumed_from": run.resume_from, "changed": changed})
-    return _Training(model, tokenizer, cfg, run, device, world, stepper, feed, opt, sched, scaler, log, step,
+    return _Training(model, tokenizer, cfg, run, stepper.device, world, stepper, feed, opt, sched, scaler, log, step,
                      total_steps, plan_line, {"shape": shape, "config": dataclasses.asdict(cfg)})
 
 

@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .config import TrainConfig, autocast
+from .config import PRECISIONS, TrainConfig, autocast
 from .data import batches, packs
-from .kernels.graphs import GraphedSteps
+from .kernels.graphs import PAD_MULTIPLE, GraphedSteps
+from .kernels.layer import capturable
 from .fsdp import is_sharded
 from .loss import causal_lm_loss, supervised_count
+from .plan import PlanOptions
 from .template import IGNORE
 
 
@@ -156,6 +158,19 @@ def optimizer_step(stepper: Stepper, micro: list[tuple[dict, int]], opt, sched, 
     sched.step()
     opt.zero_grad(set_to_none=not stepper.keeps_grads)
     return loss_sum, n_step, norm
+
+
+def make_stepper(model, cfg: TrainConfig, options: PlanOptions) -> Stepper:
+    """The Stepper of a model prepared as `options` say: each batch shape's step a replayed CUDA graph where that
+    can be (capturable fast layers, a plan with room for the graphs, no GradScaler), else eager; fp16 steps scale
+    the loss (GradScaler), so that small grads survive."""
+    device = model.lm_head.weight.device  # not the first parameter: the embedding may be on the host
+    graphs = (options.graphs and device.type == "cuda" and cfg.precision != "fp16" and options.fast
+              and capturable(model, PRECISIONS[cfg.precision]))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    max_tokens = cfg.batch_size * math.ceil(cfg.max_len / PAD_MULTIPLE) * PAD_MULTIPLE
+    return Stepper(model, options.loss_chunk, cfg.precision, scaler=scaler, graphs=dict(
+        eager_first_per_shape=options.offload, max_tokens=max_tokens) if graphs else None)
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):

@@ -254,9 +254,13 @@ def test_train_lets_go_of_the_offloaded_steps_host_memory(base_dir, tmp_path, mo
     plan = loop._plan
     monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (PlanOptions(fast=True, offload=True, loss_chunk=512),
                                                                   plan(model, cfg, world)[1]))
-    seen = []
-    monkeypatch.setattr(offload.HostArena, "take", lambda self, like, take=offload.HostArena.take: (
-        seen.append(self), take(self, like))[1])
+    seen, take = [], offload.HostArena.take
+
+    def recorded_take(arena, like):  # the arenas that the offloaded steps take host memory from
+        seen.append(arena)
+        return take(arena, like)
+
+    monkeypatch.setattr(offload.HostArena, "take", recorded_take)
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
     ml.train(model, tok, instruction_rows(8, seed=1), ml.TrainConfig(output_dir=str(tmp_path), max_steps=2,
                                                                      batch_size=2, max_len=96, progress=False))

@@ -41,7 +41,7 @@ class GraphedSteps:
                  max_tokens: int | None = None):
         self.params, self.loss_fn, self.eager_first_per_shape = params, loss_fn, eager_first_per_shape
         self.max_tokens = max_tokens  # B x T of the largest batch to come, if known: sizes the shared inputs
-        self.graphs = {}  # the batch's shapes and constants -> (graph, static inputs, static loss)
+        self.graphs = {}  # the batch's shapes and constants -> (static inputs, constants[, graph, static loss])
         self.pool = torch.cuda.graph_pool_handle()
         self.eager = set()  # the shapes whose first micro-batch ran eagerly (one in all, or each)
         self.inputs = {}  # input name -> the buffer that every graph's input of that name is a view of

@@ -12,11 +12,11 @@ while the next units compute, and come back one unit ahead of the backward that 
               on a second side stream, which runs while unit k recomputes and backpropagates
 
 So two units' tensors are on the GPU besides the input of the unit that runs: in the forward the last two
-units', in the backward the ones in use and the next ones, copying. Events
-order the streams: a copy back waits for the copy out of the same tensors, and for the compute queued before
-it (its buffers may be memory that compute just freed); compute waits for the copy back's event before it
-reads them. Copies out and back have a stream each, so a backward prefetch never queues behind forward copies
-that are still draining. The last two units' tensors are never released: the backward starts with them.
+units', in the backward the ones in use and the next ones, copying. Events order the streams: a copy back waits
+for the copy out of the same tensors, and for the compute queued before it (its buffers may be memory that
+compute just freed); compute waits for the copy back's event before it reads them. Copies out and back have
+a stream each, so a backward prefetch never queues behind forward copies that are still draining. The last two
+units' tensors are never released: the backward starts with them.
 
 The host side is one arena per device (`HostArena`): pinned blocks allocated once and handed out again by
 every forward from the start, so that a step allocates no pinned memory and its copies go to the same
