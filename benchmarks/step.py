@@ -297,9 +297,9 @@ def load_minilora_plan(spec):
                          lora_dropout=spec["dropout"], targets=tuple(spec["targets"]), precision="bf16",
                          memory_budget_gib=impl_budget(spec["impl"]), max_steps=10**6, schedule="constant",
                          warmup_ratio=0.0)  # lr 2e-4 from the first step, as the other impls train
-    options, line = _plan(model, cfg, 1)
+    options, line, shape_plan = _plan(model, cfg, 1)
     prepare_for_training(model, options)
-    stepper = make_stepper(model, cfg, options)
+    stepper = make_stepper(model, cfg, options, shape_plan)
     graphs = stepper.graphs is not None
     opt, sched = make_optimizer(model, cfg, cfg.max_steps)
     vocab, table = model.lm_head.weight.shape[0], host_embedding(model)
@@ -318,7 +318,8 @@ def load_minilora_plan(spec):
 def loss_chunk(config, spec, opts) -> int:
     """The loss chunk train()'s memory plan would take for fast layers with these options: the largest that
     leaves the step's predicted peak where the smallest chunk has it. transformers' layers: the default 4096."""
-    from minilora.plan import LOSS_CHUNKS, choose_plan, plan_memory
+    from minilora.plan import LOSS_CHUNKS, plan_memory
+    from minilora.plan_choice import choose_plan
 
     if not opts.get("fast"):
         return LOSS_CHUNKS[0]

@@ -15,7 +15,8 @@ from .data import Collator, load_rows, split_eval  # noqa: E402
 from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
 from .model import load_model, load_tokenizer, prepare_for_training, save_merged  # noqa: E402
 from .rundir import RunDirError  # noqa: E402
-from .plan import PlanOptions, Setup, choose_plan, format_plan, plan_memory  # noqa: E402
+from .plan import PlanOptions, Setup, format_plan, plan_memory  # noqa: E402
+from .plan_choice import choose_plan  # noqa: E402
 from .template import MalformedRow, encode_chat, encode_rows, render_chat  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .generate import generate  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 
@@ -25,7 +26,8 @@ from .lora import add_lora, lora_layers, lora_state_dict
 from .loss import to_device
 from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
-from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, choose_plan, plan_options
+from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, plan_options
+from .plan_choice import choose_plan, shape_options
 from .rundir import claim
 from .stop import Interrupted, StopRequest
 from .step import (Feed, Stepper, apply_settings, in_process_group, make_optimizer, make_stepper, optimizer_step,
@@ -154,8 +156,8 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     rank, world = rank_and_world()
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
-    options, plan_line = _setup_model(model, cfg, world)
-    stepper = make_stepper(model, cfg, options)
+    options, plan_line, shape_plan = _setup_model(model, cfg, world)
+    stepper = make_stepper(model, cfg, options, shape_plan)
     graphs, scaler = stepper.graphs is not None, stepper.scaler
     feed = _setup_feed(model, tokenizer, examples, cfg, options, dense=graphs)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * feed.per_epoch / cfg.grad_accum))
@@ -187,35 +189,38 @@ def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
     return examples, stats, evals
 
 
-def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
+def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functools.partial | None]:
     """LoRA from cfg (when the model has none), then the decoder prepared as the memory plan says; returns the
-    plan's options and a line that says what and why."""
+    plan's options, a line that says what and why, and _plan's rule for shorter micro-batches."""
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
-    options, line = _plan(model, cfg, world)
+    options, line, shape_plan = _plan(model, cfg, world)
     prepare_for_training(model, options)
     if cfg.fsdp:
         shard(model, training_device(model))
         line += f"; sharded over {world} processes (FSDP2)"
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank_and_world()[0])  # the same LoRA init everywhere, a dropout stream each
-    return options, line + (f"; data-parallel over {world} processes" if world > 1 and not cfg.fsdp else "")
+    return options, line + (f"; data-parallel over {world} processes" if world > 1 and not cfg.fsdp else ""), shape_plan
 
 
-def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
-    """The decoder's options for this run. On a GPU they come from the memory plan for the budget
+def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functools.partial | None]:
+    """The decoder's options for this run, a line that says them, and the rule for shorter micro-batches (rows,
+    tokens a row) -> options, or None. On a GPU the options come from the memory plan for the budget
     (memory_budget_gib, or what the card has free plus what this process holds already), for the worst
-    micro-batch: batch_size x max_len tokens. Elsewhere, and with fast off, every layer is checkpointed (unless
-    gradient_checkpointing=False) and nothing is cached or offloaded."""
+    micro-batch: batch_size x max_len tokens; a shorter one checkpoints fewer layers where the budget has room
+    for its activations (plan_choice.shape_options). Elsewhere, and with fast off, every layer is checkpointed
+    (unless gradient_checkpointing=False) and nothing is cached or offloaded."""
     L, device = model.config.num_hidden_layers, next(model.parameters()).device
     options = plan_options(PlanOptions(fast=False, loss_chunk=LOSS_CHUNKS[0]), **cfg.fixed_plan())
     ckpt = f"{options.layers_checkpointed(L)}/{L}"
     why = "fast=False" if not cfg.fast else "fsdp=True" if cfg.fsdp else unsupported(model.config)
     if why:
-        return options, f"transformers' decoder layers ({why}), {ckpt} checkpointed"
+        return options, f"transformers' decoder layers ({why}), {ckpt} checkpointed", None
     if device.type != "cuda":
-        return dataclasses.replace(options, fast=True), f"fast layers, {ckpt} checkpointed (no memory plan off a GPU)"
+        return dataclasses.replace(options, fast=True), f"fast layers, {ckpt} checkpointed (no memory plan off a GPU)", \
+            None
     if cfg.memory_budget_gib:
         budget, source = cfg.memory_budget_gib * GiB, "memory_budget_gib"
     else:
@@ -228,17 +233,20 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str]:
                   compute_dtype=PRECISIONS[cfg.precision], data_parallel=in_process_group())
     choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan(), setup=setup)
     o, plan, n = choice["options"], choice["plan"], choice["options"].layers_checkpointed(L)
-    keeps = " (their recompute keeps its weights)" if o.keep_weights and n else ""
-    offloads = (f", their inputs{' and the embedding table' if plan['inputs']['embedding_on_host'] else ''} in "
-                f"host memory ({plan['cpu'] / GiB:.2f} GiB pinned)") if o.offload and n else ""
+    shape_plan = functools.partial(shape_options, model.config, choice=choice, fixed=cfg.fixed_plan(), setup=setup)
+    shortest = shape_plan(cfg.batch_size, PAD_MULTIPLE).layers_checkpointed(L)
+    detail = (" (their recompute keeps its weights)" if o.keep_weights and n else "") + (
+        f", {shortest} at {cfg.batch_size} x {PAD_MULTIPLE} tokens" if shortest < n else "") + (
+        f", their inputs{' and the embedding table' if plan['inputs']['embedding_on_host'] else ''} in "
+        f"host memory ({plan['cpu'] / GiB:.2f} GiB pinned)" if o.offload and n else "")
     line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): fast layers, {o.cached_layers}/{L} "
-            f"layers' weights kept dequantized, {n}/{L} checkpointed{keeps}{offloads}, loss chunk {o.loss_chunk}; "
+            f"layers' weights kept dequantized, {n}/{L} checkpointed{detail}, loss chunk {o.loss_chunk}; "
             f"predicted peak {plan['total'] / GiB:.2f} GiB at {cfg.batch_size} x {cfg.max_len} tokens")
     if not o.graphs and cfg.cuda_graphs:
         line += " (eager steps: the CUDA graphs' copy of the inputs would not fit)"
     if not choice["fits"]:
         line += "; that exceeds the budget: lower batch_size or max_len"
-    return o, line
+    return o, line, shape_plan if shortest < n else None
 
 
 def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptions, dense: bool) -> Feed:
@@ -275,9 +283,8 @@ def _report_times(t: _Training):
 
 
 def _evaluate(t: _Training, evals):
-    cfg = t.cfg
     with _timed(t, "eval"):
-        loss = shared_eval_loss(t.model, evals, t.feed.collate, cfg.batch_size, cfg.precision, t.stepper.chunk)
+        loss = shared_eval_loss(t.model, evals, t.feed.collate, t.cfg.batch_size, t.cfg.precision, t.stepper.chunk)
     t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
 

@@ -1,5 +1,5 @@
-"""Predict the peak GPU memory of one minilora QLoRA training step before loading anything, and choose the
-fastest way to train that fits a memory budget.
+"""Predict the peak GPU memory of one minilora QLoRA training step before loading anything (plan_choice.py then
+chooses the fastest way to train that fits a memory budget).
 
 The peak is what `torch.cuda.max_memory_allocated` reports: persistent tensors (4-bit weights, adapters, optimizer
 state, weights kept dequantized, grads and inputs of CUDA-graph steps) plus the larger of two transient moments
@@ -80,7 +80,7 @@ def plan_options(options: PlanOptions | None = None, gradient_checkpointing: boo
     return dataclasses.replace(options or PlanOptions(), **fields)
 
 
-def _split(options, setup, fields) -> tuple[PlanOptions, Setup]:
+def split_fields(options, setup, fields) -> tuple[PlanOptions, Setup]:
     """plan_memory's and choose_plan's keyword arguments, each to its dataclass."""
     names = {f.name for f in dataclasses.fields(Setup)}
     setup = dataclasses.replace(setup or Setup(), **{k: v for k, v in fields.items() if k in names})
@@ -99,7 +99,7 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     `cuda_context` (outside `total`) and `inputs`.
     """
     c = SimpleNamespace(**config) if isinstance(config, dict) else config
-    options, setup = _split(options or PlanOptions(fast=False), setup, fields)
+    options, setup = split_fields(options or PlanOptions(fast=False), setup, fields)
     z = _sizes(c, batch, seq_len, setup)
     step = _Step(z, options, quantized=setup.quant is not None)
     tied = getattr(c, "tie_word_embeddings", False)
@@ -245,47 +245,6 @@ class _Step:
         # keeps weights) while fewer activations are held.
         moments["backward"] = max((self.backward(i) for i in {z.L - 1, max(self.ckpt - 1, 0)}), key=sum)
         return moments
-
-
-def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None, setup: Setup | None = None,
-                **fields) -> dict:
-    """The fastest fast-layer options whose predicted peak fits `budget` bytes: {"options": PlanOptions,
-    "plan": plan_memory's result for them, "budget", "fits"}.
-
-    From the leanest (every layer checkpointed, nothing cached; offloaded only if nothing else fits, since
-    the copies and the split dequantizations cost some time, and then eager steps only if even that does not
-    fit: CUDA graphs keep their own copy of the inputs), memory is spent in the order that saves the
-    most time per byte at a guanaco-like step: the recompute keeps its dequantized weights for the backward
-    (keep_weights: one dequantization fewer per weight, a layer's weights once), then layers keep their
-    weights dequantized for good (cached_layers: no dequantization at all), then layers stop checkpointing
-    (no recompute). All this with the smallest loss chunk; then the chunk grows while the peak stays put.
-    If even the leanest does not fit, it is returned with "fits": False. fixed: PlanOptions fields decided by
-    the caller (e.g. {"checkpointed": 32}), left as they are. setup, fields: the base and adapter (Setup).
-    """
-    L = (SimpleNamespace(**config) if isinstance(config, dict) else config).num_hidden_layers
-    fixed, setup = fixed or {}, _split(None, setup, fields)[1]
-    change = dataclasses.replace
-
-    def peak(options: PlanOptions) -> int:
-        return plan_memory(config, batch, seq_len, plan_options(options, **fixed), setup)["total"]
-
-    opts = PlanOptions(fast=True, checkpointed=L, loss_chunk=LOSS_CHUNKS[-1])
-    # leaner and slower: checkpointed inputs and the embedding table in host memory, then eager steps too
-    for lean in ({"offload": True}, {"graphs": False}):
-        if peak(opts) > budget and not lean.keys() & fixed.keys():
-            opts = change(opts, **lean)
-    if peak(opts) <= budget:
-        if peak(change(opts, keep_weights=True)) <= budget:
-            opts = change(opts, keep_weights=True)
-        opts = change(opts, cached_layers=max(n for n in range(L + 1) if peak(change(opts, cached_layers=n)) <= budget))
-        opts = change(opts, checkpointed=min(n for n in range(L + 1) if peak(change(opts, checkpointed=n)) <= budget))
-        # Larger chunks launch fewer, larger GEMMs, but the loss should not become the peak where memory is
-        # tight: the largest chunk that fits and leaves the peak where it was (or a peak well inside the budget).
-        ceiling = min(budget, max(peak(opts), 0.9 * budget))
-        opts = change(opts, loss_chunk=next(c for c in LOSS_CHUNKS if peak(change(opts, loss_chunk=c)) <= ceiling))
-    opts = plan_options(opts, **fixed)
-    result = plan_memory(config, batch, seq_len, opts, setup)
-    return {"options": opts, "plan": result, "budget": budget, "fits": result["total"] <= budget}
 
 
 def format_plan(plan) -> str:

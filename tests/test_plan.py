@@ -1,6 +1,7 @@
 """minilora.plan.plan_memory: its breakdown adds up, scales the right way, matches autograd's saved tensors for one
 layer and stays under PEFT's measured peaks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from transformers import LlamaConfig
 
 import minilora as ml
-from minilora.plan import GiB, PlanOptions, choose_plan, format_plan, plan_memory
+from minilora.plan import GiB, PlanOptions, format_plan, plan_memory
+from minilora.plan_choice import choose_plan, shape_options
 from minilora.tiny import tiny_config
 
 LLAMA2_7B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -114,6 +116,42 @@ def test_choose_plan_gives_up_graphs_last_and_returns_the_leanest_when_nothing_f
     assert leanest["plan"]["total"] < plan_memory(LLAMA2_7B, 1, 32768, PlanOptions(fast=True, loss_chunk=512))["total"]
     roomy = choose_plan(LLAMA2_7B, 4, 1024, 40 * GiB, fixed={"graphs": False})
     assert not roomy["options"].graphs and roomy["plan"]["inputs"]["graphs"] is False
+
+
+def _shape_peak(choice, B, T, options):
+    """plan_memory's peak for a B x T micro-batch under `options`, its graphs' input buffers sized for the longest."""
+    b = plan_memory(LLAMA2_7B, B, T, options)["breakdown"]
+    return sum(b.values()) - b.get("graph_inputs", 0) + choice["plan"]["breakdown"].get("graph_inputs", 0)
+
+
+@pytest.mark.parametrize("budget", [4.8, 6, 12])
+def test_shorter_micro_batches_checkpoint_fewer_layers_within_the_longest_ones_peak(budget):
+    """The plan is chosen for 4 x 1024 tokens; a shorter micro-batch spends the room its smaller activations leave
+    on the recompute keeping its weights, then on fewer checkpointed layers: as few as keep its predicted peak
+    at or under the longest batch's, and no fewer. What lasts the run stays as chosen."""
+    choice = choose_plan(LLAMA2_7B, 4, 1024, budget * GiB)
+    longest, ceiling = choice["options"], min(budget * GiB, choice["plan"]["total"])
+    assert shape_options(LLAMA2_7B, 4, 1024, choice).layers_checkpointed(32) == longest.layers_checkpointed(32)
+    counts = []
+    for T in range(64, 1025, 64):
+        o = shape_options(LLAMA2_7B, 4, T, choice)
+        n = o.layers_checkpointed(32)
+        counts.append(n)
+        assert (o.cached_layers, o.offload, o.loss_chunk, o.graphs) == (longest.cached_layers, longest.offload,
+                                                                         longest.loss_chunk, longest.graphs)
+        assert o.embedding_on_host == choice["plan"]["inputs"]["embedding_on_host"]  # even with none checkpointed
+        assert _shape_peak(choice, 4, T, o) <= ceiling
+        if n:  # one fewer would not fit, nor would keeping the weights where they are not kept
+            assert _shape_peak(choice, 4, T, dataclasses.replace(o, checkpointed=n - 1)) > ceiling
+            assert o.keep_weights or _shape_peak(choice, 4, T, dataclasses.replace(o, keep_weights=True)) > ceiling
+    assert counts == sorted(counts) and counts[0] < counts[-1]  # fewer for shorter batches, more for longer
+
+
+def test_shape_options_leave_fixed_checkpointing_and_transformers_layers_alone():
+    choice = choose_plan(LLAMA2_7B, 4, 1024, 6 * GiB, fixed={"gradient_checkpointing": True})
+    assert shape_options(LLAMA2_7B, 4, 64, choice, fixed={"gradient_checkpointing": True}).checkpointed is None
+    slow = {"options": PlanOptions(fast=False), "plan": plan_memory(LLAMA2_7B, 4, 1024), "budget": 6 * GiB}
+    assert shape_options(LLAMA2_7B, 4, 64, slow).layers_checkpointed(32) == 32
 
 
 def test_unquantized_weights_cost_four_times_more():

@@ -385,6 +385,51 @@ def test_training_equals_the_padded_fast_default(base_dir, tmp_path, variant):
         assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
 
 
+def test_each_micro_batch_takes_its_shapes_checkpointing(base_dir, tmp_path, monkeypatch):
+    """On a GPU the memory plan gives shorter micro-batches fewer checkpointed layers (plan_choice.shape_options),
+    and the step applies each shape's choice before its forward. Here a rule checkpoints every layer, the
+    recompute keeping its weights, for every other new shape, and none for the rest: each forward runs as its
+    shape says, and the run equals the default one (every layer checkpointed): fp32 round-off through Adam, 1e-5,
+    dropout on (a recompute draws its forward's masks again)."""
+    from minilora.kernels import layer as kernels
+    from minilora.plan import PlanOptions
+
+    loop, step = importlib.import_module("minilora.loop"), importlib.import_module("minilora.step")
+    plan, asked, forwards = loop._plan, {}, []
+
+    def rule(B, T):  # as shape_options would answer: a PlanOptions per shape, asked once per shape
+        assert (B, T) not in asked
+        asked[B, T] = PlanOptions(fast=True, checkpointed=None if len(asked) % 2 else 0, keep_weights=True)
+        return asked[B, T]
+
+    monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (*plan(model, cfg, world)[:2], rule))
+    loss, apply = step.causal_lm_loss, kernels.Recomputed.apply
+
+    def recorded_loss(model, batch, chunk):
+        forwards.append([tuple(batch["input_ids"].shape), 0, [(kernels.fast_layer(layer).checkpoint,
+                         kernels.fast_layer(layer).qkv.keep_weights) for layer in model.model.layers]])
+        return loss(model, batch, chunk)
+
+    def counted_apply(*args):
+        forwards[-1][1] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(step, "causal_lm_loss", recorded_loss)
+    monkeypatch.setattr(kernels.Recomputed, "apply", counted_apply)
+    common = dict(max_steps=6, max_len=128, lr=1e-3, log_every=1)
+    _, _, got = run(base_dir, tmp_path / "shapes", **common)
+    assert len(forwards) == 6 and len(asked) >= 2 and any(o.checkpointed == 0 for o in asked.values())
+    for shape, recomputed, layers in forwards:
+        n = asked[shape].layers_checkpointed(len(layers))
+        assert recomputed == n and layers == [(i < n, i < n) for i in range(len(layers))]
+    monkeypatch.undo()
+    _, _, ref = run(base_dir, tmp_path / "default", **common)
+    assert losses(got) == pytest.approx(losses(ref), rel=1e-5)
+    a, b = adapter(tmp_path / "default" / "adapter"), adapter(tmp_path / "shapes" / "adapter")
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+
+
 @pytest.mark.parametrize("paged,plain", [("paged_adamw", "adamw"), ("paged_adamw_8bit", "adamw_8bit")])
 def test_paged_optimizers_follow_their_unpaged_twins(base_dir, tmp_path, paged, plain):
     """Paging moves optimizer states between GPU and host memory and changes no number. On the CPU bitsandbytes

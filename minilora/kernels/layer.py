@@ -44,17 +44,25 @@ class FastLayer:
 
     def __init__(self, layer: torch.nn.Module, cache=False, keep_weights=False, checkpoint=False, offload=False):
         att, mlp = layer.self_attn, layer.mlp
-        split = offload and not cache and not keep_weights
-        self.qkv = Projection([att.q_proj, att.k_proj, att.v_proj], cache, keep_weights, split)
-        self.o = Projection([att.o_proj], cache, keep_weights)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], cache, keep_weights, split)
-        self.down = Projection([mlp.down_proj], cache, keep_weights)
-        self.checkpoint, self.offload = checkpoint, offload and checkpoint
+        self.qkv = Projection([att.q_proj, att.k_proj, att.v_proj], cache)
+        self.o = Projection([att.o_proj], cache)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], cache)
+        self.down = Projection([mlp.down_proj], cache)
+        self.lean = offload
+        self.set_mode(checkpoint, keep_weights)
         # the LoRA weights of each unit, which a checkpointed unit's single autograd node must name as inputs
         self.params = {part: [w for p in projections for _, m in p.loras for w in (m.lora_A.weight, m.lora_B.weight)]
                        for part, projections in ((attention_block, (self.qkv, self.o)),
                                                  (mlp_block, (self.gate_up, self.down)))}
         self.params[layer_forward] = self.params[attention_block] + self.params[mlp_block]
+
+    def set_mode(self, checkpoint: bool, keep_weights: bool):
+        """Whether the layer is checkpointed, and then whether its recompute keeps its weights for the backward:
+        a micro-batch's own choice (set_checkpointing), made before its forward. In the lean mode a checkpointed
+        layer offloads, and projections that keep no weights dequantize them member by member."""
+        self.checkpoint, self.offload = checkpoint, self.lean and checkpoint
+        for p in self.projections():
+            p.set_mode(keep_weights and checkpoint, split=self.lean)
 
     def projections(self) -> tuple[Projection, ...]:
         return self.qkv, self.o, self.gate_up, self.down
@@ -81,6 +89,13 @@ def detach_fast(model: torch.nn.Module):
     """Drop every decoder layer's FastLayer, and with it the weights it keeps dequantized."""
     for layer in model.model.layers:
         layer.__dict__.pop(_FAST, None)
+
+
+def set_checkpointing(model: torch.nn.Module, checkpointed: int, keep_weights: bool):
+    """Checkpoint the first `checkpointed` fast layers (their recompute keeping its weights if keep_weights) and
+    not the others, for the forwards to come."""
+    for i, layer in enumerate(model.model.layers):
+        fast_layer(layer).set_mode(i < checkpointed, keep_weights)
 
 
 def fast_layer(layer: torch.nn.Module) -> FastLayer:

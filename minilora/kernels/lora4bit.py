@@ -79,7 +79,8 @@ class Projection:
     """Linears that read one input (`members`: LoRALinear or plain/4-bit linears), computed as one.
 
     Not an nn.Module: it holds references to the model's own modules, which keep every parameter, so state
-    dicts, adapters and merging see nothing new. `cache` and `keep_weights` are set by prepare_for_training.
+    dicts, adapters and merging see nothing new. prepare_for_training sets `cache`; `set_mode` the rest, per
+    micro-batch.
     """
 
     def __init__(self, members: list[nn.Module], cache: bool = False, keep_weights: bool = False, split: bool = False):
@@ -100,8 +101,14 @@ class Projection:
         self.has_bias = any(b.bias is not None for b in self.bases)
         # Only a 4-bit weight is worth keeping dequantized: a plain one is there already (stacking several
         # plain weights makes a copy per call instead, which is the rare quant=None case).
-        quantized = all(is_4bit(b) for b in self.bases)
-        self.cache, self.keep_weights, self.cached = cache and quantized, keep_weights and quantized, None
+        self.quantized = all(is_4bit(b) for b in self.bases)
+        self.cache, self.cached = cache and self.quantized, None
+        self.set_mode(keep_weights, split)
+
+    def set_mode(self, keep_weights: bool, split: bool):
+        """keep_weights: the forward saves the dequantized weight for the backward. split: members dequantized one
+        at a time, where the weight is neither kept nor cached."""
+        self.keep_weights = keep_weights and self.quantized
         self.split = split and len(self.bases) > 1 and not (self.cache or self.keep_weights)
 
     def capturable(self, dtype: torch.dtype) -> bool:
