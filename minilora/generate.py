@@ -61,7 +61,7 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
                 outs = [out for k in range(0, len(ids), rows)
                         for out in decoder(ids[k:k + rows], max_new_tokens, tokenizer.eos_token_id)]
             else:
-                outs = [_hf_generate(model, tokenizer, x, max_new_tokens) for x in ids]
+                outs = _hf_answers(model, tokenizer, ids, max_new_tokens)
     finally:
         if attach:
             detach_fast(model)
@@ -69,11 +69,24 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
     return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
 
 
-def _hf_generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
-    x = torch.tensor([ids], device=model.lm_head.weight.device)
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                         use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return out[0, len(ids):].tolist()
+def _hf_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy answers, one prompt at a time; an embedding table in host memory comes to the device
+    meanwhile (transformers' forward wants it there) and goes back."""
+    table = host_embedding(model) if isinstance(model, LlamaForCausalLM) else None
+    if table is not None:
+        place_embedding(model)
+    answers = []
+    try:
+        for ids in prompts:
+            x = torch.tensor([ids], device=model.lm_head.weight.device)
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            answers.append(out[0, len(ids):].tolist())
+    finally:
+        if table is not None:
+            place_embedding(model, "cpu")
+    return answers
 
 
 @torch.no_grad()
@@ -93,20 +106,15 @@ def evaluate(model, examples: list[dict], collate, batch_size: int, precision: s
 
 def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> list[tuple[str, str]]:
     """[(prompt, greedy answer)]. Every RNG is restored afterwards, so sampling leaves the training trajectory
-    exactly as it would have been without it; a host-resident embedding table comes to the device meanwhile
-    (transformers' forward wants it there) and goes back."""
+    exactly as it would have been without it."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    table = host_embedding(model)
-    place_embedding(model)
     try:
         return list(zip(prompts, _answers(model, tokenizer, prompts, max_new_tokens, precision)))
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        if table is not None:
-            place_embedding(model, "cpu")
 
 
 def shared_eval_loss(model, examples: list[dict], collate, batch_size: int, precision: str, chunk: int) -> float:

@@ -77,7 +77,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
             t.log.close()
             detach_fast(model)  # the fast layers' weight caches go with them; generation needs neither
             release_host_memory()  # the offloaded steps' pinned host memory
-            place_embedding(model)  # back beside lm_head, where generation and transformers' forward want it
+            place_embedding(model)  # back beside lm_head, where transformers' forward wants it
         if rank == 0:
             t.log.plot()
         if world > 1:

@@ -4,9 +4,11 @@ token as one replayed CUDA graph (where every projection can run inside one: lay
 
 transformers' generate runs each decoder layer's modules one by one for every new token, and bitsandbytes'
 4-bit linears with them: a 7B model spends tens of milliseconds a token on the host. Here the prompt runs
-through the fast layers once (prefill), then each token's step (embedding, every layer with its KV cache
-write, the final norm, lm_head, argmax) reads and writes fixed tensors only: each row's next token, its
-position and the cache, so that on CUDA it is captured once and replayed, one launch a token.
+through the fast layers once (prefill), then each token's step (every layer with its KV cache write, the final
+norm, lm_head, argmax) reads and writes fixed tensors only: each row's embedded input, its position and next
+token, and the cache, so that on CUDA it is captured once and replayed, one launch a token. The embedding comes
+before it, from the table where it is: on the device, or in host memory where the memory plan put it
+(layer.host_embedding), whose rows for the chosen tokens are gathered there and copied.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layer import capturable, fast_layer, mlp_block
+from .layer import capturable, fast_layer, host_embedding, mlp_block
 from .rmsnorm import rms_norm
 from .rope import Rope
 
@@ -36,7 +38,8 @@ class Decoder:
         self.cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                       for _ in model.model.layers]
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)  # each row's step input token ...
-        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)  # ... and its position
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)  # ... its position ...
+        self.x = torch.zeros(rows, 1, c.hidden_size, dtype=dtype, device=device)  # ... and its embedding
         self.out = torch.zeros(rows, max_len, dtype=torch.long, device=device)  # out[b, p]: row b's choice at p
         self.graph = None
         self.graphs = graphs and device.type == "cuda" and capturable(model, dtype)
@@ -54,7 +57,7 @@ class Decoder:
         for b, ids in enumerate(prompts):  # each prompt through its own row: its step writes its first choice
             self.pos[b] = len(ids) - 1
             positions = torch.arange(len(ids), device=self.pos.device)[None]
-            self._forward(torch.tensor([ids], device=self.pos.device), positions, slice(b, b + 1))
+            self._forward(self._embed(torch.tensor([ids])), positions, slice(b, b + 1))
         done = 1
         while done < n:
             for _ in range(min(CHECK_EVERY, n - done)):
@@ -69,8 +72,15 @@ class Decoder:
             answers.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
         return answers
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding of ids (B, T) on the device, in the compute dtype, gathered where the table is."""
+        table = host_embedding(self.model)
+        ids = ids.to(self.pos.device if table is None else "cpu")  # a host table: one wait for the chosen tokens
+        return self.model.model.embed_tokens(ids).to(self.pos.device, self.dtype, non_blocking=True)
+
     def _next(self):
         """One new token's step for every row: as a CUDA graph, captured at the first call, or eagerly."""
+        self.x.copy_(self._embed(self.token))
         if self.graph is not None:
             return self.graph.replay()
         if not self.graphs:
@@ -86,18 +96,17 @@ class Decoder:
 
     def _step(self):
         self.pos += 1
-        self._forward(self.token, self.pos, slice(None))
+        self._forward(self.x, self.pos, slice(None))
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: slice):
-        """ids (B, T) at `positions` (B, T) through the model for the cache's `rows` (B of them), their keys and
-        values into those rows' cache; the argmax after each row's last position goes to out[b, last + 1] and
-        becomes its next step's input token."""
+    def _forward(self, h: torch.Tensor, positions: torch.Tensor, rows: slice):
+        """Embedded tokens h (B, T, H) at `positions` (B, T) through the model for the cache's `rows` (B of them),
+        their keys and values into those rows' cache; the argmax after each row's last position goes to
+        out[b, last + 1] and becomes its next step's input token."""
         inner = self.model.model
-        h = inner.embed_tokens(ids).to(self.dtype)  # (B, T, H)
         rope = [t.to(self.dtype)[:, :, None] for t in inner.rotary_emb(h, positions)]  # cos, sin (B, T, 1, hd)
         # key j is visible to the query at position p when j <= p: the prompt's causal mask, and for one new
         # token every filled cache entry of its row
-        visible = torch.arange(self.max_len, device=ids.device) <= positions[:, :, None]  # (B, T, max_len)
+        visible = torch.arange(self.max_len, device=h.device) <= positions[:, :, None]  # (B, T, max_len)
         for layer, (keys, values) in zip(inner.layers, self.cache):
             h = mlp_block(layer, _attention_block(layer, h, rope, (keys[rows], values[rows]), positions, visible))
         logits = self.model.lm_head(rms_norm(h[:, -1:], inner.norm))  # (B, 1, vocab)
