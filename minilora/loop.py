@@ -190,8 +190,7 @@ def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
 
 
 def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functools.partial | None]:
-    """LoRA from cfg (when the model has none), then the decoder prepared as the memory plan says; returns the
-    plan's options, a line that says what and why, and _plan's rule for shorter micro-batches."""
+    """LoRA from cfg (when the model has none), then the decoder prepared as the memory plan says: _plan's three."""
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
@@ -202,7 +201,8 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str,
         line += f"; sharded over {world} processes (FSDP2)"
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank_and_world()[0])  # the same LoRA init everywhere, a dropout stream each
-    return options, line + (f"; data-parallel over {world} processes" if world > 1 and not cfg.fsdp else ""), shape_plan
+        line += "" if cfg.fsdp else f"; data-parallel over {world} processes"
+    return options, line, shape_plan
 
 
 def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functools.partial | None]:
@@ -219,8 +219,8 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functo
     if why:
         return options, f"transformers' decoder layers ({why}), {ckpt} checkpointed", None
     if device.type != "cuda":
-        return dataclasses.replace(options, fast=True), f"fast layers, {ckpt} checkpointed (no memory plan off a GPU)", \
-            None
+        line = f"fast layers, {ckpt} checkpointed (no memory plan off a GPU)"
+        return dataclasses.replace(options, fast=True), line, None
     if cfg.memory_budget_gib:
         budget, source = cfg.memory_budget_gib * GiB, "memory_budget_gib"
     else:

@@ -83,7 +83,7 @@ class Projection:
     micro-batch.
     """
 
-    def __init__(self, members: list[nn.Module], cache: bool = False, keep_weights: bool = False, split: bool = False):
+    def __init__(self, members: list[nn.Module], cache: bool = False):
         self.bases = [m.base if hasattr(m, "lora_A") else m for m in members]
         if any(getattr(b, "lora_A", None) is not None for b in self.bases):
             raise ValueError("nested LoRA layers cannot be projected")
@@ -103,7 +103,7 @@ class Projection:
         # plain weights makes a copy per call instead, which is the rare quant=None case).
         self.quantized = all(is_4bit(b) for b in self.bases)
         self.cache, self.cached = cache and self.quantized, None
-        self.set_mode(keep_weights, split)
+        self.set_mode(keep_weights=False, split=False)
 
     def set_mode(self, keep_weights: bool, split: bool):
         """keep_weights: the forward saves the dequantized weight for the backward. split: members dequantized one
