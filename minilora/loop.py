@@ -207,8 +207,8 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str,
 
 def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functools.partial | None]:
     """The decoder's options for this run, a line that says them, and the rule for shorter micro-batches (rows,
-    tokens a row) -> options, or None. On a GPU the options come from the memory plan for the budget
-    (memory_budget_gib, or what the card has free plus what this process holds already), for the worst
+    tokens a row) -> options, or None without a memory plan. On a GPU the options come from the memory plan for
+    the budget (memory_budget_gib, or what the card has free plus what this process holds already), for the worst
     micro-batch: batch_size x max_len tokens; a shorter one checkpoints fewer layers where the budget has room
     for its activations (plan_choice.shape_options). Elsewhere, and with fast off, every layer is checkpointed
     (unless gradient_checkpointing=False) and nothing is cached or offloaded."""
@@ -246,7 +246,7 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functo
         line += " (eager steps: the CUDA graphs' copy of the inputs would not fit)"
     if not choice["fits"]:
         line += "; that exceeds the budget: lower batch_size or max_len"
-    return o, line, shape_plan if shortest < n else None
+    return o, line, shape_plan
 
 
 def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptions, dense: bool) -> Feed:

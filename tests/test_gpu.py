@@ -332,6 +332,7 @@ def test_graphed_steps_take_each_shapes_checkpointing(base_dir, tmp_path, monkey
     checkpoints no layer at 2 x 64 tokens and every layer, the recompute keeping its weights, at 2 x 128: each
     shape's CUDA graph is captured with its own checkpointing, offloaded or not, and the eight steps' losses equal
     the default plan's within bf16's 2e-2 (the same arithmetic, other kernels' rounding)."""
+    import dataclasses
     import importlib
 
     from minilora.kernels import layer as kernels
@@ -348,7 +349,7 @@ def test_graphed_steps_take_each_shapes_checkpointing(base_dir, tmp_path, monkey
     loop, step = importlib.import_module("minilora.loop"), importlib.import_module("minilora.step")
     lean = PlanOptions(fast=True, checkpointed=2, offload=offload, keep_weights=True, loss_chunk=512)
     monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (
-        lean, "a lean plan", lambda B, T: PlanOptions(**{**lean.__dict__, "checkpointed": 0 if T <= 64 else 2})))
+        lean, "a lean plan", lambda B, T: dataclasses.replace(lean, checkpointed=0 if T <= 64 else 2)))
     seen, loss = {}, step.causal_lm_loss
 
     def recorded_loss(model, batch, chunk):  # run eagerly or at a capture: each shape's layers as they are set
