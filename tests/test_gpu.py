@@ -288,6 +288,49 @@ def test_graphed_steps_equal_eager_steps(base_dir, mha_dir, monkeypatch, layers,
     assert all(rel(grads[k], ref_grads[k]) <= 1e-2 for k in ref_grads)
 
 
+def test_a_capture_survives_garbage_that_holds_cuda_state():
+    """A step captured while an earlier run's garbage waits in a reference cycle (a captured graph and its pool,
+    pinned host memory that a side stream copied from). Python's collector runs when it likes; here, where it
+    could, inside the capture (if enabled, as it would be without kernels.graphs.capture). Freeing that garbage
+    there would invalidate this capture and every later one in the process. The replay then gives the eager
+    step's gradient (the same kernels: fp32 1e-6)."""
+    import gc
+
+    from minilora.kernels.graphs import GraphedSteps
+
+    def garbage():
+        x = torch.zeros(4096, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.add_(1)
+        pinned, side = torch.ones(2**20, pin_memory=True), torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            copy = pinned.to("cuda", non_blocking=True)
+        cycle = {"graph": graph, "x": x, "pinned": pinned, "copy": copy}
+        cycle["self"] = cycle
+        return [cycle]
+
+    held, collected = garbage(), []
+    w = torch.randn(64, 64, device="cuda", requires_grad=True)
+
+    def loss_fn(batch):
+        if torch.cuda.is_current_stream_capturing() and held:
+            held.clear()  # the cycle becomes garbage inside the capture
+            if gc.isenabled():
+                collected.append(gc.collect())
+        return (batch["input_ids"].float() @ w).square().sum()
+
+    steps = GraphedSteps([w], loss_fn)
+    ids = torch.randint(0, 5, (8, 64), device="cuda")
+    steps({"input_ids": ids.clone(), "n_tokens": 8}, 1.0)  # eager
+    eager = w.grad.clone()
+    w.grad.zero_()
+    steps({"input_ids": ids.clone(), "n_tokens": 8}, 1.0)  # captured, then replayed
+    torch.cuda.synchronize()
+    assert not held and not collected and len(steps.graphs) == 1
+    assert rel(w.grad, eager) <= 1e-6
+
+
 @pytest.mark.parametrize("outcome", ["cached, graphs", "cached, eager", "checkpointed", "offloaded"])
 def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp_path, outcome):
     """train() on the GPU under each outcome of its memory plan, chosen by the budget: every weight kept
@@ -361,6 +404,45 @@ def test_graphed_steps_take_each_shapes_checkpointing(base_dir, tmp_path, monkey
     losses = run("shapes")
     assert seen == {(2, 64): [(False, False)] * 2, (2, 128): [(True, offload)] * 2}
     assert losses == pytest.approx(reference, rel=2e-2)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_graphed_training_and_samples_leave_the_planned_cublas_workspaces(base_dir, tmp_path, monkeypatch, offload):
+    """cuBLAS keeps a workspace for each (thread, stream) it runs on. train() with CUDA graphs and greedy samples
+    runs its eager steps (the first, or each shape's first when offloaded), their captures, and decoding's
+    prefill, warm-up and capture on one stream: it leaves two workspaces, the forward's thread's and the autograd
+    thread's, the two that plan.CUBLAS_WORKSPACES counts, not the four of separate streams. Measured as the memory
+    freed by dropping them all, against one workspace's size: two, and less than a third (a 1 MiB buffer beside
+    them on the H200 is not one)."""
+    import dataclasses
+    import gc
+    import importlib
+
+    from minilora.plan import PlanOptions
+    from minilora.tiny import instruction_rows
+
+    def workspaces() -> int:  # bytes that cuBLAS's workspaces hold, dropped
+        gc.collect()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        torch._C._cuda_clearCublasWorkspaces()
+        return held - torch.cuda.memory_allocated()
+
+    a = torch.ones(64, 64, device="cuda")
+    workspaces()
+    a @ a  # one workspace: this thread's, on the current stream
+    one = workspaces()
+    assert one > 0
+    loop = importlib.import_module("minilora.loop")
+    lean = PlanOptions(fast=True, checkpointed=2, offload=offload, keep_weights=True, loss_chunk=512)
+    monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (
+        lean, "a lean plan", lambda B, T: dataclasses.replace(lean, checkpointed=0 if T <= 64 else 2)))
+    model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+    cfg = ml.TrainConfig(output_dir=str(tmp_path / "out"), max_steps=6, batch_size=2, max_len=128, lora_r=8,
+                         lora_alpha=16, progress=False, sample_prompts=("Say hello.",), sample_max_new_tokens=8)
+    history = ml.train(model, tok, instruction_rows(32, seed=3), cfg)
+    assert sum("sample" in h for h in history) == 2  # at the start and the end
+    assert 2 * one <= workspaces() < 3 * one
 
 
 def test_packed_training_equals_padded_training_on_the_gpu(base_dir, tmp_path):

@@ -13,9 +13,12 @@ before it, from the table where it is: on the device, or in host memory where th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
+from .graphs import capture, on_capture_stream
 from .layer import capturable, fast_layer, host_embedding, mlp_block
 from .rmsnorm import rms_norm
 from .rope import Rope
@@ -53,6 +56,10 @@ class Decoder:
         n = min(max_new_tokens, self.max_len - max(map(len, prompts)))
         if n <= 0:
             return [[] for _ in prompts]
+        with on_capture_stream() if self.graphs else contextlib.nullcontext():  # prefill, warm-up, capture, replays
+            return self._decode(prompts, n, eos_id)
+
+    def _decode(self, prompts: list[list[int]], n: int, eos_id: int | None) -> list[list[int]]:
         self.pos.zero_()  # rows without a prompt stay in range and are never read
         for b, ids in enumerate(prompts):  # each prompt through its own row: its step writes its first choice
             self.pos[b] = len(ids) - 1
@@ -85,13 +92,9 @@ class Decoder:
             return self.graph.replay()
         if not self.graphs:
             return self._step()
-        side = torch.cuda.Stream()  # the first step runs eagerly on a side stream, as capture wants a warm-up
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step()
-        torch.cuda.current_stream().wait_stream(side)
+        self._step()  # the first step runs eagerly, as capture wants
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # recorded, not run: the next call replays it
+        with capture(self.graph):  # recorded, not run: the next call replays it
             self._step()
 
     def _step(self):

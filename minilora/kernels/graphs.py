@@ -26,6 +26,8 @@ side streams that fork from the captured stream and join it again within the ste
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 
 import torch
@@ -55,9 +57,10 @@ class GraphedSteps:
                     if name != "n_tokens")
         if not self.eager or (self.eager_first_per_shape and key not in self.eager):  # lazy initialisation, caches
             self.eager.add(key)
-            loss = self.loss_fn(batch)
-            batch.clear()
-            (loss * scale).backward()
+            with on_capture_stream():
+                loss = self.loss_fn(batch)
+                batch.clear()
+                (loss * scale).backward()
             return loss.detach()
         if key not in self.graphs:
             self.graphs[key] = self._static(batch)
@@ -84,8 +87,8 @@ class GraphedSteps:
                 p.grad = torch.zeros_like(p)  # fixed addresses that every replay accumulates into
         graph = torch.cuda.CUDAGraph()
         dtype = torch.get_autocast_dtype("cuda")
-        with torch.cuda.graph(graph, pool=self.pool), torch.autocast("cuda", dtype=dtype, cache_enabled=False,
-                                                                     enabled=torch.is_autocast_enabled("cuda")):
+        with capture(graph, pool=self.pool), torch.autocast("cuda", dtype=dtype, cache_enabled=False,
+                                                            enabled=torch.is_autocast_enabled("cuda")):
             loss = self.loss_fn({**static, **constants, "n_tokens": None})
             (loss * static["scale"]).backward()
         return graph, loss.detach()
@@ -99,3 +102,44 @@ class GraphedSteps:
             n = max(x.numel(), math.ceil(x.numel() * (self.max_tokens or 0) / tokens))
             buf = self.inputs[name] = torch.empty(n, dtype=x.dtype, device=x.device)
         return buf[:x.numel()].view(x.shape)
+
+
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _stream() -> torch.cuda.Stream:
+    """The one stream (per device) that every capture and every eager warm-up before one runs on. cuBLAS keeps a
+    workspace for each (thread, stream) it runs on, 32 MiB on a Hopper card: one stream for both keeps two (the
+    forward's thread and the autograd thread), the two that plan.CUBLAS_WORKSPACES counts, not four."""
+    device = torch.cuda.current_device()
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
+@contextlib.contextmanager
+def on_capture_stream():
+    """Work on the capture stream, after what the current stream has queued and before what it queues next: the
+    eager warm-ups before a capture, so that they and the capture share cuBLAS's workspaces."""
+    stream, current = _stream(), torch.cuda.current_stream()
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        current.wait_stream(stream)
+
+
+@contextlib.contextmanager
+def capture(graph: torch.cuda.CUDAGraph, pool=None):
+    """torch.cuda.graph on the capture stream, with Python's cycle collector paused: a collection inside the
+    capture could free what earlier runs left in cycles (a graph, pinned host memory), and freeing those calls
+    CUDA in ways a capture forbids, which invalidates it and every later capture in the process."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=_stream()):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
