@@ -10,13 +10,15 @@ issue them. A replayed graph issues them all in one call. What that needs:
   every graph: the embedded rows of a host table take B x T x H each); the LoRA gradients are allocated before
   the first capture and accumulated into by every replay (the loop zeroes them, never frees them); the
   1 / n_tokens factor of the backward is a tensor filled per call;
-- nothing that waits for the host or allocates for good during a capture: the first micro-batch runs eagerly,
-  which also fills the layers' weight caches (kernels/lora4bit.Projection) outside any graph; with
-  `eager_first_per_shape` (offloaded units) each shape's first micro-batch does, which sizes the pinned host
-  arena the offloaded tensors go to (kernels/offload.py), so that a capture takes only memory already there;
+- nothing that waits for the host, allocates for good, or frees a graph during a capture (the cycle collector
+  waits, see `capture`): the first micro-batch runs eagerly, which also fills the layers' weight caches
+  (kernels/lora4bit.Projection) outside any graph; with `eager_first_per_shape` (offloaded units) each shape's
+  first micro-batch does, which sizes the pinned host arena the offloaded tensors go to (kernels/offload.py), so
+  that a capture takes only memory already there;
 - an embedding table on the host: its rows come gathered and copied as "inputs_embeds", a static input too.
-All graphs share one memory pool: they never run at the same time, and only their loss outputs outlive a
-replay. Dropout masks come from the CUDA generator's graph-safe offsets, fresh at each replay; a checkpointed
+The eager micro-batches run on the capture stream, so that they and the captures share cuBLAS's workspaces. All
+graphs share one memory pool: they never run at the same time, and only their loss outputs outlive a replay.
+Dropout masks come from the CUDA generator's graph-safe offsets, fresh at each replay; a checkpointed
 unit's recompute rewinds the generator to its forward's offset (torch allows that inside a capture), so it
 draws the forward's masks again.
 Used by train() with fast layers whose weights are kept dequantized or dequantized by the Triton NF4 kernel
