@@ -221,12 +221,13 @@ class _Step:
         deq = fast and self.quantized and not (i < cached or kept_w)
         fast_options = dict(deq=deq, split=self.units == 2 and deq, recomputed=i < ckpt) if fast else {}
         lay = self.layer_fn(z, **fast_options)
-        extra = (z.layer_weights if kept_w else 0) + z.lora_bytes
-        if i < ckpt and self.units == 2:  # one half recomputed at a time; its input is one of the two held, and
-            # in the MLP half's backward the attention unit's kept tensors are arriving too
+        if i < ckpt and self.units == 2:  # one half recomputed at a time, keeping its own weights; its input is
+            # one of the two held, and in the MLP half's backward the attention unit's kept tensors arrive too
             (att_s, att_t), (mlp_s, mlp_t) = lay["halves"]
-            half = max(att_s + att_t, mlp_s + mlp_t + self.kept_attention) - self.input + self.lora_cast
-            return self.held(i + 1, inputs=2 if i else 1), half + extra  # no prefetch below the first
+            att_w, mlp_w = (z.weights_of(("qkv", "o")), z.weights_of(("gate_up", "down"))) if kept_w else (0, 0)
+            half = max(att_s + att_t + att_w, mlp_s + mlp_t + mlp_w + self.kept_attention) - self.input
+            return self.held(i + 1, inputs=2 if i else 1), half + self.lora_cast + z.lora_bytes  # no prefetch below
+        extra = (z.layer_weights if kept_w else 0) + z.lora_bytes
         # a fast layer's recompute saves its input again, which is the checkpointed input already held
         recomputed = self.saved - (self.input if fast else 0) if i < ckpt else 0
         return self.held(i + 1), recomputed + lay["transient"] + extra

@@ -59,6 +59,10 @@ class StepSizes:
         """Bytes of one layer's linears, dequantized."""
         return sum(i * o for i, o in self.lin.values()) * self.dt
 
+    def weights_of(self, groups) -> int:
+        """Bytes of the dequantized linears of these GROUPS of one layer."""
+        return sum(self.lin[t][0] * self.lin[t][1] for g in groups for t in GROUPS[g]) * self.dt
+
     @property
     def layer_lora(self) -> int:
         """LoRA parameters of one layer: A (r, in) and B (out, r) per target."""
