@@ -290,10 +290,10 @@ def test_graphed_steps_equal_eager_steps(base_dir, mha_dir, monkeypatch, layers,
 
 def test_a_capture_survives_garbage_that_holds_cuda_state():
     """A step captured while an earlier run's garbage waits in a reference cycle (a captured graph and its pool,
-    pinned host memory that a side stream copied from). Python's collector runs when it likes; here, where it
-    could, inside the capture (if enabled, as it would be without kernels.graphs.capture). Freeing that garbage
-    there would invalidate this capture and every later one in the process. The replay then gives the eager
-    step's gradient (the same kernels: fp32 1e-6)."""
+    pinned host memory that a side stream copied from). Python's collector runs whenever allocations trigger it;
+    here it runs inside the capture if it is enabled there, which kernels.graphs.capture prevents: freeing that
+    garbage there would invalidate this capture and every later one in the process. The replay then gives the
+    eager step's gradient (the same kernels: fp32 1e-6)."""
     import gc
 
     from minilora.kernels.graphs import GraphedSteps

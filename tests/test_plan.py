@@ -77,8 +77,8 @@ def test_an_offloaded_recompute_keeps_one_halfs_weights_at_a_time():
     GPU the whole layer's stay; offloaded, the layer is two units recomputed one after the other, each keeping its
     own weights and freeing them before the next, so the backward holds at most the MLP's (the larger half), on
     top of what it holds with every weight cached. On the H200 the 4.8 GiB plan's 4 x 576 and 4 x 640 steps then
-    measure within 0.1% of the prediction, against 3.6-3.9% over when the whole layer was counted
-    (benchmarks/results/2026-12-01-h200-shape-peaks-capture-stream.txt)."""
+    measure within 0.4% of their predictions, against 3.6-3.9% over with the whole layer counted
+    (benchmarks/results/2026-12-01-h200-shape-peaks-kept-halves.txt, ...-capture-stream.txt)."""
     H, I = 4096, 11008
     layer, mlp = (4 * H * H + 3 * H * I) * 2, 3 * H * I * 2  # bf16 weights of one layer, of its MLP
     for offload in (False, True):
