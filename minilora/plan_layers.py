@@ -57,10 +57,10 @@ class StepSizes:
     @property
     def layer_weights(self) -> int:
         """Bytes of one layer's linears, dequantized."""
-        return sum(i * o for i, o in self.lin.values()) * self.dt
+        return self.weights_of(GROUPS)
 
     def weights_of(self, groups) -> int:
-        """Bytes of the dequantized linears of these GROUPS of one layer."""
+        """Bytes of the dequantized linears in these GROUPS of one layer."""
         return sum(self.lin[t][0] * self.lin[t][1] for g in groups for t in GROUPS[g]) * self.dt
 
     @property
