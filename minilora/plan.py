@@ -87,6 +87,11 @@ def split_fields(options, setup, fields) -> tuple[PlanOptions, Setup]:
     return plan_options(options, **{k: v for k, v in fields.items() if k not in names}), setup
 
 
+def as_config(config):
+    """A model config as attributes: a LlamaConfig (or anything with its fields) as it is, a dict wrapped."""
+    return SimpleNamespace(**config) if isinstance(config, dict) else config
+
+
 def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setup: Setup | None = None,
                 print_breakdown=False, **fields):
     """Peak allocated bytes of a step of `minilora.train()`'s loop (labels on every token), itemised.
@@ -98,7 +103,7 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     it happens), `phases` (both candidates' transient bytes), `cpu` (pinned host bytes when offloading),
     `cuda_context` (outside `total`) and `inputs`.
     """
-    c = SimpleNamespace(**config) if isinstance(config, dict) else config
+    c = as_config(config)
     options, setup = split_fields(options or PlanOptions(fast=False), setup, fields)
     z = _sizes(c, batch, seq_len, setup)
     step = _Step(z, options, quantized=setup.quant is not None)

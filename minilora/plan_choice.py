@@ -4,9 +4,8 @@ micro-batch (choose_plan), and for each shorter one the room its smaller activat
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
-from .plan import LOSS_CHUNKS, PlanOptions, Setup, plan_memory, plan_options, split_fields
+from .plan import LOSS_CHUNKS, PlanOptions, Setup, as_config, plan_memory, plan_options, split_fields
 
 # shape_options keeps a shorter micro-batch's predicted peak this share of the budget under the longest one's: on
 # an H200, shorter shapes' measured peaks exceeded their predictions by up to 1.0% of the budget more than the
@@ -29,7 +28,7 @@ def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None
     If even the leanest does not fit, it is returned with "fits": False. fixed: PlanOptions fields decided by
     the caller (e.g. {"checkpointed": 32}), left as they are. setup, fields: the base and adapter (Setup).
     """
-    L = (SimpleNamespace(**config) if isinstance(config, dict) else config).num_hidden_layers
+    L = as_config(config).num_hidden_layers
     fixed, setup = fixed or {}, split_fields(None, setup, fields)[1]
     change = dataclasses.replace
 
@@ -62,7 +61,7 @@ def shape_options(config, batch, seq_len, choice: dict, fixed: dict | None = Non
     with a predicted peak SHAPE_SLACK of the budget under the longest batch's (and under the budget). What lasts
     the run stays as chosen: cached weights, offload, the embedding's place, the loss chunk, and the CUDA graphs'
     input buffers, which are sized for the longest batch. Options that `fixed` decides stay too."""
-    L = (SimpleNamespace(**config) if isinstance(config, dict) else config).num_hidden_layers
+    L = as_config(config).num_hidden_layers
     worst, setup = choice["plan"], split_fields(None, setup, fields)[1]
     options = dataclasses.replace(choice["options"], embedding_on_host=worst["inputs"]["embedding_on_host"])
     if not options.fast or {"checkpointed", "gradient_checkpointing", "keep_weights"} & (fixed or {}).keys():
