@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -18,7 +17,7 @@ from .config import PRECISIONS, TrainConfig, check, default_precision
 from .data import Collator, encoded
 from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .generate import shared_eval_loss, shared_samples
-from .kernels.graphs import PAD_MULTIPLE
+from .kernels.graphs import PAD_MULTIPLE, on_capture_stream
 from .kernels.layer import detach_fast, host_embedding, unsupported
 from .kernels.lora4bit import is_4bit
 from .kernels.offload import release_host_memory
@@ -56,33 +55,36 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     rank, world = rank_and_world()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
-        t = _setup(model, tokenizer, examples, cfg, run)
-        if not t.step:
-            t.log.log({"step": 0, **stats.record(), "memory_plan": t.plan_line})
-            if evals:  # the baseline the eval curve is read against
-                _evaluate(t, evals)
-            _sample(t)
-        t.seconds["set-up"] = time.perf_counter() - start - sum(t.seconds.values())
-        model.train()
-        try:
-            _steps(t, evals)
-            _sample(t)
-            with _timed(t, "save"):
-                weights = full_lora_weights(model) if is_sharded(model) else None  # every process gathers
-                if rank == 0:
-                    save_adapter(model, f"{cfg.output_dir}/adapter", weights)
-            t.seconds["steps"] = time.perf_counter() - start - sum(t.seconds.values())
-            _report_times(t)
-        finally:
-            t.log.close()
-            detach_fast(model)  # the fast layers' weight caches go with them; generation needs neither
-            release_host_memory()  # the offloaded steps' pinned host memory
-            place_embedding(model)  # back beside lm_head, where transformers' forward wants it
-        if rank == 0:
-            t.log.plot()
-        if world > 1:
-            dist.barrier()  # the adapter is there for every process when train() returns
-        return t.log.history
+        # on a GPU all of train()'s work (eager steps, evaluation, samples) runs on the stream that CUDA graphs are
+        # captured on: cuBLAS keeps a workspace per (thread, stream), and one stream keeps the two the plan counts
+        with on_capture_stream() if device.type == "cuda" else contextlib.nullcontext():
+            t = _setup(model, tokenizer, examples, cfg, run)
+            if not t.step:
+                t.log.log({"step": 0, **stats.record(), "memory_plan": t.plan_line})
+                if evals:  # the baseline the eval curve is read against
+                    _evaluate(t, evals)
+                _sample(t)
+            t.log.parts["set-up"] = time.perf_counter() - start - sum(t.log.parts.values())
+            model.train()
+            try:
+                _steps(t, evals)
+                _sample(t)
+                with t.log.timed("save"):
+                    weights = full_lora_weights(model) if is_sharded(model) else None  # every process gathers
+                    if rank == 0:
+                        save_adapter(model, f"{cfg.output_dir}/adapter", weights)
+                t.log.parts["steps"] = time.perf_counter() - start - sum(t.log.parts.values())
+                t.log.report_parts(t.step)
+            finally:
+                t.log.close()
+                detach_fast(model)  # the fast layers' weight caches go with them; generation needs neither
+                release_host_memory()  # the offloaded steps' pinned host memory
+                place_embedding(model)  # back beside lm_head, where transformers' forward wants it
+            if rank == 0:
+                t.log.plot()
+            if world > 1:
+                dist.barrier()  # the adapter is there for every process when train() returns
+            return t.log.history
     finally:
         run.release()
 
@@ -114,7 +116,7 @@ def _steps(t: _Training, evals):
             if due_sample:
                 _sample(t)
             if due_save:
-                with _timed(t, "save"):
+                with t.log.timed("save"):
                     save_checkpoint(t.model, t.run, step, (t.opt, t.sched, t.scaler, rng_state()), t.record,
                                     cfg.keep_last, log.rank, t.world)
             if stop.asked and not last:  # at the last step the run ends as it would anyway
@@ -147,7 +149,6 @@ class _Training:
     total_steps: int
     plan_line: str
     record: dict  # each checkpoint's run.json
-    seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # wall time by part
 
 
 def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
@@ -264,26 +265,8 @@ def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptio
 
 # ---------------------------------------------------------------- around the steps
 
-@contextlib.contextmanager
-def _timed(t: _Training, part: str):
-    """Adds the wall time of the block to t.seconds[part]."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        t.seconds[part] += time.perf_counter() - start
-
-
-def _report_times(t: _Training):
-    """Where train()'s wall time went: set-up (up to the first step, the baseline eval and samples aside), the
-    steps, evaluation, samples and saving (checkpoints and the adapter)."""
-    seconds = {part: round(t.seconds[part], 2) for part in ("set-up", "steps", "eval", "samples", "save")}
-    t.log.log({"step": t.step, "time": seconds})
-    t.log.say("time: " + ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))
-
-
 def _evaluate(t: _Training, evals):
-    with _timed(t, "eval"):
+    with t.log.timed("eval"):
         loss = shared_eval_loss(t.model, evals, t.feed.collate, t.cfg.batch_size, t.cfg.precision, t.stepper.chunk)
     t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
 
@@ -293,7 +276,7 @@ def _sample(t: _Training):
     cfg = t.cfg
     if not cfg.sample_prompts:
         return
-    with _timed(t, "samples"):
+    with t.log.timed("samples"):
         answers = shared_samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision)
     for prompt, answer in answers:
         t.log.log({"step": t.step, "prompt": prompt, "sample": answer})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +27,7 @@ class Metrics:
         self.pending = []  # (step, loss_sum, n_tokens, grad_norm) of steps not yet read
         self.tokens, self.loss, self.seconds, self.grad_norm = 0, 0.0, 0.0, None  # since the last log line
         self.clock = time.perf_counter()
+        self.parts = collections.Counter()  # the run's wall time by part: set-up, steps, eval, samples, save
         if world > 1:
             dist.barrier()  # every process has read what process 0 is about to rewrite
         self.file = None
@@ -86,6 +89,22 @@ class Metrics:
                   "grad_norm": self.grad_norm, "tokens_per_s": rate, "seconds": self.seconds, "peak_mem_gib": peak})
         self.bar.set_postfix(loss=f"{self.loss / self.tokens:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
         self.tokens, self.loss, self.seconds = 0, 0.0, 0.0
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Adds the wall time of the block to parts[part]."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[part] += time.perf_counter() - start
+
+    def report_parts(self, step: int):
+        """Where the run's wall time went: set-up (up to the first step, the baseline eval and samples aside), the
+        steps, evaluation, samples and saving (checkpoints and the adapter)."""
+        seconds = {part: round(self.parts[part], 2) for part in ("set-up", "steps", "eval", "samples", "save")}
+        self.log({"step": step, "time": seconds})
+        self.say("time: " + ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))
 
     def restart_clock(self):
         self.clock = time.perf_counter()

@@ -94,6 +94,24 @@ def test_rope_kernel_matches_the_formula(dtype, rows_of_cos):
     assert torch.equal(outs[2].transpose(1, 2), x[:, :, n_q + n_kv:])  # v passes through untouched
 
 
+def test_rope_kernel_compiles_once_for_every_length():
+    """Triton compiles a kernel for each specialization of its integer arguments (equal to 1, divisible by 16).
+    The rotary kernel's sizes are not specialized, so a prompt's length and a decoded token's step (T = 1) run the
+    kernel that training's lengths (multiples of 64) compiled: decoding compiles nothing on a fresh machine."""
+    from minilora.kernels import rope
+
+    def compiled() -> int:
+        return len(rope._rope.device_caches[torch.cuda.current_device()][0])
+
+    n_q, n_kv, hd = 4, 2, 64
+    before = compiled()
+    for B, T in [(2, 64), (2, 128), (1, 37), (2, 1), (1, 1), (3, 48)]:
+        qkv = torch.randn(B, T, (n_q + 2 * n_kv) * hd, device="cuda", dtype=torch.bfloat16)
+        cos, sin = (torch.randn(1, T, 1, hd, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        rope.Rope.apply(qkv, cos, sin, n_q, n_kv)
+    assert compiled() - before <= 1  # the forward's, unless an earlier test compiled it already
+
+
 def test_long_rows_attend_through_cudnn_as_through_flash():
     """Rows of LONG_ATTENTION tokens or more put cuDNN attention first; on the fast layer's strided q, k, v (views
     of one (B, T, heads, hd) tensor) it gives flash's output and gradients (bf16 tolerance)."""
@@ -406,14 +424,14 @@ def test_graphed_steps_take_each_shapes_checkpointing(base_dir, tmp_path, monkey
     assert losses == pytest.approx(reference, rel=2e-2)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_graphed_training_and_samples_leave_the_planned_cublas_workspaces(base_dir, tmp_path, monkeypatch, offload):
-    """cuBLAS keeps a workspace for each (thread, stream) it runs on. train() with CUDA graphs and greedy samples
-    runs its eager steps (the first, or each shape's first when offloaded), their captures, and decoding's
-    prefill, warm-up and capture on one stream: it leaves two workspaces, the forward's thread's and the autograd
-    thread's, the two that plan.CUBLAS_WORKSPACES counts, not the four of separate streams. Measured as the memory
-    freed by dropping them all, against one workspace's size: two, and less than a third (a 1 MiB buffer beside
-    them on the H200 is not one)."""
+@pytest.mark.parametrize("steps", ["graphed", "graphed-offloaded", "eager"])
+def test_training_evaluation_and_samples_leave_the_planned_cublas_workspaces(base_dir, tmp_path, monkeypatch, steps):
+    """cuBLAS keeps a workspace for each (thread, stream) it runs on. train() runs all its work on one stream: the
+    eager steps (all of them, or the first, or each shape's first when offloaded), their captures, evaluation, and
+    decoding's prefill, warm-up and capture. So it leaves two workspaces, the forward's thread's and the autograd
+    thread's, the two that plan.CUBLAS_WORKSPACES counts, not the four or six of separate streams. Measured as the
+    memory freed by dropping them all, against one workspace's size: two, and less than a third (a 1 MiB buffer
+    beside them on the H200 is not one)."""
     import dataclasses
     import gc
     import importlib
@@ -434,14 +452,18 @@ def test_graphed_training_and_samples_leave_the_planned_cublas_workspaces(base_d
     one = workspaces()
     assert one > 0
     loop = importlib.import_module("minilora.loop")
-    lean = PlanOptions(fast=True, checkpointed=2, offload=offload, keep_weights=True, loss_chunk=512)
+    lean = PlanOptions(fast=True, checkpointed=2, offload=steps == "graphed-offloaded", keep_weights=True,
+                       loss_chunk=512, graphs=steps != "eager")
     monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (
         lean, "a lean plan", lambda B, T: dataclasses.replace(lean, checkpointed=0 if T <= 64 else 2)))
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
     cfg = ml.TrainConfig(output_dir=str(tmp_path / "out"), max_steps=6, batch_size=2, max_len=128, lora_r=8,
-                         lora_alpha=16, progress=False, sample_prompts=("Say hello.",), sample_max_new_tokens=8)
-    history = ml.train(model, tok, instruction_rows(32, seed=3), cfg)
+                         lora_alpha=16, progress=False, sample_prompts=("Say hello.",), sample_max_new_tokens=8,
+                         eval_every=3)
+    history = ml.train(model, tok, instruction_rows(32, seed=3), cfg, eval_rows=instruction_rows(4, seed=4))
     assert sum("sample" in h for h in history) == 2  # at the start and the end
+    assert sum("eval_loss" in h for h in history) == 3  # at the start, step 3 and the end
+    assert ("CUDA graphs off" in history[0]["memory_plan"]) == (steps == "eager")
     assert 2 * one <= workspaces() < 3 * one
 
 

@@ -56,8 +56,8 @@ def _rotate(x, out, cos, sin, n_rot: int, backward: bool):
         return _rotate_torch(x, out, cos, sin, n_rot, backward)
     rows = B * T * heads
     c_b = cos.stride(0) if cos.shape[0] > 1 else 0  # cos and sin of one row, or of each
-    _rope[(triton.cdiv(rows, ROWS),)]((x, out, cos, sin), (rows, T, heads, n_rot),
-                                      (*x.stride()[:3], *out.stride()[:3], c_b, cos.stride(1)), HD=hd,
+    _rope[(triton.cdiv(rows, ROWS),)]((x, out, cos, sin), rows, T,
+                                      (heads, n_rot, *x.stride()[:3], *out.stride()[:3], c_b, cos.stride(1)), HD=hd,
                                       BACKWARD=backward)
 
 
@@ -75,13 +75,15 @@ if triton is not None:
 
     _ROWS = tl.constexpr(ROWS)
 
-    @triton.jit
-    def _rope(tensors, sizes, strides, HD: tl.constexpr, BACKWARD: tl.constexpr):
-        """tensors: x, out, cos, sin; sizes: rows (B x T x heads), T, heads, and n_rot, the heads rotated;
-        strides: x's and out's over (b, t, head), cos's and sin's over (b, t) (0 over b for one row)."""
+    # rows and T not specialized: Triton compiles a variant for each integer argument that is 1 or divisible by 16
+    # (tuple elements too), so a decoded token's step (T = 1) and a prompt's length would each compile kernels that
+    # training's lengths never use
+    @triton.jit(do_not_specialize=["rows", "T"])
+    def _rope(tensors, rows, T, layout, HD: tl.constexpr, BACKWARD: tl.constexpr):
+        """tensors: x, out, cos, sin; rows: B x T x heads; layout: heads, n_rot (the heads rotated), x's and out's
+        strides over (b, t, head), cos's and sin's over (b, t) (0 over b for one row)."""
         x_ptr, out_ptr, cos_ptr, sin_ptr = tensors
-        rows, T, heads, n_rot = sizes
-        x_b, x_t, x_h, o_b, o_t, o_h, c_b, c_t = strides
+        heads, n_rot, x_b, x_t, x_h, o_b, o_t, o_h, c_b, c_t = layout
         r = tl.program_id(0).to(tl.int64) * _ROWS + tl.arange(0, _ROWS)  # (ROWS,) rows (b, t, head)
         live = (r < rows)[:, None]
         h, t, b = r % heads, (r // heads) % T, r // (heads * T)
