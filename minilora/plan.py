@@ -224,7 +224,7 @@ class _Step:
         # dequantize one member at a time.
         kept_w = fast and self.options.keep_weights and i < ckpt and i >= cached and self.quantized
         deq = fast and self.quantized and not (i < cached or kept_w)
-        fast_options = dict(deq=deq, split=self.units == 2 and deq, recomputed=i < ckpt) if fast else {}
+        fast_options = dict(deq=deq, split=self.units == 2 and deq) if fast else {}
         lay = self.layer_fn(z, **fast_options)
         if i < ckpt and self.units == 2:  # one half recomputed at a time, keeping its own weights; its input is
             # one of the two held, and in the MLP half's backward the attention unit's kept tensors arrive too

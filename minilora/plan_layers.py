@@ -111,7 +111,7 @@ def hf_layer_bytes(z: StepSizes) -> dict:
     return {"saved": attn + mlp, "transient": max(mlp_moment, attn_moment) + S * H * dt}
 
 
-def fast_layer_bytes(z: StepSizes, deq=False, split=False, recomputed=False) -> dict:
+def fast_layer_bytes(z: StepSizes, deq=False, split=False) -> dict:
     """{"saved", "transient", "halves"} bytes of one fast layer (minilora/kernels/layer.py), as its code keeps
     them; "halves" holds (saved, transient) of the attention and the MLP half alone.
 
@@ -123,8 +123,8 @@ def fast_layer_bytes(z: StepSizes, deq=False, split=False, recomputed=False) -> 
     its dequantized weight; the SwiGLU backward, in place; gate/up's input grad beside their weights.
     Attention: o's input grad beside its weight; attention's q, k, v grads and flash's fp32 dq accumulator;
     RoPE's; q/k/v's input grad beside their weights. deq: the weights are dequantized (not cached, not kept
-    from the recompute); split: one member's weight at a time. recomputed: the recompute's forward also
-    allocates o's and down's (S, H) outputs beside their weights, with the incoming grad already there.
+    from the recompute); split: one member's weight at a time. A recompute allocates no output for o and down,
+    nor down's input (kernels/layer.Recomputed): nothing beyond the forward's saved set.
     """
     S, H, I, q, kv, dt = z.S, z.H, z.I, z.q, z.kv, z.dt
     norm = S * (H * dt + 4)
@@ -134,8 +134,7 @@ def fast_layer_bytes(z: StepSizes, deq=False, split=False, recomputed=False) -> 
     w = {name: (max if split else sum)(z.lin[t][0] * z.lin[t][1] for t in group) * dt if deq else 0
          for name, group in GROUPS.items()}
     g, qkv = S * H * dt, S * (q + 2 * kv) * dt  # g: the grad arriving at the layer's output (and the residual's)
-    out = S * H * dt if recomputed else 0
-    mlp = max(g + S * I * dt + w["down"] + out, 2 * g + w["gate_up"])  # gu's grad is written over gu (saved)
-    attn = max(g + max(S * q * dt, out) + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
+    mlp = max(g + S * I * dt + w["down"], 2 * g + w["gate_up"])  # gu's grad is written over gu (saved)
+    attn = max(g + S * q * dt + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
     return {"saved": attn_saved + mlp_saved, "transient": max(mlp, attn),
             "halves": [(attn_saved, attn), (mlp_saved, mlp)]}

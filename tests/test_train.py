@@ -225,6 +225,35 @@ def test_checkpointing_matches_plain_backward(base_dir, fast, offload):
     _assert_same_backward(base_dir, dict(gradient_checkpointing=True, fast=fast, offload=offload))
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_recompute_whose_last_projections_have_lora_matches_plain_backward(base_dir, offload):
+    """A checkpointed unit's recompute runs grad_only: its last projection (o, down) computes no output and down's
+    input no SwiGLU, unless their LoRA needs that input. With LoRA on every linear, o's and down's LoRA grads
+    come from the recompute's inputs: loss and LoRA grads equal the plain layers' in fp32 at 1e-5."""
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    _assert_same_backward(base_dir, dict(gradient_checkpointing=True, fast=True, offload=offload), targets=targets)
+
+
+def test_a_recompute_runs_no_gemm_for_its_last_projections(base_dir, monkeypatch):
+    """The backward needs a recompute's graph, not its output: a checkpointed unit's recompute runs the GEMMs of
+    qkv and gate/up again, and o's only where the MLP half reads its output (a whole layer is the unit), but not
+    down's, nor SwiGLU's forward (down has no LoRA here). The plain run (transformers' layers) calls neither."""
+    from minilora.kernels import layer as layer_mod
+    from minilora.kernels import lora4bit, swiglu
+
+    calls = []
+    matmul, forward = lora4bit.Projection.matmul, swiglu.forward
+    monkeypatch.setattr(lora4bit.Projection, "matmul", lambda self, *a, **k: calls.append(self) or matmul(self, *a, **k))
+    monkeypatch.setattr(swiglu, "forward", lambda gu: calls.append("swiglu") or forward(gu))
+    for offload in (False, True):
+        calls.clear()
+        model = _assert_same_backward(base_dir, dict(gradient_checkpointing=True, fast=True, offload=offload))
+        for spec in map(layer_mod.fast_layer, model.model.layers):  # the forward, then the recompute
+            o = 1 if offload else 2  # offloaded, the attention half is a unit of its own
+            assert [sum(c is p for c in calls) for p in (spec.qkv, spec.gate_up, spec.o, spec.down)] == [2, 2, o, 1]
+        assert calls.count("swiglu") == len(model.model.layers)
+
+
 def test_kept_attention_matches_plain_backward(mha_dir, monkeypatch):
     """An offloaded attention unit that keeps attention's output and logsumexp (rows of KEEP_ATTENTION tokens or
     more; here every row) recomputes no attention: its backward runs the backend's own backward on the kept
@@ -250,7 +279,7 @@ def test_two_offloaded_forwards_then_one_backward(base_dir):
     _assert_same_backward(base_dir, dict(gradient_checkpointing=True, fast=True, offload=True), forwards=2)
 
 
-def _assert_same_backward(base_dir, prepare, forwards=1):
+def _assert_same_backward(base_dir, prepare, forwards=1, targets=("q_proj", "v_proj", "up_proj")):
     from minilora.data import Collator
     from minilora.template import encode_rows
     from minilora.loss import causal_lm_loss
@@ -259,7 +288,7 @@ def _assert_same_backward(base_dir, prepare, forwards=1):
     for options in (dict(gradient_checkpointing=False), prepare):
         torch.manual_seed(0)
         model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
-        ml.add_lora(model, targets=("q_proj", "v_proj", "up_proj"), r=8, alpha=16, dropout=0.1)  # dropout: the
+        ml.add_lora(model, targets=targets, r=8, alpha=16, dropout=0.1)  # dropout: the
         with torch.no_grad():  # recompute must replay the same masks; up_proj: a LoRA member of a split projection
             for p in ml.lora_state_dict(model).values():
                 p.normal_(0, 0.1)
@@ -275,6 +304,7 @@ def _assert_same_backward(base_dir, prepare, forwards=1):
     assert torch.allclose(l0, l1, rtol=1e-5)
     for k in g0:
         assert (g0[k] - g1[k]).norm() <= 1e-5 * g0[k].norm(), k
+    return model  # the one prepared as `prepare` says
 
 
 @pytest.mark.parametrize("precision,dtype,loss_tol,norm_tol", [("fp16", torch.float16, 1e-3, 2e-2),

@@ -171,7 +171,10 @@ class Recomputed(torch.autograd.Function):
     lives until this node's backward ends.
 
     Forward: y = part(x), run without grad. Backward: part(x) again with grad (same RNG state and autocast),
-    then dx and the LoRA weights' gradients as the vector-Jacobian product of that recompute with dy.
+    then dx and the LoRA weights' gradients as the vector-Jacobian product of that recompute with dy. The backward
+    needs y's graph, not its values (no function saves its own output), so the recompute is `grad_only`: the
+    unit's last projection (o or down) runs no GEMM, and down's input (SwiGLU's output) is not computed unless
+    down's LoRA needs it: about a third of the recompute's FLOPs.
     """
 
     @staticmethod
@@ -204,27 +207,27 @@ class Recomputed(torch.autograd.Function):
                 torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             (torch.cuda.set_rng_state(ctx.rng, x.device) if x.is_cuda else torch.set_rng_state(ctx.rng))
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            y = ctx.part(ctx.layer, x_, cos, sin, ctx.segments, [(*kept, ctx.state)] if kept else None)
-            # The backward needs y's graph, not its values (no function saves its own output): free them now.
-            y.untyped_storage().resize_(0)
+            y = ctx.part(ctx.layer, x_, cos, sin, ctx.segments, [(*kept, ctx.state)] if kept else None,
+                         grad_only=True)
             inputs = ([x_] if x_.requires_grad else []) + params
             grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
         dx = grads[0] if x_.requires_grad else None
         return dx, None, None, None, None, None, None, *grads[len(inputs) - len(params):]
 
 
-def layer_forward(layer, x, cos, sin, segments=None, kept_attention=None):
+def layer_forward(layer, x, cos, sin, segments=None, kept_attention=None, grad_only=False):
     """One LlamaDecoderLayer through its FastLayer: x (B, T, H) -> (B, T, H), in x's (compute) dtype.
     (kept_attention, for one signature with the halves: a whole checkpointed layer keeps no attention output.)"""
-    return mlp_block(layer, attention_block(layer, x, cos, sin, segments))
+    return mlp_block(layer, attention_block(layer, x, cos, sin, segments), grad_only=grad_only)
 
 
-def attention_block(layer, x, cos, sin, segments=None, kept_attention=None):
+def attention_block(layer, x, cos, sin, segments=None, kept_attention=None, grad_only=False):
     """x + attention(norm(x)): the layer's first half.
 
     kept_attention: an empty list asks to keep attention's output: where the backend allows (rows not packed, as
     many kv heads as q heads), (o, logsumexp, state) is appended to it. A list holding that runs the recompute of
-    the same unit, whose attention then returns the kept output (KeptAttention).
+    the same unit, whose attention then returns the kept output (KeptAttention). grad_only: only the backward
+    will run, so the output is a placeholder (Projection's grad_only).
     """
     spec = fast_layer(layer)
     att = layer.self_attn
@@ -243,11 +246,14 @@ def attention_block(layer, x, cos, sin, segments=None, kept_attention=None):
     else:  # SDPA on the backends of attention_backends: the callers (model_forward, Recomputed) enter them
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=att.scaling,
                                            enable_gqa=n_kv != n_q)  # (B, n_q, T, hd)
-    return spec.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x)  # x + attention, (B, T, H)
+    return spec.o(o.transpose(1, 2).reshape(B, T, n_q * hd), residual=x, grad_only=grad_only)  # x + attention
 
 
-def mlp_block(layer, h, cos=None, sin=None, segments=None, kept_attention=None):
-    """h + MLP(norm(h)): the layer's second half (the unused arguments keep one signature with the first)."""
+def mlp_block(layer, h, cos=None, sin=None, segments=None, kept_attention=None, grad_only=False):
+    """h + MLP(norm(h)): the layer's second half (the unused arguments keep one signature with the first).
+    grad_only: only the backward will run: the output is a placeholder, and so is down's input unless down's LoRA
+    needs its values."""
     spec = fast_layer(layer)
-    m = SwiGLU.apply(spec.gate_up(rms_norm(h, layer.post_attention_layernorm)))  # (B, T, I)
-    return spec.down(m, residual=h)
+    gu = spec.gate_up(rms_norm(h, layer.post_attention_layernorm))  # (B, T, 2I)
+    m = SwiGLU.apply(gu, not grad_only or bool(spec.down.loras))  # (B, T, I)
+    return spec.down(m, residual=h, grad_only=grad_only)

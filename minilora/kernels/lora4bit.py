@@ -159,11 +159,14 @@ class Projection:
             self.cached = W
         return W
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, grad_only: bool = False) -> torch.Tensor:
         """`[residual +] x W^T + LoRA` for x of shape (..., in) in the compute dtype; returns (..., out).
 
         The activations are cast to the compute dtype here; the LoRA weights (fp32 master weights, say) inside
-        the function, which computes in that dtype and hands their gradients back in their own.
+        the function, which computes in that dtype and hands their gradients back in their own. grad_only: only
+        the backward will run, whose gradients need none of the output's values (the last projection of a
+        checkpointed unit's recompute): the output is a placeholder of its shape, and no GEMM or dequantization
+        runs for it; x's values serve the LoRA members' gradients alone.
         """
         dtype = compute_dtype(x)
         lora = []
@@ -173,7 +176,13 @@ class Projection:
             xl = None if isinstance(m.dropout, nn.Identity) else _as(m.dropout(x), dtype)
             lora += [xl, m.lora_A.weight, m.lora_B.weight]
         res = None if residual is None else _as(residual, dtype)
-        return ProjectFn.apply(_as(x, dtype), res, self, *lora)
+        return ProjectFn.apply(_as(x, dtype), res, self, grad_only, *lora)
+
+
+def placeholder(like: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor of `shape` with like's dtype and device that holds no memory (one element, broadcast): the output
+    of a function whose values nobody reads, only its backward."""
+    return like.new_empty(()).expand(shape)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,32 +196,36 @@ class ProjectFn(torch.autograd.Function):
     branches and their input gradients are summed inside one GEMM. Inputs are flattened to 2-D inside, where
     autograd records no view of them.
 
-    Forward: y = [residual +] x W^T [+ b], y[:, R_j] += s_j (xl_j A_j^T) B_j^T. Backward, dy_j = dy[:, R_j]:
+    Forward: y = [residual +] x W^T [+ b], y[:, R_j] += s_j (xl_j A_j^T) B_j^T (with grad_only, a placeholder for
+    y and the xl_j A_j^T alone, which is all the backward reads). Backward, dy_j = dy[:, R_j]:
     dx = dy W (+ s_j dy_j B_j A_j for a member without dropout), dxl_j = s_j dy_j B_j A_j (one with dropout),
     dA_j = s_j (dy_j B_j)^T xl_j, dB_j = s_j dy_j^T (xl_j A_j^T), d residual = dy; W and b get none.
     """
 
     @staticmethod
-    def forward(ctx, x, residual, proj: Projection, *lora):
+    def forward(ctx, x, residual, proj: Projection, grad_only: bool, *lora):
         shape = (*x.shape[:-1], proj.out_features)
         x2 = x.reshape(-1, proj.in_features)  # (N, in)
         # the weight (out, in) is kept for the backward when `keep_weights` says so (and it is not cached anyway)
         W = proj.weight(x.dtype) if proj.keep_weights and proj.cached is None else None
-        y = proj.matmul(x2, None if residual is None else residual.reshape(-1, shape[-1]), W)
-        bias = proj.bias(x.dtype)
-        if bias is not None:
-            y += bias
+        y = None
+        if not grad_only:
+            y = proj.matmul(x2, None if residual is None else residual.reshape(-1, shape[-1]), W)
+            bias = proj.bias(x.dtype)
+            if bias is not None:
+                y += bias
         saved = []
         for (rows, m), (xl, A, B) in zip(proj.loras, zip(lora[0::3], lora[1::3], lora[2::3])):
             xl = x2 if xl is None else xl.reshape(x2.shape)
             A, B = _as(A, x.dtype), _as(B, x.dtype)
             xa = torch.mm(xl, A.t())  # (N, r)
-            y[:, rows].addmm_(xa, B.t(), alpha=m.scaling)  # y_j += s (xl A^T) B^T, into the member's rows
+            if y is not None:
+                y[:, rows].addmm_(xa, B.t(), alpha=m.scaling)  # y_j += s (xl A^T) B^T, into the member's rows
             saved += [xl, A, B, xa]
         ctx.save_for_backward(W, *saved)
         ctx.proj, ctx.shared, ctx.x_shape = proj, [xl is None for xl in lora[0::3]], x.shape
         ctx.weight_dtypes = [A.dtype for A in lora[1::3]]
-        return y.view(shape)
+        return placeholder(x, shape) if y is None else y.view(shape)
 
     @staticmethod
     def backward(ctx, dy):  # dy: (..., out)
@@ -226,7 +239,7 @@ class ProjectFn(torch.autograd.Function):
         grads = []
         for j, (rows, m) in enumerate(proj.loras):
             xl, A, B, xa = saved[4 * j: 4 * j + 4]
-            needs = ctx.needs_input_grad[3 + 3 * j: 6 + 3 * j]
+            needs = ctx.needs_input_grad[4 + 3 * j: 7 + 3 * j]
             dyj = dy2[:, rows]  # (N, out_j)
             dyB = torch.mm(dyj, B).mul_(m.scaling)  # (N, r): s * dy B, scaled on the small side once
             wdt = ctx.weight_dtypes[j]
@@ -239,4 +252,4 @@ class ProjectFn(torch.autograd.Function):
             elif needs[0]:
                 grad_xl = torch.mm(dyB, A).view(ctx.x_shape)  # autograd takes it back through the dropout mask
             grads += [grad_xl, grad_A, grad_B]
-        return None if dx is None else dx.view(ctx.x_shape), dy if need_res else None, None, *grads
+        return None if dx is None else dx.view(ctx.x_shape), dy if need_res else None, None, None, *grads

@@ -21,6 +21,8 @@ try:
 except ImportError:
     triton = None
 
+from .lora4bit import placeholder
+
 BLOCK = 1024
 
 
@@ -56,19 +58,21 @@ class SwiGLU(torch.autograd.Function):
     """silu(gate) * up from the stacked (..., 2I) output of the gate/up projection; keeps only that input, and
     writes its gradient over it (`forward`, `backward_`).
 
-    Forward: m = silu(gate) * up. Backward: d_up = dm silu(gate), d_gate = dm up silu'(gate), with
+    Forward: m = silu(gate) * up (values=False: a placeholder of m's shape). Backward: d_up = dm silu(gate), d_gate = dm up silu'(gate), with
     silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); both into gu's storage, returned as gu's gradient.
     """
 
     @staticmethod
-    def forward(ctx, gu):
+    def forward(ctx, gu, values: bool = True):
         ctx.save_for_backward(gu)
+        if not values:  # only the backward will run, and what m feeds needs none of its values
+            return placeholder(gu, (*gu.shape[:-1], gu.shape[-1] // 2))
         return forward(gu)
 
     @staticmethod
     def backward(ctx, dm):
         (gu,) = ctx.saved_tensors
-        return backward_(gu, dm.contiguous())
+        return backward_(gu, dm.contiguous()), None
 
 
 if triton is not None:
