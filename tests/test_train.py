@@ -243,7 +243,8 @@ def test_a_recompute_runs_no_gemm_for_its_last_projections(base_dir, monkeypatch
 
     calls = []
     matmul, forward = lora4bit.Projection.matmul, swiglu.forward
-    monkeypatch.setattr(lora4bit.Projection, "matmul", lambda self, *a, **k: calls.append(self) or matmul(self, *a, **k))
+    monkeypatch.setattr(lora4bit.Projection, "matmul",
+                        lambda self, *a, **k: calls.append(self) or matmul(self, *a, **k))
     monkeypatch.setattr(swiglu, "forward", lambda gu: calls.append("swiglu") or forward(gu))
     for offload in (False, True):
         calls.clear()

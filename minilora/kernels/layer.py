@@ -174,7 +174,7 @@ class Recomputed(torch.autograd.Function):
     then dx and the LoRA weights' gradients as the vector-Jacobian product of that recompute with dy. The backward
     needs y's graph, not its values (no function saves its own output), so the recompute is `grad_only`: the
     unit's last projection (o or down) runs no GEMM, and down's input (SwiGLU's output) is not computed unless
-    down's LoRA needs it: about a third of the recompute's FLOPs.
+    down's LoRA needs it: up to a third of the recompute's FLOPs.
     """
 
     @staticmethod

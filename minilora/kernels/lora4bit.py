@@ -165,8 +165,8 @@ class Projection:
         The activations are cast to the compute dtype here; the LoRA weights (fp32 master weights, say) inside
         the function, which computes in that dtype and hands their gradients back in their own. grad_only: only
         the backward will run, whose gradients need none of the output's values (the last projection of a
-        checkpointed unit's recompute): the output is a placeholder of its shape, and no GEMM or dequantization
-        runs for it; x's values serve the LoRA members' gradients alone.
+        checkpointed unit's recompute): the output is a placeholder of its shape, and the forward runs no GEMM (nor
+        a dequantization, unless keep_weights keeps the weight); x's values serve the LoRA members' gradients alone.
         """
         dtype = compute_dtype(x)
         lora = []

@@ -58,8 +58,9 @@ class SwiGLU(torch.autograd.Function):
     """silu(gate) * up from the stacked (..., 2I) output of the gate/up projection; keeps only that input, and
     writes its gradient over it (`forward`, `backward_`).
 
-    Forward: m = silu(gate) * up (values=False: a placeholder of m's shape). Backward: d_up = dm silu(gate), d_gate = dm up silu'(gate), with
-    silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); both into gu's storage, returned as gu's gradient.
+    Forward: m = silu(gate) * up (values=False: a placeholder of m's shape). Backward: d_up = dm silu(gate),
+    d_gate = dm up silu'(gate), with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); both into gu's storage, returned
+    as gu's gradient.
     """
 
     @staticmethod
