@@ -122,7 +122,8 @@ def _stream() -> torch.cuda.Stream:
 @contextlib.contextmanager
 def on_capture_stream():
     """Work on the capture stream, after what the current stream has queued and before what it queues next: the
-    eager warm-ups before a capture, so that they and the capture share cuBLAS's workspaces."""
+    eager warm-ups before a capture, decoding, and all of train(), so that they and the captures share cuBLAS's
+    workspaces."""
     stream, current = _stream(), torch.cuda.current_stream()
     stream.wait_stream(current)
     try:
