@@ -5,12 +5,17 @@ step (`step.worker`, the same step as step.py) at cases below and above it, so t
   long  LONG_ATTENTION, from which cuDNN attention comes before flash;
   keep  KEEP_ATTENTION, from which an offloaded attention unit keeps attention's output for its recompute.
 
+`--study kernels` times attention alone instead: causal, bf16, 32 heads of 128 at --seq tokens, forward and
+forward + backward, through each of torch's SDPA backends and compiled FlexAttention.
+
     python benchmarks/attention.py --study keep --out benchmarks/results/h100-keep-attention.json
+    python benchmarks/attention.py --study kernels --seq 32768
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -34,7 +39,8 @@ THRESHOLD = {"long": "LONG_ATTENTION", "keep": "KEEP_ATTENTION"}
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", choices=list(STUDIES), default="long")
+    ap.add_argument("--study", choices=[*STUDIES, "kernels"], default="long")
+    ap.add_argument("--seq", type=int, default=32768, help="tokens a row, for --study kernels")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -42,6 +48,13 @@ def main():
 
     import minilora.kernels.attention as attention
 
+    if args.study == "kernels":
+        rows = [kernel_rates(args.seq, backend) for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION",
+                                                                "EFFICIENT_ATTENTION", "flex")]
+        if args.out:
+            step._write(args.out, {"card": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__},
+                                   "command": " ".join(sys.argv), "rows": rows})
+        return
     model_dir = os.path.join(tempfile.gettempdir(), "minilora-bench-llama2-7b")
     env = step.prepare({"shape": "llama2-7b", "model_dir": model_dir, "device": None})
     rows = []
@@ -59,6 +72,51 @@ def main():
     if args.out:
         step._write(args.out, {"card": env["card"], "driver": env["driver"], "versions": env["versions"],
                                "command": " ".join(sys.argv), "rows": rows})
+
+
+def kernel_rates(T: int, backend: str, heads: int = 32, head_dim: int = 128, repeats: int = 5) -> dict:
+    """Milliseconds and TFLOP/s of one causal attention's forward, and of its forward + backward, at 1 x T tokens:
+    `backend` is an SDPBackend's name, or "flex" for FlexAttention under torch.compile."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q, k, v = (torch.randn(1, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    if backend == "flex":
+        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T)
+        run = functools.partial(torch.compile(flex_attention), block_mask=mask)
+    else:
+        def run(q, k, v):
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grad = torch.randn_like(q)
+
+    def timed(fn) -> float:
+        fn()  # the first call compiles or plans
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats
+
+    forward = 2 * heads * T * T * head_dim  # two GEMMs over the causal half: 2 x (2 T^2 d / 2) a head
+    row = {"backend": backend, "seq": T}
+    try:
+        with torch.no_grad():
+            row["forward_ms"] = timed(lambda: run(q, k, v))
+        row["forward_backward_ms"] = timed(lambda: torch.autograd.grad(run(q, k, v), (q, k, v), grad))
+    except Exception as e:  # a backend that does not take this shape or card
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    else:
+        backward_ms = row["forward_backward_ms"] - row["forward_ms"]
+        row.update(forward_tflops=forward / row["forward_ms"] / 1e9, backward_ms=backward_ms,
+                   backward_tflops=2.5 * forward / backward_ms / 1e9)  # five GEMMs, the forward's two recomputed
+    print(json.dumps(row), flush=True)
+    return row
 
 
 if __name__ == "__main__":
