@@ -114,7 +114,7 @@ def kernel_rates(T: int, backend: str, heads: int = 32, head_dim: int = 128, rep
     else:
         backward_ms = row["forward_backward_ms"] - row["forward_ms"]
         row.update(forward_tflops=forward / row["forward_ms"] / 1e9, backward_ms=backward_ms,
-                   backward_tflops=2.5 * forward / backward_ms / 1e9)  # five GEMMs, the forward's two recomputed
+                   backward_tflops=2.5 * forward / backward_ms / 1e9)  # five GEMMs (q k^T again, dP, dv, dq, dk)
     print(json.dumps(row), flush=True)
     return row
 

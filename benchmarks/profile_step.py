@@ -6,12 +6,13 @@ The step is step.py's `load_minilora_plan`: the memory plan train() chooses for 
 from the host, forward and backward (replayed CUDA graphs where the plan allows), clipping, fused AdamW and the
 schedule. r64 LoRA on q and v, dropout 0, random tokens, all supervised, on the Llama-2-7B shape with random
 weights (built once, as step.py builds it). After the warm-up it times --steps steps back to back, then runs
-torch.profiler over two more and prints the kernels by GPU time a step, and each stream's busy time a step with
-its largest gaps.
+torch.profiler over two more and prints the kernels and the ops that launched them by self GPU time a step, and
+each stream's busy time a step with its largest gaps.
 """
 
 import argparse
 import os
+import tempfile
 import time
 
 import torch
@@ -19,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from step import load_minilora_plan, prepare
 
-MODEL_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "minilora-bench-llama2-7b")
+MODEL_DIR = os.path.join(tempfile.gettempdir(), "minilora-bench-llama2-7b")  # as step.py and attention.py
 
 
 def main():
@@ -30,33 +31,34 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--top", type=int, default=30, help="kernels and ops listed")
-    a = p.parse_args()
+    args = p.parse_args()
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}", flush=True)
     prepare({"shape": "llama2-7b", "model_dir": MODEL_DIR, "device": None})
     spec = dict(model_dir=MODEL_DIR, device="cuda", seed=0, targets=("q_proj", "v_proj"), r=64, alpha=16.0,
-                dropout=0.0, batch=a.batch, seq=a.seq, impl=f"minilora@{a.budget}")
+                dropout=0.0, batch=args.batch, seq=args.seq, impl=f"minilora@{args.budget}")
     model, step = load_minilora_plan(spec)
     model.train()
     print(spec["memory_plan"], flush=True)
-    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    tokens = args.batch * args.seq
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.cuda()
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(a.warmup):
+    for _ in range(args.warmup):
         step(ids)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(a.steps):
+    for _ in range(args.steps):
         step(ids)
     torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / a.steps
-    print(f"{a.batch} x {a.seq} at {a.budget} GiB: {wall * 1e3:.1f} ms a step, {a.batch * a.seq / wall:,.0f} tok/s, "
+    wall = (time.perf_counter() - t) / args.steps
+    print(f"{args.batch} x {args.seq} at {args.budget} GiB: {wall * 1e3:.1f} ms a step, {tokens / wall:,.0f} tok/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step(ids)
         torch.cuda.synchronize()
-    for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:a.top]:
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:args.top]:
         print(f"{e.self_device_time_total / 2e3:8.2f} ms/step {e.count // 2:6d}/step  {e.key[:200]}")
     streams = {}
     for e in prof.events():
