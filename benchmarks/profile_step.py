@@ -32,8 +32,8 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--top", type=int, default=30, help="kernels and ops listed")
     args = p.parse_args()
-    print(torch.cuda.get_device_name(), f"torch {torch.__version__}", flush=True)
-    prepare({"shape": "llama2-7b", "model_dir": MODEL_DIR, "device": None})
+    env = prepare({"shape": "llama2-7b", "model_dir": MODEL_DIR, "device": None})
+    print(f"{env['card']}, driver {env['driver']}; {env['versions']}", flush=True)
     spec = dict(model_dir=MODEL_DIR, device="cuda", seed=0, targets=("q_proj", "v_proj"), r=64, alpha=16.0,
                 dropout=0.0, batch=args.batch, seq=args.seq, impl=f"minilora@{args.budget}")
     model, step = load_minilora_plan(spec)
