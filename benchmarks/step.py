@@ -23,9 +23,16 @@ list) loads with Unsloth's FastLanguageModel and its offloaded checkpointing; it
 
 `minilora@GiB` (e.g. minilora@4.6) is train()'s own step with the memory plan train() chooses for a budget of
 that many GiB at the case's shape: the batch copied from the host as train() copies it, forward and backward
-replayed as CUDA graphs where train() replays them, clipping, fused AdamW and the schedule:
+replayed as CUDA graphs where train() replays them, clipping, the optimizer and the schedule. `--optimizer`
+is its TrainConfig.optimizer (fused torch AdamW by default; adamw_8bit, paged_adamw_8bit, paged_adamw from
+bitsandbytes); the other impls train with torch's AdamW and refuse any other:
 
     python benchmarks/step.py --cases qv-r64-2x2048:minilora@4.6/unsloth,qv-r64-4x512:minilora@4.4/unsloth
+    python benchmarks/step.py --cases qv-r64-2x2048:minilora@8 --optimizer paged_adamw_8bit
+
+A minilora row's predicted_gib is plan_memory's peak for the options it ran (and its optimizer), beside the measured
+peak_alloc_gib; plan_paged_gib is the paged optimizer states that torch's counters never see, and device_used_gib
+the card's used memory after the steps (CUDA context, torch's reserved pool, managed memory on the card).
 """
 
 from __future__ import annotations
@@ -278,8 +285,8 @@ def load_minilora_plan(spec):
     """train()'s step at a fixed shape: the memory plan train() chooses for the impl's budget (loop._plan), the
     decoder prepared as it says, and each step as train() takes it: the batch copied from the host
     (loss.to_device), forward and backward through minilora.step.Stepper (replayed CUDA graphs where train()
-    would use them), then minilora.step.optimizer_step's clipping, fused AdamW and schedule. Returns (model,
-    step): step(ids) takes one optimizer step and returns its mean loss."""
+    would use them), then minilora.step.optimizer_step's clipping, the spec's optimizer (make_optimizer) and
+    schedule. Returns (model, step): step(ids) takes one optimizer step and returns its mean loss."""
     import torch
 
     import minilora as ml
@@ -296,7 +303,7 @@ def load_minilora_plan(spec):
     cfg = ml.TrainConfig(batch_size=spec["batch"], max_len=spec["seq"], lora_r=spec["r"], lora_alpha=spec["alpha"],
                          lora_dropout=spec["dropout"], targets=tuple(spec["targets"]), precision="bf16",
                          memory_budget_gib=impl_budget(spec["impl"]), max_steps=10**6, schedule="constant",
-                         warmup_ratio=0.0)  # lr 2e-4 from the first step, as the other impls train
+                         warmup_ratio=0.0, optimizer=spec["optimizer"])  # lr 2e-4 from the first step, as the others
     options, line, shape_plan = _plan(model, cfg, 1)
     prepare_for_training(model, options)
     stepper = make_stepper(model, cfg, options, shape_plan)
@@ -440,26 +447,28 @@ def worker(spec: dict) -> dict:
                loss_first=losses[0], loss_last=losses[-1], finite=all(x == x and abs(x) != float("inf") for x in losses))
     if cuda:
         alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        free, card = torch.cuda.mem_get_info()
         res.update(peak_alloc_gib=max(alloc, warm_peaks[0]) / GiB, peak_reserved_gib=max(reserved, warm_peaks[1]) / GiB,
                    peak_alloc_timed_gib=alloc / GiB, peak_reserved_timed_gib=reserved / GiB,
-                   alloc_steady_gib=torch.cuda.memory_allocated() / GiB, device_name=torch.cuda.get_device_name())
+                   alloc_steady_gib=torch.cuda.memory_allocated() / GiB, device_used_gib=(card - free) / GiB,
+                   device_name=torch.cuda.get_device_name())
     else:
         res.update(peak_alloc_gib=None, peak_reserved_gib=None)
-    if planned:  # the plan's own prediction, for the options it chose
-        predicted = re.search(r"predicted peak ([\d.]+) GiB", spec["memory_plan"])  # none off a GPU
-        res.update(memory_plan=spec["memory_plan"], plan_options=spec["plan_options"], loss_chunk=spec["loss_chunk"],
-                   predicted_gib=float(predicted[1]) if predicted else None)
-    elif spec["impl"].startswith("minilora"):  # the planner models minilora's step, not the peers' own
-        from minilora.plan import plan_memory
+    if spec["impl"].startswith("minilora"):  # the planner models minilora's step, not the peers' own
+        from minilora.plan import PlanOptions, plan_memory
 
+        # a planned impl: the options train()'s plan chose (the prediction for them, with the optimizer the step ran)
         opts = variant_kwargs(spec["impl"])
-        plan = plan_memory(model.config, B, T, lora_r=spec["r"], lora_targets=spec["targets"],
-                           offload=opts.get("offload", False), fast=opts.get("fast", False),
-                           lora_dropout=spec["dropout"], loss_chunk=spec["loss_chunk"])
-        res["loss_chunk"] = spec["loss_chunk"]
-        res.update(predicted_gib=plan["total"] / GiB, plan_phase=plan["phase"],
+        options = PlanOptions(**spec["plan_options"]) if planned else PlanOptions(
+            fast=opts.get("fast", False), offload=opts.get("offload", False), loss_chunk=spec["loss_chunk"])
+        plan = plan_memory(model.config, B, T, options, lora_r=spec["r"], lora_targets=spec["targets"],
+                           lora_dropout=spec["dropout"], optimizer=spec["optimizer"])
+        if planned:
+            res.update(memory_plan=spec["memory_plan"], plan_options=spec["plan_options"])
+        res.update(loss_chunk=spec["loss_chunk"], predicted_gib=plan["total"] / GiB, plan_phase=plan["phase"],
                    plan_phases_gib={k: round(v / GiB, 4) for k, v in plan["phases"].items()},
-                   plan_gib={k: round(v / GiB, 4) for k, v in plan["breakdown"].items()})
+                   plan_gib={k: round(v / GiB, 4) for k, v in plan["breakdown"].items()},
+                   plan_paged_gib=plan["paged_optimizer"] / GiB)
     return res
 
 
@@ -549,6 +558,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the results (metadata + every case) here, after each case")
     ap.add_argument("--peak-tensors", type=int, default=0, metavar="N", help="after the timed steps, record one "
                     "more step's allocations and report the N largest tensors alive at its peak")
+    ap.add_argument("--optimizer", default="adamw", help="TrainConfig.optimizer of the minilora@GiB impls: adamw, "
+                    "adamw_8bit, paged_adamw_8bit or paged_adamw; the other impls run only with adamw (torch's)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     names = STANDARD if args.cases == "standard" else args.cases.split(",")
@@ -569,13 +580,14 @@ def main(argv=None):
             "scale": args.scale, "seed": args.seed, "build_s": env["build_s"], "reused_model": env["reused_model"],
             "prepare_for_training_kwargs": env["prepare_kwargs"], "peft_recipe": PEFT_RECIPE,
             "minilora_recipe": MINILORA_RECIPE, "unsloth_recipe": UNSLOTH_RECIPE, "loop": LOOP,
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cases": []}
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "optimizer": args.optimizer, "cases": []}
     durations = []
     for case in cases:
         for impl in case.pop("impls") or impls:
             spec = dict(case, impl=impl, case=case["name"], model_dir=model_dir, device=args.device, seed=args.seed,
-                        steps=args.steps, warmup=args.warmup, peak_tensors=args.peak_tensors)
-            row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq")}
+                        steps=args.steps, warmup=args.warmup, peak_tensors=args.peak_tensors, optimizer=args.optimizer)
+            row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq",
+                                        "optimizer")}
             missing = set(variant_kwargs(impl)) - set(env["prepare_kwargs"]) if impl.startswith("minilora") else set()
             elapsed, guess = time.perf_counter() - t_start, (statistics.mean(durations) if durations else 0)
             if impl not in ("peft", "unsloth") and not impl.startswith("minilora") or (
@@ -584,6 +596,8 @@ def main(argv=None):
                                  "minilora+<prepare_for_training flag> or minilora@<GiB>")
             elif missing:
                 row["status"] = f"unavailable: prepare_for_training has no {sorted(missing)}"
+            elif args.optimizer != "adamw" and impl_budget(impl) is None:
+                row["status"] = f"unavailable: --optimizer {args.optimizer} is for minilora@GiB impls (train()'s step)"
             elif args.budget and elapsed + guess > args.budget:
                 row["status"] = f"skipped: {elapsed:.0f}s used, a case takes ~{guess:.0f}s, budget {args.budget:.0f}s"
             else:
@@ -601,7 +615,7 @@ def main(argv=None):
     if args.out:
         _write(args.out, meta)
     print(f"\n{args.shape} on {env['card']} ({args.device}), {args.steps} timed steps after {args.warmup} warm-up, "
-          f"total {meta['total_s']:.0f}s", flush=True)
+          f"optimizer {args.optimizer}, total {meta['total_s']:.0f}s", flush=True)
     print(text_table(meta["cases"]), flush=True)
 
 

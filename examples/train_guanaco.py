@@ -19,6 +19,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import transformers
 
 import minilora as ml
 from minilora.data import check_eval_size
@@ -135,7 +136,8 @@ def load_data(args, cfg):
         # a resumed run keeps the base it started on; under torchrun process 0 builds it while the others wait
         if not os.path.isfile(os.path.join(source, "config.json")) and not (dist.is_initialized() and dist.get_rank()):
             print(f"building a tiny pretrained LLaMA-2 in {source} ...")
-            build_base(source, steps=args.pretrain_steps, seed=args.seed)
+            build_base(source, steps=args.pretrain_steps, seed=args.seed,
+                       progress=args.progress and sys.stderr.isatty())
         if dist.is_initialized():
             dist.barrier()
         rows = instruction_rows(800, seed=args.seed)
@@ -183,7 +185,7 @@ def check_memory(config, cfg, quant):
     choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget,
                             fixed=cfg.fixed_plan(), lora_r=cfg.lora_r,
                             lora_targets=cfg.targets, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
-                            lora_dropout=cfg.lora_dropout)
+                            lora_dropout=cfg.lora_dropout, optimizer=cfg.optimizer)
     if not choice["fits"]:
         need = choice["plan"]["total"] / 2**30
         print(f"warning: a step at batch {cfg.batch_size} x {cfg.max_len} tokens needs at least {need:.2f} GiB, "
@@ -212,6 +214,8 @@ def setup_device() -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = setup_device()
+    if not (args.progress and sys.stderr.isatty()):  # no progress bars (and their carriage returns) in a log file
+        transformers.utils.logging.disable_progress_bar()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(args.seed)
     try:  # every setting is checked here, before anything loads
@@ -232,7 +236,7 @@ def main(argv=None):
             tokenizer=tok, config=config))
         history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
     except KeyboardInterrupt as e:
-        return interrupted(e, cfg, argv)
+        return interrupted(e, cfg, argv, world)
     except (FloatingPointError, ml.CheckpointWriteError) as e:  # a diverged run; a full disk
         fail(str(e))
     finally:
@@ -258,8 +262,9 @@ def check_before_loading(cfg, run, what: tuple, quant, device: str):
         check_memory(config, cfg, quant)
 
 
-def interrupted(e: KeyboardInterrupt, cfg, argv) -> int:
-    """Ctrl-C: say what was saved and how to go on; exit status 130, as a shell reports an interrupted command."""
+def interrupted(e: KeyboardInterrupt, cfg, argv, world: int) -> int:
+    """A stop by signal (Ctrl-C, or a scheduler's SIGTERM): say what was saved and how to go on; exit with 128 + the
+    signal's number, as a shell reports a command that a signal ended (130 for Ctrl-C, 143 for SIGTERM)."""
     print(f"\n{e}" if isinstance(e, ml.Interrupted) else "\ninterrupted at once: the steps since the last "
           "checkpoint are lost", file=sys.stderr)
     if latest_checkpoint(cfg.output_dir):
@@ -268,9 +273,10 @@ def interrupted(e: KeyboardInterrupt, cfg, argv) -> int:
             if word in ("--resume", "--overwrite") or word.startswith("--resume=") or words[k - 1:k] == ["--resume"]:
                 continue
             kept.append(word)
-        print("resume with:  python " + shlex.join(["examples/train_guanaco.py", *kept, "--resume", "latest"]),
+        launch = ["python"] if world == 1 else ["torchrun", "--nproc-per-node", str(world)]
+        print("resume with:  " + shlex.join([*launch, "examples/train_guanaco.py", *kept, "--resume", "latest"]),
               file=sys.stderr)
-    return 130
+    return e.exit_status if isinstance(e, ml.Interrupted) else 130
 
 
 def report(history, cfg, is_demo: bool) -> int:

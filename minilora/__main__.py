@@ -31,17 +31,21 @@ def main(argv: list[str] | None = None) -> None:
         "Inspect chat data for LLaMA 2: encoded examples with their supervised tokens marked, and the totals."))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show encoded examples, supervised tokens marked, and dataset totals")
-    p.add_argument("source", help="a .jsonl/.json/.parquet/.csv file or a hub dataset id")
+    p.add_argument("source", help="a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset id")
     p.add_argument("--tokenizer", required=True, help="tokenizer dir or hub id")
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--n", type=int, default=3, help="examples to show")
     p.add_argument("--split", default="train")
+    p.add_argument("--text-field", default="text", help="the field of guanaco-format strings")
+    p.add_argument("--messages-field", default="messages", help="the field of message lists, read when a row "
+                   "has no --text-field")
     p.add_argument("--skip-malformed", action="store_true")
     args = parser.parse_args(argv)
 
     try:
         tok = load_tokenizer(args.tokenizer)
-        examples, stats = encode_rows(load_rows(args.source, args.split), tok, args.max_len, args.skip_malformed)
+        rows = load_rows(args.source, args.split, args.text_field, args.messages_field)
+        examples, stats = encode_rows(rows, tok, args.max_len, args.skip_malformed)
     except (OSError, ValueError) as e:  # a bad file, row or tokenizer: the message names it and what to do
         parser.exit(2, f"error: {e}\n")
     for k, ex in enumerate(examples[:args.n]):

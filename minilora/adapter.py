@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .lora import add_lora, lora_layers, lora_state_dict
+from .lora import add_lora, is_merged, lora_layers, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,8 +30,7 @@ def adapter_config(model: torch.nn.Module) -> dict:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save; call minilora.add_lora(model, ...) first")
-    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0)
-                for m in layers.values()}
+    settings = {(m.r, m.alpha, m.dropout_p) for m in layers.values()}
     if len(settings) > 1:
         raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one "
                          "adapter config")
@@ -51,6 +50,29 @@ def lora_settings(model: torch.nn.Module) -> dict | None:
         return None
     c = adapter_config(model)
     return dict(r=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], targets=c["target_modules"])
+
+
+def trains_own_adapter(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets) -> bool:
+    """Whether train() trains the adapter the model carries (True) or adds a fresh one (False), given the LoRA
+    settings of its TrainConfig. The model's adapter must have those settings; a merged model is refused: an
+    adapter trained on merged weights would not reproduce the trained model on the base it names."""
+    if is_merged(model):
+        raise ValueError("the model's LoRA was merged into its weights (merge_lora), so an adapter trained on it "
+                         "would not apply to its base model; load the base model again to train a new adapter, or "
+                         "save the merged model (save_merged) and load it as a new base")
+    have = lora_settings(model)
+    wanted = dict(r=r, alpha=alpha, dropout=dropout, targets=sorted(set(targets)))
+    if have is not None and have != wanted:
+        raise ValueError(f"the model already carries LoRA ({_as_fields(have)}), and this TrainConfig asks for "
+                         f"{_as_fields(wanted)}; give the TrainConfig the model's settings to train its adapter on, "
+                         "or load the model again for a fresh adapter")
+    return have is not None
+
+
+def _as_fields(lora: dict) -> str:
+    """LoRA settings as TrainConfig's fields."""
+    return (f"lora_r={lora['r']}, lora_alpha={lora['alpha']}, lora_dropout={lora['dropout']}, "
+            f"targets={tuple(lora['targets'])}")
 
 
 def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = None) -> str:

@@ -44,12 +44,11 @@ def data_fingerprint(examples: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_shape(cfg, examples: list[dict], base_model: str | None, world: int, lora: dict | None = None) -> dict:
-    """What shapes a checkpoint's state: compared on resume. lora: the model's LoRA settings when it has LoRA
-    layers already (else cfg's apply)."""
+def run_shape(cfg, examples: list[dict], base_model: str | None, world: int) -> dict:
+    """What shapes a checkpoint's state: compared on resume."""
     if base_model and os.path.isdir(base_model):
         base_model = os.path.realpath(base_model)
-    lora = lora or dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=sorted(cfg.targets))
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=sorted(set(cfg.targets)))
     return {"base_model": base_model or None, **{f"lora_{k}": v for k, v in lora.items()},
             **{name: getattr(cfg, name) for name in SHAPE_FIELDS}, "processes": world,
             "data": data_fingerprint(examples)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +77,9 @@ class TrainConfig:
 
 
 def check(cfg: TrainConfig):
-    """Every field that can be checked without the model or the data; runs when a TrainConfig is made."""
+    """Every field that can be checked without the model or the data, its type first; runs when a TrainConfig is
+    made, and again in train()."""
+    check_types(cfg)
     if cfg.precision is not None and cfg.precision not in PRECISIONS:
         raise ValueError(f"precision={cfg.precision!r}; use one of {list(PRECISIONS)}, or None to pick by device")
     if cfg.schedule not in ("cosine", "constant"):
@@ -103,6 +107,43 @@ def check(cfg: TrainConfig):
     if cfg.fsdp and (cfg.precision == "fp16" or cfg.optimizer != "adamw"):
         raise ValueError(f"fsdp=True trains with precision 'bf16' or 'fp32' and optimizer 'adamw'; this config has "
                          f"precision={cfg.precision!r}, optimizer={cfg.optimizer!r}")
+
+
+def check_types(cfg: TrainConfig):
+    """Each field's value against its annotation, so that the value checks compare numbers with numbers: one
+    TypeError that names the field, the type and a value to pass. A list for a tuple field becomes a tuple."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        if tuple in kinds and isinstance(value, list):
+            setattr(cfg, f.name, tuple(value))
+        if not any(_fits(getattr(cfg, f.name), kind) for kind in kinds):
+            expected = " or ".join({tuple: "a tuple of str", type(None): "None"}.get(k, k.__name__) for k in kinds)
+            example = _example(value, kinds, f.default)
+            raise TypeError(f"{f.name}={value!r} must be {expected}; pass {f.name}={example!r}")
+
+
+def _fits(value, kind: type) -> bool:
+    """Whether value is of an annotation's type: a bool is no number, an int is a float, a tuple holds strings."""
+    if kind is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _example(value, kinds: tuple, default):
+    """A value to suggest: the one given, converted where it reads as one ("3" -> 3, 2.0 -> 2, "q_proj" ->
+    ("q_proj",)), else the field's default."""
+    if tuple in kinds and isinstance(value, str):
+        return (value,)
+    for kind in (k for k in kinds if k in (int, float) and not isinstance(value, bool)):
+        try:
+            if kind(value) == float(value):
+                return kind(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    return default
 
 
 def default_precision(device: torch.device | str) -> str:

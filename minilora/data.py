@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from .loss import supervised_count
-from .template import IGNORE, DataStats, encode_rows
+from .template import IGNORE, DataStats, encode_rows, row_field
 
 
 # ---------------------------------------------------------------- batches
@@ -145,8 +145,10 @@ def looks_local(name: str) -> bool:
 
 
 def load_rows(source: str, split: str = "train", text_field: str = "text", messages_field: str = "messages") -> list:
-    """Rows from a local .jsonl/.json/.parquet/.csv file or a hub id (datasets.load_dataset): the values of
-    text_field (guanaco strings) or, when there is none, of messages_field (message lists).
+    """Rows from a local .jsonl/.json/.parquet/.csv file, a directory of such files, or a hub id
+    (datasets.load_dataset). Each row is judged on its own: the value of its text_field (a guanaco string), else of
+    its messages_field (a message list), else the record as it is, which encode_rows counts as malformed. A source
+    in which no row has either field is refused.
 
     A UTF-8 byte-order mark is skipped; a byte that is not UTF-8 and invalid JSON are reported with the file
     and its line. A name that is neither a file here nor a dataset on the hub fails in seconds; a hub dataset
@@ -157,19 +159,18 @@ def load_rows(source: str, split: str = "train", text_field: str = "text", messa
         records = _read_file(source, ext)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise ValueError(f"{source!r} must hold a list of objects, one per row")
-        fields = list(records[0]) if records else []
     elif not os.path.isdir(source) and (ext in _FILE_TYPES or looks_local(source)):
         raise FileNotFoundError(f"{source!r} does not exist; pass an existing file, or a hub id like owner/name")
     else:
-        records = _load_dataset(source, split)
-        fields = records.column_names
-    if not len(records):
+        records = list(_load_dataset(source, split))  # a dict per row, None where a row lacks a column
+    if not records:
         raise ValueError(f"{source!r} has no rows")
-    name = text_field if text_field in fields else messages_field
-    if name not in fields:
+    names = [row_field(r, text_field, messages_field) for r in records]
+    if not any(names):
+        fields = list(dict.fromkeys(k for r in records for k, v in r.items() if v is not None))
         raise ValueError(f"{source!r} has neither {text_field!r} nor {messages_field!r}; its fields are {fields}; "
                          "name the field with text_field= or messages_field= (--text-field or --messages-field)")
-    return list(records[name]) if not isinstance(records, list) else [r[name] for r in records]
+    return [r if name is None else r[name] for r, name in zip(records, names)]
 
 
 def _read_file(source: str, ext: str):
@@ -184,6 +185,9 @@ def _read_file(source: str, ext: str):
         return list(csv.DictReader(io.StringIO(text, newline="")))
     lines = io.StringIO(text, newline=None)  # \r\n and \r read as \n
     if ext == ".jsonl":  # lines count from 1, blank ones included, as in an editor
+        if _is_array(text):
+            raise ValueError(f"{source!r} holds one JSON array, not one JSON object per line; rename it to .json, "
+                             "or write one object per line")
         return [_json(line, source, n) for n, line in enumerate(lines, 1) if line.strip()]
     return _json(lines.read(), source) if text else []
 
@@ -199,6 +203,14 @@ def _read_text(source: str) -> str:
         before = data[:e.start].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").split("\n")
         raise ValueError(f"{source!r}, line {len(before)}: not UTF-8 (byte 0x{data[e.start]:02x} at column "
                          f"{len(before[-1]) + 1}); save the file as UTF-8") from None
+
+
+def _is_array(text: str) -> bool:
+    """Whether text is one JSON array (a .json file's content saved as .jsonl)."""
+    try:
+        return text.lstrip().startswith("[") and isinstance(json.loads(text), list)
+    except json.JSONDecodeError:
+        return False
 
 
 def _json(text: str, source: str, line: int | None = None):
@@ -225,7 +237,11 @@ def _load_dataset(source: str, split: str):
 
     offline = datasets.config.HF_HUB_OFFLINE
     if os.path.isdir(source):
-        return datasets.load_dataset(source, split=split)
+        try:
+            return datasets.load_dataset(source, split=split)
+        except (datasets.data_files.EmptyDatasetError, datasets.exceptions.DataFilesNotFoundError):
+            raise ValueError(f"{source!r} is a directory with no data files that can be read; pass a "
+                             f"{'/'.join(_FILE_TYPES)} file, or a directory of such files") from None
     if not offline:
         try:
             HfApi().dataset_info(source, timeout=10)

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .adapter import lora_settings, save_adapter
+from .adapter import lora_settings, save_adapter, trains_own_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
 from .config import PRECISIONS, TrainConfig, check, default_precision
 from .data import Collator, encoded
@@ -27,8 +27,8 @@ from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
 from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, plan_options
 from .plan_choice import choose_plan, shape_options
-from .rundir import claim
-from .stop import Interrupted, StopRequest
+from .rundir import claim, read_record
+from .stop import Interrupted, StopRequest, signal_name
 from .step import (Feed, Stepper, apply_settings, in_process_group, make_optimizer, make_stepper, optimizer_step,
                    rank_and_world)
 
@@ -52,27 +52,30 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     device = training_device(model) if cfg.fsdp else next(model.parameters()).device
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
+    own_adapter = trains_own_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets)
     rank, world = rank_and_world()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
         # on a GPU all of train()'s work (eager steps, evaluation, samples) runs on the stream that CUDA graphs are
         # captured on: cuBLAS keeps a workspace per (thread, stream), and one stream keeps the two the plan counts
         with on_capture_stream() if device.type == "cuda" else contextlib.nullcontext():
-            t = _setup(model, tokenizer, examples, cfg, run)
-            if not t.step:
-                t.log.log({"step": 0, **stats.record(), "memory_plan": t.plan_line})
-                if evals:  # the baseline the eval curve is read against
-                    _evaluate(t, evals)
-                _sample(t)
-            t.log.parts["set-up"] = time.perf_counter() - start - sum(t.log.parts.values())
-            model.train()
+            t = _setup(model, tokenizer, examples, cfg, run, own_adapter)
             try:
-                _steps(t, evals)
-                _sample(t)
-                with t.log.timed("save"):
-                    weights = full_lora_weights(model) if is_sharded(model) else None  # every process gathers
-                    if rank == 0:
-                        save_adapter(model, f"{cfg.output_dir}/adapter", weights)
+                with StopRequest(world) as stop:  # from here a signal stops the run at a step boundary, saved
+                    if not t.step:
+                        t.log.log({"step": 0, **stats.record(), "memory_plan": t.plan_line,
+                                   "adapter_start": t.record["adapter_start"]})
+                        if evals:  # the baseline the eval curve is read against
+                            _evaluate(t, evals)
+                        _sample(t)
+                    t.log.parts["set-up"] = time.perf_counter() - start - sum(t.log.parts.values())
+                    model.train()
+                    _steps(t, evals, stop)
+                    _sample(t)
+                    with t.log.timed("save"):
+                        weights = full_lora_weights(model) if is_sharded(model) else None  # every process gathers
+                        if rank == 0:
+                            save_adapter(model, f"{cfg.output_dir}/adapter", weights)
                 t.log.parts["steps"] = time.perf_counter() - start - sum(t.log.parts.values())
                 t.log.report_parts(t.step)
             finally:
@@ -89,42 +92,40 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
         run.release()
 
 
-def _steps(t: _Training, evals):
+def _steps(t: _Training, evals, stop: StopRequest):
     """The loop, from step t.step to the last: each optimizer step, then what falls due after it. t.step counts
     the steps done."""
     cfg, log = t.cfg, t.log
     stream = t.feed.stream(t.step * cfg.grad_accum)
-    stop = StopRequest(t.world == 1)
     log.restart_clock()
-    try:
-        while t.step < t.total_steps:
-            micro = [next(stream) for _ in range(cfg.grad_accum)]
-            t.step = step = t.step + 1
-            log.add(step, *optimizer_step(t.stepper, micro, t.opt, t.sched, cfg.max_grad_norm))
-            last = step == t.total_steps
-            due_log = step % cfg.log_every == 0 or last
-            due_eval = evals and (last or (cfg.eval_every and step % cfg.eval_every == 0))
-            due_sample = cfg.sample_every and step % cfg.sample_every == 0 and not last
-            due_save = last or (cfg.save_every and step % cfg.save_every == 0) or stop.asked
-            if not (due_log or due_eval or due_sample or due_save):
-                continue
-            log.drain()  # the one wait for the GPU, before anything that reads or saves these steps
-            if due_log:
-                log.log_interval(step, step * cfg.grad_accum / t.feed.per_epoch, t.sched.get_last_lr()[0], t.device)
-            if due_eval:
-                _evaluate(t, evals)
-            if due_sample:
-                _sample(t)
-            if due_save:
-                with t.log.timed("save"):
-                    save_checkpoint(t.model, t.run, step, (t.opt, t.sched, t.scaler, rng_state()), t.record,
-                                    cfg.keep_last, log.rank, t.world)
-            if stop.asked and not last:  # at the last step the run ends as it would anyway
-                raise Interrupted(f"interrupted after step {step}: saved {t.run.output_dir}/checkpoint-{step}; "
-                                  "resume it with resume='latest', bit for bit as if never stopped")
-            log.restart_clock()
-    finally:
-        stop.close()
+    while t.step < t.total_steps:
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        t.step = step = t.step + 1
+        log.add(step, *optimizer_step(t.stepper, micro, t.opt, t.sched, cfg.max_grad_norm))
+        last = step == t.total_steps
+        signum = stop.due()  # asked at every boundary, by every process
+        stopping = signum and not last  # at the last step the run ends as it would anyway
+        due_log = step % cfg.log_every == 0 or last
+        due_eval = evals and (last or (cfg.eval_every and step % cfg.eval_every == 0))
+        due_sample = cfg.sample_every and step % cfg.sample_every == 0 and not last
+        due_save = last or (cfg.save_every and step % cfg.save_every == 0) or stopping
+        if not (due_log or due_eval or due_sample or due_save):
+            continue
+        log.drain()  # the one wait for the GPU, before anything that reads or saves these steps
+        if due_log:
+            log.log_interval(step, step * cfg.grad_accum / t.feed.per_epoch, t.sched.get_last_lr()[0], t.device)
+        if due_eval:
+            _evaluate(t, evals)
+        if due_sample:
+            _sample(t)
+        if due_save:
+            with t.log.timed("save"):
+                path = save_checkpoint(t.model, t.run, step, (t.opt, t.sched, t.scaler, rng_state()), t.record,
+                                       cfg.keep_last, log.rank, t.world)
+        if stopping:
+            raise Interrupted(f"stopped by {signal_name(signum)} after step {step}: saved {path}; resume it with "
+                              "resume='latest', bit for bit as if never stopped", signum, path)
+        log.restart_clock()
 
 
 # ---------------------------------------------------------------- set-up
@@ -151,11 +152,12 @@ class _Training:
     record: dict  # each checkpoint's run.json
 
 
-def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
+def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool) -> _Training:
     """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
-    (eager or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log."""
+    (eager or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log.
+    own_adapter: the run trains the adapter the model carries, not a fresh one."""
     rank, world = rank_and_world()
-    shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world, lora_settings(model))
+    shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world)
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line, shape_plan = _setup_model(model, cfg, world)
     stepper = make_stepper(model, cfg, options, shape_plan)
@@ -165,15 +167,22 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run) -> _Training:
     opt, sched = make_optimizer(model, cfg, total_steps)
     step = resume(model, run, opt, sched, scaler, rank, world)
     apply_settings(opt, sched, cfg)  # a resumed optimizer and schedule bring back their saved lr and decay
-    log = Metrics(cfg, run, step, total_steps, world, overflow_skips=scaler.is_enabled())
+    # where the run's adapter started: a fresh one (from the seed), or the one the model carried
+    start = "model" if own_adapter else "fresh"
+    start = read_record(run.resume_from).get("adapter_start", start) if step else start
+    log = Metrics(cfg, run, step, total_steps, world, scaler.is_enabled(), notes={"adapter_start": start})
     plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
     log.say(plan_line)
+    if own_adapter and not step:
+        log.say(f"training the adapter the model carries ({', '.join(lora_settings(model)['targets'])}), not a "
+                "fresh one")
     if step and changed:
         log.say(f"resumed from {run.resume_from} at step {step}, with changed settings applied from here on: "
                 + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         log.log({"step": step, "resumed_from": run.resume_from, "changed": changed})
     return _Training(model, tokenizer, cfg, run, stepper.device, world, stepper, feed, opt, sched, scaler, log, step,
-                     total_steps, plan_line, {"shape": shape, "config": dataclasses.asdict(cfg)})
+                     total_steps, plan_line,
+                     {"shape": shape, "config": dataclasses.asdict(cfg), "adapter_start": start})
 
 
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
@@ -185,7 +194,7 @@ def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
     if cfg.fsdp and (not in_process_group() or cfg.precision == "fp16"):
         raise ValueError("fsdp=True needs a torch.distributed process group (torchrun --nproc-per-node N) and "
                          f"precision 'bf16' or 'fp32' (this run: {cfg.precision!r})")
-    if cfg.progress and rank_and_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         print(stats.summary(cfg.max_len))  # before the progress bar exists, so that it is not on the bar's line
     return examples, stats, evals
 
@@ -231,7 +240,7 @@ def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functo
     setup = Setup(lora_r=lora["r"], lora_targets=tuple(lora["targets"]), lora_dropout=lora["dropout"],
                   lora_dtype=next(iter(lora_state_dict(model).values())).dtype,
                   quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
-                  compute_dtype=PRECISIONS[cfg.precision], data_parallel=in_process_group())
+                  compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer, data_parallel=in_process_group())
     choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan(), setup=setup)
     o, plan, n = choice["options"], choice["plan"], choice["options"].layers_checkpointed(L)
     shape_plan = functools.partial(shape_options, model.config, choice=choice, fixed=cfg.fixed_plan(), setup=setup)
@@ -269,6 +278,7 @@ def _evaluate(t: _Training, evals):
     with t.log.timed("eval"):
         loss = shared_eval_loss(t.model, evals, t.feed.collate, t.cfg.batch_size, t.cfg.precision, t.stepper.chunk)
     t.log.log({"step": t.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
+    t.log.say(f"step {t.step} | eval loss {loss:.4f} | eval ppl {math.exp(min(loss, 50)):.2f}")
 
 
 def _sample(t: _Training):

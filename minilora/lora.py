@@ -34,6 +34,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
         self.merged = False
         self.fused = False  # training forward through one autograd function (prepare_for_training(fused=True))
 
@@ -85,10 +86,23 @@ def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 64, alpha:
 
     dtype: the LoRA weights' dtype, float32 by default (master weights; the compute stays in autocast's
     dtype). torch.bfloat16 halves their memory, as the QLoRA reference does, at some cost in accuracy.
+    A model that has LoRA already takes more only on other targets, with the same r, alpha and dropout: the
+    model holds one adapter.
     """
+    existing = lora_layers(model)
+    inside = tuple(f"{name}." for name in existing)  # a LoRALinear's own linears (base, lora_A, lora_B)
     linears = [n for n, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or is_4bit(m)) and not n.endswith(("lora_A", "lora_B"))]
-    targets = check_targets(linears, targets)
+               if (isinstance(m, nn.Linear) or is_4bit(m)) and not n.startswith(inside)]
+    targets = check_targets(linears + list(existing), targets)
+    if existing:
+        carrying = sorted({n.split(".")[-1] for n in existing} & set(targets))
+        (r0, alpha0, dropout0), *others = {(m.r, m.alpha, m.dropout_p) for m in existing.values()}
+        if carrying:
+            raise ValueError(f"targets {carrying} already carry LoRA (r={r0}, alpha={alpha0}, dropout={dropout0}); "
+                             "train or save that adapter as it is, or load the model again to add a new one")
+        if others or (r0, alpha0, dropout0) != (r, alpha, dropout):
+            raise ValueError(f"the model's LoRA has r={r0}, alpha={alpha0}, dropout={dropout0}, and one adapter has "
+                             f"one setting: add LoRA on {list(targets)} with those, or load the model again")
     names = [n for n in linears if n.split(".")[-1] in targets]
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype))
@@ -134,6 +148,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
 
 
+def is_merged(model: nn.Module) -> bool:
+    """Whether LoRA updates were folded into the model's weights (merge_lora, or one LoRALinear's merge)."""
+    return getattr(model, "lora_merged", False) or any(m.merged for m in lora_layers(model).values())
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and leave a plain model: no LoRA, no 4-bit layer.
 
@@ -143,6 +162,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     for name, layer in lora_layers(model).items():
         _replace(model, name, layer.merge())
+        model.lora_merged = True  # is_merged: no adapter trained from here applies to the base model
     for name, module in list(model.named_modules()):
         if is_4bit(module):
             _replace(model, name, plain_linear(module))

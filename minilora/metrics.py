@@ -1,4 +1,5 @@
-"""What a run reports: the history that train() returns, metrics.jsonl, the progress bar and loss.png."""
+"""What a run reports: the history that train() returns, metrics.jsonl, what it prints (a progress bar on a terminal,
+plain lines elsewhere) and loss.png."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -18,9 +20,12 @@ from .rundir import read_history
 
 class Metrics:
     """The run's log. Step values stay on the GPU (`add`) until `drain` reads every pending step at once, before
-    anything that needs them: the step never waits for the GPU. Process 0 alone writes files and shows a bar."""
+    anything that needs them: the step never waits for the GPU. Process 0 alone writes files and prints: a progress
+    bar where stderr is a terminal and cfg.progress, else a plain line per log interval (a redirected log gets no
+    bar's carriage returns)."""
 
-    def __init__(self, cfg, run, step: int, total_steps: int, world: int = 1, overflow_skips: bool = False):
+    def __init__(self, cfg, run, step: int, total_steps: int, world: int = 1, overflow_skips: bool = False,
+                 notes: dict | None = None):
         self.cfg, self.run, self.world, self.overflow_skips = cfg, run, world, overflow_skips
         self.rank = dist.get_rank() if world > 1 else 0
         self.history = read_history(cfg.output_dir, step)  # a resumed run continues the metrics it resumed from
@@ -33,13 +38,16 @@ class Metrics:
         self.file = None
         if self.rank == 0:
             with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)  # what this run uses, changes on resume included
+                # what this run uses, changes on resume included, and notes such as where its adapter started
+                json.dump({**dataclasses.asdict(cfg), **(notes or {})}, f, indent=2)
             self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
             self.file.writelines(json.dumps(record) + "\n" for record in self.history)
-        from tqdm.auto import tqdm
+        self.total_steps, self.first_step, self.start = total_steps, step, time.perf_counter()
+        self.bar = None
+        if cfg.progress and self.rank == 0 and sys.stderr.isatty():
+            from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and self.rank == 0), desc="train",
-                        unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, record: dict):
         self.history.append(record)
@@ -48,13 +56,16 @@ class Metrics:
             self.file.flush()
 
     def say(self, text: str):
-        """A line for the user, above the progress bar (never on its line); process 0 only."""
-        if self.rank == 0:
+        """A line for the user on stdout, above the progress bar (never on its line); process 0 only."""
+        if self.bar is not None:
             self.bar.write(text)
+        elif self.rank == 0:
+            print(text, flush=True)
 
     def add(self, step: int, loss_sum: torch.Tensor, n_tokens: int, grad_norm: torch.Tensor):
         self.pending.append((step, loss_sum, n_tokens, grad_norm))
-        self.bar.update()
+        if self.bar is not None:
+            self.bar.update()
 
     def drain(self):
         """Read the pending steps' losses and grad norms, in one wait, then stop the training clock: the wait for
@@ -87,7 +98,14 @@ class Metrics:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         self.log({"step": step, "epoch": round(epoch, 4), "loss": self.loss / self.tokens, "lr": lr,
                   "grad_norm": self.grad_norm, "tokens_per_s": rate, "seconds": self.seconds, "peak_mem_gib": peak})
-        self.bar.set_postfix(loss=f"{self.loss / self.tokens:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.loss / self.tokens:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}",
+                                 refresh=False)
+        else:
+            elapsed = time.perf_counter() - self.start
+            left = elapsed / (step - self.first_step) * (self.total_steps - step)
+            self.say(f"step {step}/{self.total_steps} | loss {self.loss / self.tokens:.4f} | lr {lr:.2e} | "
+                     f"{rate:,.0f} tok/s | elapsed {_clock(elapsed)} | left {_clock(left)}")
         self.tokens, self.loss, self.seconds = 0, 0.0, 0.0
 
     @contextlib.contextmanager
@@ -110,7 +128,8 @@ class Metrics:
         self.clock = time.perf_counter()
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if self.file:
             self.file.close()
             self.file = None
@@ -131,3 +150,9 @@ class Metrics:
         ax.set(xlabel="step", ylabel="loss", title="minilora")
         ax.legend()
         fig.savefig(os.path.join(self.cfg.output_dir, "loss.png"), dpi=100, bbox_inches="tight")
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss"""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"

@@ -7,7 +7,8 @@ of a step:
   "loss"      the chunked cross-entropy's forward, with every layer's activations still held;
   "backward"  the backward of the last decoder layer (the first one recomputed if it is checkpointed), with
               every other layer's activations still held.
-The CUDA context (~0.5 GiB) lives outside PyTorch's counters; it is reported beside the total, not in it.
+The CUDA context (~0.5 GiB) and a paged optimizer's paged states live outside PyTorch's counters; they are
+reported beside the total, not in it.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ from types import SimpleNamespace
 
 import torch
 
+from .config import OPTIMIZERS
 from .kernels.attention import KEEP_ATTENTION
 from .plan_layers import StepSizes, fast_layer_bytes, hf_layer_bytes, linear_shapes
 
 GiB = 2**30
 CUBLAS_WORKSPACES = 2 * 32 * 2**20  # cuBLAS keeps a 32 MiB workspace per (thread, stream): forward + autograd thread
 CUDA_CONTEXT = 512 * 2**20  # driver context + kernels; seen by nvidia-smi, not by torch's allocator counters
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}  # torch AdamW keeps exp_avg and exp_avg_sq, in each parameter's dtype
+# TrainConfig.optimizer's bitsandbytes choices, as step.make_optimizer builds them: (8-bit states, paged states)
+BNB_OPTIMIZERS = {"adamw_8bit": (True, False), "paged_adamw_8bit": (True, True), "paged_adamw": (False, True)}
+# bitsandbytes 0.50's Optimizer2State (optim/optimizer.py): a tensor of fewer than BNB_MIN_8BIT entries keeps fp32
+# states (min_8bit_size's default); an 8-bit state has an fp32 absmax per BNB_BLOCK entries (init_state); a paged
+# optimizer pages the states of tensors of BNB_MIN_PAGED entries or more (get_state_buffer)
+BNB_MIN_8BIT, BNB_BLOCK, BNB_MIN_PAGED = 4096, 256, 10**5
+BNB_QMAPS = 2 * 256 * 4  # the signed and unsigned 8-bit quantization maps, 256 fp32 each, shared by every tensor
 LOSS_CHUNKS = (4096, 2048, 1024, 512)  # supervised rows per vocabulary chunk that choose_plan tries, largest first
 
 
@@ -101,7 +109,7 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     fields: any of either's fields by name, e.g. lora_r=16, offload=True, or gradient_checkpointing=True.
     Returns a dict: `breakdown` {term: bytes}, `total` (their sum, the predicted peak), `phase` (the moment
     it happens), `phases` (both candidates' transient bytes), `cpu` (pinned host bytes when offloading),
-    `cuda_context` (outside `total`) and `inputs`.
+    `cuda_context` and `paged_optimizer` (outside `total`) and `inputs`.
     """
     c = as_config(config)
     options, setup = split_fields(options or PlanOptions(fast=False), setup, fields)
@@ -110,6 +118,10 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     tied = getattr(c, "tie_word_embeddings", False)
     host_table = options.host_embedding(z.L, tied)
     b = _persistent(z, setup, step.cached, tied, host_table)
+    # a paged optimizer's paged states are CUDA managed memory, which torch's counters never see: the GPU holds
+    # them while it has room (bitsandbytes prefetches them there for each update) and the driver may migrate them
+    # to the host when it has not, so they are reported beside the total
+    b["optimizer"], paged = _optimizer_state(z, setup.optimizer)
     graphs = options.fast and options.graphs
     if graphs and host_table:  # CUDA graphs' own copy of the embedded rows (kernels/graphs.py)
         b["graph_inputs"] = z.S * z.H * z.dt
@@ -124,12 +136,12 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     b["layer_backward"] = extra - z.lora_bytes if phase == "backward" else 0
     b["loss"] = extra if phase == "loss" else 0
     plan = {"breakdown": b, "total": sum(b.values()), "phase": phase, "phases": phases, "cpu": step.cpu(host_table),
-            "cuda_context": CUDA_CONTEXT,
+            "cuda_context": CUDA_CONTEXT, "paged_optimizer": paged,
             "inputs": dict(batch=batch, seq_len=seq_len, lora_r=setup.lora_r, lora_targets=z.targets,
                            quant=setup.quant, offload=options.offload, lora_dropout=setup.lora_dropout,
                            fast=options.fast, checkpointed=step.ckpt, cached_layers=step.cached,
                            keep_weights=options.keep_weights, loss_chunk=options.loss_chunk, layers=z.L,
-                           embedding_on_host=host_table, graphs=graphs)}
+                           embedding_on_host=host_table, graphs=graphs, optimizer=setup.optimizer)}
     if print_breakdown:
         print(format_plan(plan))
     return plan
@@ -137,8 +149,8 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
 
 def _sizes(c, batch, seq_len, setup: Setup) -> StepSizes:
     """The step's sizes, from the config, the batch and the adapter; an unknown optimizer or target refused."""
-    if setup.optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"unknown optimizer={setup.optimizer!r}; plan_memory knows {sorted(OPTIMIZER_STATES)}")
+    if setup.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer={setup.optimizer!r}; plan_memory knows {list(OPTIMIZERS)}")
     lin = linear_shapes(c)
     lora_targets = setup.lora_targets
     # each linear carries one adapter however often it is named (add_lora wraps it once)
@@ -152,8 +164,8 @@ def _sizes(c, batch, seq_len, setup: Setup) -> StepSizes:
 
 
 def _persistent(z: StepSizes, setup: Setup, cached: int, tied: bool, host_table: bool) -> dict:
-    """The bytes that stay through the run: the frozen base, embeddings, norms, the adapters and their
-    optimizer state, cuBLAS's workspaces."""
+    """The bytes that stay through the run, but the optimizer's state: the frozen base, embeddings, norms, the
+    adapters, cuBLAS's workspaces."""
     b = {}
     # Frozen base. 4-bit: two weights per byte. Quant state: one absmax per 64-block, fp32; with double quant
     # that absmax is itself 8-bit (1 byte per 64 weights) plus an fp32 absmax per 256 of those and a 256-entry
@@ -170,11 +182,36 @@ def _persistent(z: StepSizes, setup: Setup, cached: int, tied: bool, host_table:
     # embedding table in host memory leaves lm_head alone on the GPU.
     b["embed_lm_head"] = z.V * z.H * z.dt * (1 if tied or host_table else 2)
     b["norms"] = (2 * z.L + 1) * z.H * z.dt  # two RMSNorm weights per layer and the final one
-    # LoRA: A (r, in) and B (out, r) per target per layer, in the adapters' dtype; AdamW's two states likewise.
-    b["lora"] = z.lora_bytes
-    b["optimizer"] = OPTIMIZER_STATES[setup.optimizer] * z.lora_bytes
+    b["lora"] = z.lora_bytes  # A (r, in) and B (out, r) per target per layer, in the adapters' dtype
     b["cublas_workspace"] = CUBLAS_WORKSPACES
     return b
+
+
+def _optimizer_state(z: StepSizes, optimizer: str) -> tuple[int, int]:
+    """(bytes in torch's allocator, bytes paged) of the optimizer's state for every adapter tensor.
+
+    torch's AdamW: exp_avg and exp_avg_sq in the tensor's dtype and an fp32 step count (on the GPU when fused).
+    bitsandbytes (Optimizer2State.init_state): two fp32 states whatever the tensor's dtype, or, 8-bit, two uint8
+    states with an fp32 absmax per block each (tensors under BNB_MIN_8BIT entries keep fp32 ones), and one pair of
+    quantization maps. A paged optimizer puts each state of BNB_MIN_PAGED entries or more in CUDA managed memory
+    (functional.get_paged: cudaMallocManaged), which torch's allocator never sees; the other states, the absmax
+    and the maps stay in torch's allocator.
+    """
+    sizes = [z.r * n for t in z.targets for n in z.lin[t]] * z.L  # entries of each A (r, in) and B (out, r)
+    if optimizer == "adamw":
+        return 2 * z.lora_bytes + 4 * len(sizes), 0
+    eight_bit, paged = BNB_OPTIMIZERS[optimizer]
+    held = outside = 0
+    for n in sizes:
+        quantized = eight_bit and n >= BNB_MIN_8BIT
+        states = 2 * n * (1 if quantized else 4)  # state1 and state2, uint8 or fp32
+        if paged and n >= BNB_MIN_PAGED:
+            outside += states
+        else:
+            held += states
+        held += 2 * 4 * math.ceil(n / BNB_BLOCK) if quantized else 0  # absmax1 and absmax2, fp32
+    maps = BNB_QMAPS if eight_bit and any(n >= BNB_MIN_8BIT for n in sizes) else 0  # once, by the first 8-bit one
+    return held + maps, outside
 
 
 class _Step:
@@ -262,4 +299,6 @@ def format_plan(plan) -> str:
                       f"peak during {plan['phase']}; the {other} moment's transients: "
                       f"{plan['phases'][other] / GiB:.3f} GiB",
                       f"+ pinned host memory {plan['cpu'] / GiB:.3f} GiB; + CUDA context "
-                      f"~{plan['cuda_context'] / GiB:.2f} GiB outside torch's counters"])
+                      f"~{plan['cuda_context'] / GiB:.2f} GiB outside torch's counters",
+                      *([f"+ paged optimizer states {plan['paged_optimizer'] / GiB:.3f} GiB in CUDA managed memory"]
+                        if plan["paged_optimizer"] else [])])

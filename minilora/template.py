@@ -24,12 +24,12 @@ Pairs = list  # [(question, answer or None), ...]: None only for a last question
 
 
 class MalformedRow(ValueError):
-    """A row that is not a well-formed conversation. `reason` is short, to be counted; `index` is set by
-    encode_rows."""
+    """A row that is not a well-formed conversation. `reason` is short, to be counted; `detail` follows it in the
+    message; `index` is set by encode_rows."""
 
-    def __init__(self, reason: str, row: Any):
+    def __init__(self, reason: str, row: Any, detail: str = ""):
         super().__init__(reason)
-        self.reason, self.row, self.index = reason, row, None
+        self.reason, self.row, self.index, self.detail = reason, row, None, detail
 
     def __str__(self) -> str:
         excerpt = repr(self.row)
@@ -38,7 +38,7 @@ class MalformedRow(ValueError):
         hint = "" if self.index is None else (
             "; TrainConfig(skip_malformed=True) or encode_rows(..., skip_malformed=True) skips and counts such "
             "rows, as examples/train_guanaco.py does unless --strict")
-        return f"malformed row{where}: {self.reason}: {excerpt}; {ROW_FORM}{hint}"
+        return f"malformed row{where}: {self.reason}{self.detail}: {excerpt}; {ROW_FORM}{hint}"
 
 
 class SkipExample(ValueError):
@@ -133,10 +133,20 @@ def _pairs(messages: Any, row: Any) -> tuple[str | None, Pairs]:
     return system, pairs
 
 
+def row_field(record: dict, text_field: str = "text", messages_field: str = "messages") -> str | None:
+    """The field that holds a record's conversation: text_field when it has a value, else messages_field, else
+    None. A None value counts as missing: a datasets row gives None for a column that it lacks."""
+    return next((name for name in (text_field, messages_field) if record.get(name) is not None), None)
+
+
 def _conversation(row: Any) -> tuple[str | None, Pairs]:
     """(system, pairs) from any row form: guanaco text, a message list, or a dict with "text"/"messages"."""
-    if isinstance(row, dict) and ("messages" in row or "text" in row):
-        row = row["messages"] if "messages" in row else row["text"]
+    if isinstance(row, dict):
+        name = row_field(row)
+        if name is None:
+            fields = [k for k, v in row.items() if v is not None]
+            raise MalformedRow("a row with neither 'text' nor 'messages'", row, f" (its fields are {fields})")
+        row = row[name]
     return _pairs(parse_text(row) if isinstance(row, str) else row, row)
 
 

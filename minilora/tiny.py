@@ -98,7 +98,7 @@ def _plain_sentences(n: int, seed: int) -> list[str]:
     return out
 
 
-def build_base(out_dir: str, steps: int = 500, seed: int = 0, **config) -> str:
+def build_base(out_dir: str, steps: int = 500, seed: int = 0, progress: bool = True, **config) -> str:
     """Write a tiny pretrained LLaMA-2-architecture base with its tokenizer to `out_dir`; returns out_dir.
 
     A random model is a poor base to fine-tune, so this one is first trained in full fp32 for a few hundred
@@ -124,7 +124,7 @@ def build_base(out_dir: str, steps: int = 500, seed: int = 0, **config) -> str:
               for i in [tok.bos_token_id, *tok.encode(s, add_special_tokens=False), tok.eos_token_id]]
     rows = torch.tensor(stream[: len(stream) // 64 * 64]).view(-1, 64)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="pretrain base", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="pretrain base", unit="step", dynamic_ncols=True, disable=not progress)
     for step in bar:
         batch = rows[torch.randint(len(rows), (16,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss

@@ -25,7 +25,7 @@ from minilora.kernels.attention import segment_mask
 from minilora.template import (
     IGNORE, MalformedRow, SkipExample, encode_chat, encode_prompt, encode_rows, parse_text, render_chat,
 )
-from minilora.tiny import tiny_config
+from minilora.tiny import instruction_rows, tiny_config
 
 SYSTEM = "You are a helpful assistant."
 CONVERSATIONS = {
@@ -365,7 +365,8 @@ MALFORMED = [
     ([{"role": "bot", "content": "q"}], "message 0 is not a"),
     ([{"role": "user", "content": None}], "message 0 is not a"),
     ([{"role": "system", "content": "s"}], "no user message"),
-    ({"prompt": "q"}, "expected a guanaco string"),
+    ({"prompt": "q"}, r"a row with neither 'text' nor 'messages' \(its fields are \['prompt'\]\)"),
+    ({"text": None, "messages": None, "id": 7}, r"a row with neither .* \(its fields are \['id'\]\)"),
     (42, "expected a guanaco string"),
 ]
 
@@ -432,6 +433,68 @@ def test_load_rows_errors(tmp_path):
     (tmp_path / "bad.json").write_text('[\n  {"text": "a"},\n  {"text": "b"\n]', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.json', line 4 column 1: invalid JSON"):
         load_rows(str(tmp_path / "bad.json"))
+
+
+def jsonl(path, records: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("where", [0, 2, 4])  # first, in the middle, last
+def test_a_row_without_text_or_messages_is_malformed_wherever_it_is(tmp_path, tokenizer, where):
+    texts = instruction_rows(4, seed=where)
+    records = [{"text": t} for t in texts]
+    records.insert(where, {"prompt": "q", "answer": "a"})
+    rows = load_rows(jsonl(tmp_path / "rows.jsonl", records))
+    reason = "a row with neither 'text' nor 'messages'"
+    fields = r"\(its fields are \['prompt', 'answer'\]\)"
+    with pytest.raises(MalformedRow, match=rf"^malformed row {where}: {reason} {fields}"):
+        encode_rows(rows, tokenizer)
+    examples, stats = encode_rows(rows, tokenizer, skip_malformed=True)
+    assert stats.malformed == [(where, reason)] and stats.skipped == {reason: 1} and stats.rows == 5
+    assert examples == encode_rows(texts, tokenizer)[0]  # the other rows, in their order
+
+
+def test_rows_mix_text_and_messages_in_every_source(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = instruction_rows(6, seed=8)
+    convs = [parse_text(t) for t in texts]
+    # text rows, message rows, and rows where one field is null, as a table with both columns gives them
+    records = [{"text": texts[0]}, {"messages": convs[1]}, {"text": None, "messages": convs[2]},
+               {"text": texts[3], "messages": None}, {"messages": convs[4]}, {"text": texts[5]}]
+    expected = [texts[0], convs[1], convs[2], texts[3], convs[4], texts[5]]
+    pq.write_table(pa.table({k: [r.get(k) for r in records] for k in ("text", "messages")}), tmp_path / "rows.parquet")
+    (tmp_path / "dir").mkdir()
+    jsonl(tmp_path / "dir" / "rows.jsonl", records)
+    sources = [jsonl(tmp_path / "rows.jsonl", records), str(tmp_path / "rows.parquet"), str(tmp_path / "dir")]
+    for source in sources:  # the directory loads through datasets.load_dataset
+        rows = load_rows(source)
+        assert rows == expected, source
+        examples, stats = encode_rows(rows, tokenizer)
+        assert examples == encode_rows(texts, tokenizer)[0] and not stats.skipped
+
+
+@pytest.mark.parametrize("indent", [None, 2])  # one line; pretty-printed over several
+def test_a_json_array_saved_as_jsonl_is_named(tmp_path, indent):
+    records = [{"text": t} for t in instruction_rows(3, seed=indent or 1)]
+    (tmp_path / "rows.jsonl").write_text(json.dumps(records, indent=indent), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows\.jsonl' holds one JSON array, not one JSON object per line; rename "
+                                         r"it to \.json, or write one object per line$"):
+        load_rows(str(tmp_path / "rows.jsonl"))
+    (tmp_path / "rows.json").write_text(json.dumps(records, indent=indent), encoding="utf-8")
+    assert load_rows(str(tmp_path / "rows.json")) == [r["text"] for r in records]  # what the message says works
+
+
+@pytest.mark.parametrize("files", [{}, {"README.md": "# notes", "weights.bin": "\x00\x01"}])
+def test_a_directory_without_data_files_is_refused(tmp_path, files):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=r"is a directory with no data files that can be read; pass a "
+                                         r"\.jsonl/\.json/\.parquet/\.csv file, or a directory of such files") as err:
+        load_rows(str(tmp_path) + "/")
+    assert not isinstance(err.value, OSError)  # the example adds its offline hint to an OSError
 
 
 def _csv(records: list[dict]) -> str:
@@ -583,3 +646,12 @@ def test_inspect_cli(tmp_path, tok_dir, capsys, monkeypatch):
     assert "rows: 5\n" in out and "turns: " in out and "truncated rows: " in out
     assert "skipped rows: 1\n" in out and "1  no [/INST]" in out
     assert "token lengths:" in out and "#" in out
+
+    # rows under other field names, one of them with neither: the flags name the fields, the row is counted
+    records = [{"q": t} for t in instruction_rows(3, seed=4)] + [{"chat": messages([("Hi", "Hello")])}, {"id": 5}]
+    argv = ["inspect", jsonl(tmp_path / "named.jsonl", records), "--tokenizer", tok_dir, "--skip-malformed",
+            "--text-field", "q", "--messages-field", "chat"]
+    monkeypatch.setattr(sys, "argv", ["minilora", *argv])
+    runpy.run_module("minilora", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "rows: 5\n" in out and "skipped rows: 1\n" in out and "malformed rows: 4\n" in out

@@ -35,7 +35,8 @@ def test_tiny_preset_trains_and_writes_an_adapter_peft_loads(demo):
     out, result = demo
     assert result.returncode == 0, result.stderr[-2000:]  # 1 would be the quality gate: eval loss down < 30%
     assert "held-out eval loss" in result.stdout and "before:" in result.stdout
-    assert "pretrain base" in result.stderr  # the base's pretraining shows a progress bar
+    # a redirected log: plain lines, no progress bar and none of its carriage returns
+    assert "\r" not in result.stdout + result.stderr and "pretrain base" not in result.stderr
     assert "predicted peak GPU memory" not in result.stdout  # a CPU run has no GPU plan to show
     adapter = out / "adapter"
     model, _ = ml.load_model(str(out / "base"), quant="nf4", compute_dtype=torch.float32, device="cpu")
@@ -143,6 +144,11 @@ def test_messy_dataset_trains_with_counts(messy, base_dir, tmp_path):
             "string") in result.stdout
     assert "16 examples from 19 rows" in result.stdout and "empty questions: 1, empty answers: 1" in result.stdout
     assert "predicted peak GPU memory" not in result.stdout  # a CPU run has no GPU plan to show
+    # a redirected log: the plan, a plain line per log interval, the samples and the time account; no carriage return
+    for line in ("fast layers, 2/2 checkpointed", "step 1/2 | loss ", "step 2/2 | loss ", "[step 2] 'What is a large "
+                 "language model?' -> ", "time: set-up "):
+        assert line in result.stdout, line
+    assert "\r" not in result.stdout + result.stderr
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert (start["empty_questions"], start["empty_answers"], start["examples"]) == (1, 1, 16)
     assert not any("eval_loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
@@ -252,10 +258,11 @@ def test_a_used_output_dir_is_refused_or_resumed_as_asked_before_the_model_loads
     assert "overwrite: removed the earlier run's checkpoint-2, checkpoint-3, adapter" in capsys.readouterr().out
 
 
-def test_ctrl_c_exits_130_with_the_resume_command_and_resumes_bit_exactly(messy, base_dir, tmp_path, monkeypatch,
-                                                                          capsys):
-    import signal
-
+@pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_exits_with_the_resume_command_and_resumes_bit_exactly(messy, base_dir, tmp_path, monkeypatch,
+                                                                             capsys, signum, status):
+    """Ctrl-C, or a scheduler's SIGTERM: the step in progress ends, a checkpoint is saved, the command that resumes
+    it is printed, and the exit status is 128 + the signal's number, as a shell reports it."""
     from safetensors.torch import load_file
 
     ex = example()
@@ -267,14 +274,14 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_resumes_bit_exactly(messy,
     def interrupted(model, batch, chunk):
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return real_loss(model, batch, chunk)
 
     monkeypatch.setattr(step_module, "causal_lm_loss", interrupted)
     capsys.readouterr()
-    assert ex.main(common + ["--output-dir", str(tmp_path / "stopped")]) == 130
+    assert ex.main(common + ["--output-dir", str(tmp_path / "stopped")]) == status
     out, err = capsys.readouterr()
-    assert "interrupted after step 3: saved" in err and "adapter:" not in out
+    assert "after step 3: saved" in err and "adapter:" not in out
     command = err.split("resume with:  python ")[1].strip().split()
     assert command[0] == "examples/train_guanaco.py" and command[-2:] == ["--resume", "latest"]
     monkeypatch.setattr(step_module, "causal_lm_loss", real_loss)

@@ -64,12 +64,37 @@ def test_config_is_refused_when_made(tmp_path, bad, match):
         config(tmp_path, **bad)
 
 
+@pytest.mark.parametrize("bad,message", [
+    (dict(max_steps="3"), "max_steps='3' must be int or None; pass max_steps=3"),
+    (dict(lr="2e-4"), "lr='2e-4' must be float; pass lr=0.0002"),
+    (dict(batch_size=2.0), "batch_size=2.0 must be int; pass batch_size=2"),
+    (dict(progress="yes"), "progress='yes' must be bool; pass progress=True"),
+    (dict(targets="q_proj"), "targets='q_proj' must be a tuple of str; pass targets=('q_proj',)"),
+    (dict(targets=["q_proj", 7]), "targets=['q_proj', 7] must be a tuple of str; pass targets=('q_proj', 'v_proj')"),
+    (dict(epochs=None), "epochs=None must be float; pass epochs=1.0"),
+    (dict(max_steps=True), "max_steps=True must be int or None; pass max_steps=None"),
+    (dict(precision=16), "precision=16 must be str or None; pass precision=None"),
+])
+def test_config_of_the_wrong_type_is_one_type_error(tmp_path, bad, message):
+    with pytest.raises(TypeError) as err:
+        config(tmp_path, **bad)
+    assert str(err.value) == message
+
+
+def test_config_takes_an_int_for_a_float_and_a_list_for_a_tuple(tmp_path):
+    cfg = config(tmp_path, lr=1, lora_alpha=16, targets=["q_proj"], sample_prompts=["Hi", "Hola"], max_steps=None)
+    assert (cfg.lr, cfg.targets, cfg.sample_prompts, cfg.max_steps) == (1, ("q_proj",), ("Hi", "Hola"), None)
+
+
 def test_train_checks_config_and_data_before_touching_the_model(base_dir, tmp_path):
     model, tok = load(base_dir)
     before = snapshot(model)
     cfg = config(tmp_path)
     cfg.lr = -1.0  # changed after the config was made: train() checks again, first
     with pytest.raises(ValueError, match="lr=-1.0 must be a positive number"):
+        ml.train(model, tok, ROWS, cfg)
+    cfg.lr, cfg.max_steps = 1e-2, "3"
+    with pytest.raises(TypeError, match="max_steps='3' must be int or None; pass max_steps=3"):
         ml.train(model, tok, ROWS, cfg)
     with pytest.raises(ml.MalformedRow, match=r"malformed row 12: no \[/INST\].*TrainConfig\(skip_malformed=True\)"):
         ml.train(model, tok, ROWS + ["not a chat row"], config(tmp_path))

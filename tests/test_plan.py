@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig
 
 import minilora as ml
+from minilora.config import OPTIMIZERS
 from minilora.plan import GiB, PlanOptions, format_plan, plan_memory
 from minilora.plan_choice import SHAPE_SLACK, choose_plan, shape_options
 from minilora.tiny import tiny_config
@@ -37,7 +38,8 @@ def test_doubling_batch_grows_activations():
 def test_rank_grows_adapters_and_their_optimizer_state():
     r16, r64 = plan_memory(LLAMA2_7B, 1, 512, lora_r=16), plan_memory(LLAMA2_7B, 1, 512, lora_r=64)
     assert r64["breakdown"]["lora"] == 4 * r16["breakdown"]["lora"]
-    assert r64["breakdown"]["optimizer"] == 2 * r64["breakdown"]["lora"]  # AdamW: two states per parameter
+    # AdamW: two states per parameter, and a 4-byte step count for each of the 32 x 2 x 2 tensors
+    assert r64["breakdown"]["optimizer"] == 2 * r64["breakdown"]["lora"] + 4 * 128
 
 
 def test_offload_moves_checkpoints_to_host():
@@ -215,7 +217,7 @@ def by_hand(c, B, T, lora_r=64, lora_targets=("q_proj", "v_proj"), dt=2, checkpo
     quant_state = L * sum(n // 64 + 4 * math.ceil(n / 64 / 256) + 256 * 4 for n in sizes)
     embed_lm_head, norms = 2 * V * H * dt, (2 * L + 1) * H * dt
     P = L * sum(lora_r * sum(shapes[t]) for t in lora_targets)  # A (r, in) and B (out, r) per target
-    lora, adamw = 4 * P, 2 * 4 * P  # fp32 weights; exp_avg and exp_avg_sq
+    lora, adamw = 4 * P, 2 * 4 * P + 4 * 2 * L * len(lora_targets)  # fp32 weights; exp_avg, exp_avg_sq, step
     cublas = 2 * 32 * 2**20
     if checkpointed:
         held = L * S * H * dt  # each layer's input
@@ -273,8 +275,80 @@ def test_float32_compute_costs_what_the_formula_says():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="lm_head"):
         plan_memory(LLAMA2_7B, 1, 512, lora_targets=("lm_head",))
-    with pytest.raises(ValueError, match="lion"):
+    with pytest.raises(ValueError, match=r"'lion'.*\['adamw', 'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw'\]"):
         plan_memory(LLAMA2_7B, 1, 512, optimizer="lion")
+
+
+# At r=16 on all seven linears each layer's adapter tensors are of every kind that bitsandbytes tells apart: 9 of 4096
+# entries (exactly min_8bit_size: 8-bit states), 2 of 2048 (k's and v's B, under it: fp32 states) and 3 of 102400
+# (gate's and up's B, down's A: 1e5 entries or more, so paged).
+MIXED = tiny_config(hidden_size=256, intermediate_size=6400)
+
+
+def test_each_optimizers_state_is_what_the_formula_says():
+    """Each optimizer's state for MIXED's adapters, written out from bitsandbytes' Optimizer2State.init_state and
+    get_state_buffer (and torch's AdamW), to the byte: the optimizer term in torch's allocator, the paged states
+    beside the total. Nothing else in the plan changes with the optimizer."""
+    L, small, mid, big = 2, 2048, 4096, 102400
+
+    def fp32(n):  # two fp32 states
+        return 2 * 4 * n
+
+    def absmax(n):  # an fp32 absmax per 256-entry block, for each of the two 8-bit states
+        return 2 * 4 * (n // 256)
+
+    def eight(n):  # two uint8 states and their absmax
+        return 2 * n + absmax(n)
+
+    qmaps = 2 * 256 * 4  # the signed and unsigned quantization maps, once
+    want = {"adamw": (L * (9 * fp32(mid) + 2 * fp32(small) + 3 * fp32(big) + 14 * 4), 0),  # + a 4-byte step each
+            "adamw_8bit": (L * (9 * eight(mid) + 2 * fp32(small) + 3 * eight(big)) + qmaps, 0),
+            "paged_adamw_8bit": (L * (9 * eight(mid) + 2 * fp32(small) + 3 * absmax(big)) + qmaps, L * 3 * 2 * big),
+            "paged_adamw": (L * (9 * fp32(mid) + 2 * fp32(small)), L * 3 * fp32(big))}
+    plans = {o: plan_memory(MIXED, 2, 64, lora_r=16, lora_targets=ALL_SEVEN, optimizer=o) for o in want}
+    assert {o: (p["breakdown"]["optimizer"], p["paged_optimizer"]) for o, p in plans.items()} == want
+    assert len({p["total"] - p["breakdown"]["optimizer"] for p in plans.values()}) == 1
+    assert plans["paged_adamw"]["inputs"]["optimizer"] == "paged_adamw"
+    assert "paged optimizer states" in format_plan(plans["paged_adamw"]) and "paged" not in format_plan(plans["adamw"])
+    # bf16 adapters: torch's states follow the tensors' dtype, bitsandbytes' 32-bit states stay fp32
+    bf16 = {o: plan_memory(MIXED, 2, 64, lora_r=16, lora_targets=ALL_SEVEN, optimizer=o, lora_dtype=torch.bfloat16)
+            for o in ("adamw", "paged_adamw")}
+    assert bf16["adamw"]["breakdown"]["optimizer"] == L * (2 * 2 * (9 * mid + 2 * small + 3 * big) + 14 * 4)
+    assert bf16["paged_adamw"]["breakdown"]["optimizer"] == want["paged_adamw"][0]
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_the_optimizer_train_builds_holds_the_planned_state(optimizer):
+    """Each optimizer TrainConfig takes, as step.make_optimizer builds it, stepped once on the CPU over fp32 tensors of
+    MIXED's adapter shapes (A (r, in), B (out, r) per target per layer) with random grads: its state tensors, each
+    storage once (the 8-bit maps are shared), hold exactly the plan's optimizer bytes plus its paged ones. On the CPU
+    bitsandbytes keeps would-be paged states in ordinary memory (get_state_buffer), so the split between the two is
+    the formula test's, above; on a GPU benchmarks/step.py measures it."""
+    from minilora.plan_layers import linear_shapes
+    from minilora.step import make_optimizer
+
+    torch.manual_seed(0)
+    shapes = [s for i, o in linear_shapes(MIXED).values() for s in ((16, i), (o, 16))] * MIXED.num_hidden_layers
+    params = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s)) for s in shapes)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt, _ = make_optimizer(params, ml.TrainConfig(optimizer=optimizer), total_steps=10)
+    opt.step()
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)}
+    plan = plan_memory(MIXED, 2, 64, lora_r=16, lora_targets=ALL_SEVEN, optimizer=optimizer)
+    assert len(opt.state) == len(shapes)
+    assert sum(held.values()) == plan["breakdown"]["optimizer"] + plan["paged_optimizer"]
+
+
+def test_the_room_an_8bit_optimizer_leaves_is_spent():
+    """At 2 x 2048 tokens on LLaMA-2-7B (r=64 on q and v) 8-bit AdamW keeps 191 MiB less state than torch's fp32
+    AdamW: within the same 8 GiB budget the plan keeps one more layer's weights dequantized."""
+    fp32, eight = (choose_plan(LLAMA2_7B, 2, 2048, 8 * GiB, optimizer=o) for o in ("adamw", "adamw_8bit"))
+    saved = fp32["plan"]["breakdown"]["optimizer"] - eight["plan"]["breakdown"]["optimizer"]
+    assert 190 * 2**20 < saved < 192 * 2**20
+    assert fp32["fits"] and eight["fits"] and eight["options"].cached_layers == fp32["options"].cached_layers + 1
 
 
 @pytest.fixture(scope="module")

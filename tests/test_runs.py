@@ -2,6 +2,7 @@
 
 import errno
 import importlib
+import io
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 import minilora as ml
 from minilora.rundir import claim, latest_checkpoint
+from minilora.stop import STOP_SIGNALS
 from minilora.tiny import instruction_rows
 
 step_module = importlib.import_module("minilora.step")  # where the loop calls the loss
@@ -170,26 +172,75 @@ def test_resume_errors_come_before_the_model(base_dir, tmp_path):
 
 # ---------------------------------------------------------------- stops: Ctrl-C, NaN, a full disk
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly_with_dropout(base_dir, tmp_path, monkeypatch):
-    run(base_dir, tmp_path / "straight", max_steps=6)
-    real_loss, calls = step_module.causal_lm_loss, []
+@pytest.fixture(scope="module")
+def straight(base_dir, tmp_path_factory):
+    """The adapter of a 6-step run that nothing stopped (LoRA dropout 0.1)."""
+    out = tmp_path_factory.mktemp("straight")
+    run(base_dir, out, max_steps=6)
+    return adapter(out / "adapter")
 
-    def interrupted(model, batch, chunk):
-        calls.append(1)
-        if len(calls) == 4:  # Ctrl-C in the middle of step 4's forward
-            os.kill(os.getpid(), signal.SIGINT)
+
+def signal_at(calls: dict, monkeypatch):
+    """Make the loss send each signal of calls {micro-batch number: signal} to this process during that
+    micro-batch's forward."""
+    real_loss, seen = step_module.causal_lm_loss, []
+
+    def signalled(model, batch, chunk):
+        seen.append(1)
+        if len(seen) in calls:
+            os.kill(os.getpid(), calls[len(seen)])
         return real_loss(model, batch, chunk)
 
-    monkeypatch.setattr(step_module, "causal_lm_loss", interrupted)
-    with pytest.raises(ml.Interrupted, match="interrupted after step 4: saved .*checkpoint-4; resume it"):
-        run(base_dir, tmp_path / "stopped", max_steps=6)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
-    monkeypatch.setattr(step_module, "causal_lm_loss", real_loss)
-    assert not (tmp_path / "stopped" / "adapter").exists()
-    history = run(base_dir, tmp_path / "stopped", max_steps=6, resume="latest")
+    monkeypatch.setattr(step_module, "causal_lm_loss", signalled)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1],
+                         ids=lambda s: signal.Signals(s).name)
+def test_a_stop_signal_saves_a_checkpoint_that_resumes_bit_exactly_with_dropout(base_dir, tmp_path, monkeypatch,
+                                                                                straight, signum):
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    signal_at({4: signum}, monkeypatch)  # in the middle of step 4's forward
+    with pytest.raises(ml.Interrupted, match=f"stopped by {signal.Signals(signum).name} after step 4: saved "
+                                             ".*checkpoint-4; resume it") as stop:
+        run(base_dir, tmp_path, max_steps=6)
+    assert stop.value.checkpoint == str(tmp_path / "checkpoint-4") and stop.value.exit_status == 128 + signum
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == handlers  # handed back
+    monkeypatch.undo()
+    assert not (tmp_path / "adapter").exists()
+    history = run(base_dir, tmp_path, max_steps=6, resume="latest")
     assert steps(history) == [1, 2, 3, 4, 5, 6]
-    a, b = adapter(tmp_path / "straight" / "adapter"), adapter(tmp_path / "stopped" / "adapter")
-    assert all(torch.equal(a[k], b[k]) for k in a)  # dropout 0.1: the RNG went on as if never stopped
+    resumed = adapter(tmp_path / "adapter")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # the RNG went on as if never stopped
+
+
+def test_a_second_signal_stops_at_once(base_dir, tmp_path, monkeypatch):
+    """SIGTERM in step 2's first micro-batch, then Ctrl-C in its second: the run stops there, in the step, and
+    saves nothing more; checkpoint-1 stays the last."""
+    signal_at({3: signal.SIGTERM, 4: signal.SIGINT}, monkeypatch)
+    with pytest.raises(ml.Interrupted, match="SIGINT after SIGTERM: stopped at once; the steps since the last "
+                                             "checkpoint are lost") as stop:
+        run(base_dir, tmp_path, max_steps=6, grad_accum=2, batch_size=2, save_every=1)
+    assert stop.value.checkpoint is None and stop.value.exit_status == 130
+    assert [n for n in os.listdir(tmp_path) if n.startswith("checkpoint")] == ["checkpoint-1"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False], ids=["progress", "no-progress"])
+def test_a_bar_on_a_terminal_and_plain_lines_without(base_dir, tmp_path, monkeypatch, capsys, progress):
+    """On a terminal with progress=True, a progress bar on stderr; with progress=False (and without a terminal:
+    test_examples), a plain line per log interval. Both print the data summary, the plan and the time account."""
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    run(base_dir, tmp_path, max_steps=2, progress=progress)
+    out, err = capsys.readouterr().out, sys.stderr.getvalue()
+    for line in ("16 examples from 16 rows", "fast layers, 2/2 checkpointed", "time: set-up "):
+        assert line in out
+    assert ("step 2/2 | loss " in out) != progress and ("train: 100%" in err) == progress
+    assert "\r" not in out
 
 
 def test_nan_stop_names_this_runs_last_checkpoint_or_none(base_dir, tmp_path, monkeypatch):
