@@ -267,7 +267,7 @@ def interrupted(e: KeyboardInterrupt, cfg, argv, world: int) -> int:
     signal's number, as a shell reports a command that a signal ended (130 for Ctrl-C, 143 for SIGTERM)."""
     print(f"\n{e}" if isinstance(e, ml.Interrupted) else "\ninterrupted at once: the steps since the last "
           "checkpoint are lost", file=sys.stderr)
-    if latest_checkpoint(cfg.output_dir):
+    if latest_checkpoint(cfg.output_dir) and not (dist.is_initialized() and dist.get_rank()):
         words, kept = argv if argv is not None else sys.argv[1:], []
         for k, word in enumerate(words):  # the same command, with --resume latest in place of --resume/--overwrite
             if word in ("--resume", "--overwrite") or word.startswith("--resume=") or words[k - 1:k] == ["--resume"]:

@@ -15,9 +15,10 @@ from array import array
 
 import torch
 
-from .adapter import CorruptFile, load_adapter, save_adapter, write_atomic
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, CorruptFile, check_adapter, load_adapter, save_adapter, write_atomic
 from .fsdp import full_lora_weights, full_optimizer_state, is_sharded, load_optimizer_state
-from .rundir import RECORD_NAME, STATE_NAME, Run, RunDirError, checkpoints, read_record, step_of
+from .rundir import (DAMAGED, RECORD_NAME, STATE_NAME, Run, RunDirError, checkpoints, read_record, step_of,
+                     why_unusable)
 
 STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda"}  # what save_checkpoint writes
 # TrainConfig fields that shape a checkpoint's state or the data it continues on: resume refuses a change of them
@@ -32,6 +33,14 @@ class ResumeMismatch(RunDirError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (a full disk, say); the previous one is intact."""
+
+
+class DamagedCheckpoint(CorruptFile):
+    """A checkpoint file that cannot be read back; `why` names it as rundir names a checkpoint's faults."""
+
+    def __init__(self, path: str, name: str):
+        self.why = f"{name} {DAMAGED}"
+        super().__init__(os.path.join(path, self.why))
 
 
 # ---------------------------------------------------------------- what a run is, and whether it may resume
@@ -104,11 +113,14 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp, weights)
-        write_atomic(os.path.join(tmp, STATE_NAME), lambda f: torch.save(state, f))
+        os.makedirs(tmp)
+        # run.json first: what a kill mid-save leaves says whose it is, and the next claim of the run removes it
         write_atomic(os.path.join(tmp, RECORD_NAME), json.dumps({"run_id": run.run_id, "step": step, **record},
                                                                 indent=2, default=str).encode())
-        if os.path.exists(path):  # the same step again (a resumed run that stops where it started): replace it
+        save_adapter(model, tmp, weights)
+        write_atomic(os.path.join(tmp, STATE_NAME), lambda f: torch.save(state, f))
+        if os.path.exists(path):
+            _replacing(run, path)
             shutil.rmtree(path)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
@@ -125,11 +137,23 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
     return path
 
 
+def _replacing(run: Run, path: str):
+    """Say why the save of `path`'s step replaces the checkpoint there: one that resume could not use. (The one
+    resumed from, saved again at its own step, is replaced without a word.)"""
+    if path == run.resume_from:
+        return
+    why = run.unusable.pop(path, None) or why_unusable(path)
+    name = os.path.basename(path)
+    print(f"replacing {name}, which could not be resumed ({why})" if why else
+          f"replacing {name}, an earlier checkpoint of step {step_of(path)}", flush=True)
+
+
 def load_training_state(model, path: str, optimizer, scheduler, scaler, rank: int = 0, world: int = 1) -> int:
     """Restore the adapter, optimizer, schedule, scaler and RNGs from a checkpoint dir; return its step.
 
     torch.load(weights_only=True) reads tensors and plain containers only, so a checkpoint from elsewhere
-    cannot run code. A file that cannot be read raises CorruptFile, naming it, before anything is restored.
+    cannot run code. A file that cannot be read raises DamagedCheckpoint (a CorruptFile), naming it, before
+    anything is restored.
     """
     state_path = os.path.join(path, STATE_NAME)
     if not os.path.isfile(state_path):
@@ -140,12 +164,12 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler, rank: in
         except Exception:  # RuntimeError, OSError, EOFError or UnpicklingError, as the damage falls
             state = None  # torch's own message may suggest weights_only=False, which lets a file run code
     if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
-        raise CorruptFile(f"{state_path} cannot be read back: it is truncated or corrupt")
+        raise DamagedCheckpoint(path, STATE_NAME)
     written_by = len(state.get("rng_ranks") or [None])
     if written_by != world:
         raise ResumeMismatch(f"{path} was written by {written_by} data-parallel process(es); resume it with as many "
                              f"(this run has {world}), e.g. torchrun --nproc-per-node {written_by}")
-    load_adapter(model, path)
+    _load_checkpoint_adapter(model, path)
     if is_sharded(model):
         load_optimizer_state(model, optimizer, state["optimizer"])
     else:
@@ -159,23 +183,38 @@ def load_training_state(model, path: str, optimizer, scheduler, scaler, rank: in
     return state["step"]
 
 
+def _load_checkpoint_adapter(model, path: str):
+    """load_adapter, with a file that cannot be read named as a checkpoint's faults are (load_adapter leaves the
+    model as it was when it fails)."""
+    try:
+        check_adapter(path)  # its CorruptFile is the config's; load_adapter's after it, the weights'
+    except CorruptFile as e:
+        raise DamagedCheckpoint(path, CONFIG_NAME) from e
+    try:
+        load_adapter(model, path)
+    except CorruptFile as e:
+        raise DamagedCheckpoint(path, WEIGHTS_NAME) from e
+
+
 def resume(model, run: Run, optimizer, scheduler, scaler, rank: int = 0, world: int = 1) -> int:
     """load_training_state from run.resume_from; return its step, or 0 for a fresh start. With "latest", a
-    corrupt checkpoint (a file cut short, say) is named and the one before it is tried."""
+    checkpoint that cannot be resumed (a file missing or cut short, say) is named and the one before it is
+    tried; a checkpoint named explicitly must load."""
     if run.resume_from is None:
         return 0
-    tried = [p for p in checkpoints(run.output_dir) if step_of(p) <= step_of(run.resume_from)]
-    for path in reversed(tried if run.resume_from in tried else [run.resume_from]):
-        try:
-            step = load_training_state(model, path, optimizer, scheduler, scaler, rank, world)
-            run.resume_from = path
-            return step
-        except CorruptFile as e:
-            if run.resume_from not in tried:
-                raise
-            if not rank:
-                print(f"resume='latest': {e}; trying the checkpoint before it")
-    if not rank:
-        print(f"resume='latest': no readable checkpoint in {run.output_dir}, starting from step 0")
-    run.resume_from = None
+    if not run.latest:
+        return load_training_state(model, run.resume_from, optimizer, scheduler, scaler, rank, world)
+    # claim checked the files of resume_from and passed over those after it; the ones before it are checked here
+    tried = [p for p in checkpoints(run.output_dir, complete=False) if step_of(p) <= step_of(run.resume_from)]
+    for path in reversed(tried):
+        why = why_unusable(path)
+        if why is None:
+            try:
+                step = load_training_state(model, path, optimizer, scheduler, scaler, rank, world)
+                run.resume_from = path
+                return step
+            except DamagedCheckpoint as e:
+                why = e.why
+        run.pass_over(path, why, rank)
+    run.start_afresh(rank)
     return 0

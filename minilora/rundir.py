@@ -5,6 +5,7 @@ overwrite; a run writes and deletes only its own files (checkpoint-STEP/, adapte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -19,8 +20,11 @@ from .adapter import CONFIG_NAME, WEIGHTS_NAME
 
 STATE_NAME = "training_state.pt"  # in each checkpoint: the optimizer, schedule, scaler and RNG states
 RECORD_NAME = "run.json"  # in each checkpoint: the run's id, step, shape and config
+CHECKPOINT_FILES = (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME, RECORD_NAME)  # what a checkpoint holds
 LOCK_NAME = ".minilora.lock"
 RUN_FILES = ("adapter", "train_config.json", "metrics.jsonl", "loss.png")  # besides checkpoint-STEP/: a run's own
+MISSING, DAMAGED = "is missing", "cannot be read back: it is truncated or corrupt"  # why a checkpoint file fails
+LEFTOVER = re.compile(r"checkpoint-(0|[1-9][0-9]*)\.tmp-([1-9][0-9]*)")  # a save's dir before its rename
 
 
 class RunDirError(ValueError):
@@ -35,10 +39,28 @@ class Run:
     run_id: str
     resume_from: str | None  # a checkpoint dir, or None for a fresh start
     lock: object = None  # the open, locked lock file (process 0 only)
+    latest: bool = False  # resume="latest": a checkpoint that cannot be resumed gives way to the one before it
+    unusable: dict = dataclasses.field(default_factory=dict)  # checkpoint dir -> why it could not be resumed
+    created: bool = False  # this claim made output_dir (release removes it again if the run left it empty)
 
     def checkpoints(self) -> list[str]:
         """This run's complete checkpoints in output_dir, oldest first."""
-        return [p for p in checkpoints(self.output_dir) if read_record(p).get("run_id") == self.run_id]
+        return [p for p in checkpoints(self.output_dir)
+                if p not in self.unusable and read_record(p).get("run_id") == self.run_id]
+
+    def pass_over(self, path: str, why: str, rank: int = 0):
+        """Note that checkpoint dir `path` cannot be resumed, and why ("training_state.pt is missing"); process 0
+        says so in the one form every such checkpoint gets."""
+        self.unusable[path] = why
+        if rank == 0:
+            print(f"resume='latest': {os.path.join(path, why)}; trying the checkpoint before it", flush=True)
+
+    def start_afresh(self, rank: int = 0):
+        """resume='latest' found nothing to resume: say so, and start from step 0."""
+        self.resume_from = None
+        if rank == 0:
+            print(f"resume='latest': no {'usable ' if self.unusable else ''}checkpoint in {self.output_dir}, starting "
+                  "from step 0", flush=True)
 
     def release(self):
         _claims.pop(self.output_dir, None)
@@ -46,6 +68,9 @@ class Run:
             os.remove(self.lock.name)  # unlinked while still locked: no other process is between the two
             self.lock.close()
             self.lock = None
+            if self.created:  # a run that failed before it wrote anything leaves nothing behind
+                with contextlib.suppress(OSError):  # ENOTEMPTY: the run wrote something, or someone else did
+                    os.rmdir(self.output_dir)
 
 
 _claims: dict[str, Run] = {}  # output_dir -> this process's claim on it
@@ -56,8 +81,9 @@ def claim(output_dir: str, resume: str | None = None, overwrite: bool = False, r
 
     Process 0 locks it (the lock goes with the process, so a dead owner's lock is free). A directory holding
     minilora's files of an earlier run is refused unless resume="latest" or a checkpoint path continues it, or
-    overwrite=True replaces it: that run's files are deleted then, and named. Calling it again in the same
-    process returns the same claim.
+    overwrite=True replaces it: that run's files are deleted then, and named. "latest" names each checkpoint
+    that cannot be resumed, newest first, and takes the one before it. Process 0 deletes the leftovers of this
+    run's saves cut short. Calling it again in the same process returns the same claim.
     """
     output_dir = os.path.abspath(output_dir)
     if output_dir in _claims:
@@ -67,7 +93,8 @@ def claim(output_dir: str, resume: str | None = None, overwrite: bool = False, r
                           "overwrite replaces it")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise RunDirError(f"output_dir {output_dir} is a file; pass a directory")
-    lock = _lock(output_dir) if rank == 0 else None
+    run = Run(output_dir, "", None, latest=resume == "latest", created=not os.path.exists(output_dir))
+    run.lock = _lock(output_dir) if rank == 0 else None
     try:
         found = _run_files(output_dir)
         if found and not (resume or overwrite):
@@ -78,16 +105,17 @@ def claim(output_dir: str, resume: str | None = None, overwrite: bool = False, r
             for name in found:
                 _remove_run_file(os.path.join(output_dir, name))
             print(f"overwrite: removed the earlier run's {', '.join(found)} from {output_dir}")
-        resume_from = _resume_target(output_dir, resume)
-        read_history(output_dir, float("inf") if resume_from else 0)  # a damaged metrics.jsonl fails here, not later
-        if resume == "latest" and resume_from is None and rank == 0:
-            print(f"resume='latest': no checkpoint in {output_dir}, starting from step 0")
-        run_id = read_record(resume_from).get("run_id") if resume_from else None
+        run.resume_from = _resume_target(run, resume, rank)
+        read_history(output_dir, float("inf") if run.resume_from else 0)  # a damaged metrics.jsonl fails here
+        if run.latest and run.resume_from is None:
+            run.start_afresh(rank)
+        run.run_id = read_record(run.resume_from)["run_id"] if run.resume_from else uuid.uuid4().hex
+        if rank == 0:
+            _remove_leftovers(run, overwrite)
     except BaseException:
-        if lock is not None:
-            lock.close()
+        run.release()
         raise
-    run = _claims[output_dir] = Run(output_dir, run_id or uuid.uuid4().hex, resume_from, lock)
+    _claims[output_dir] = run
     return run
 
 
@@ -104,6 +132,35 @@ def _remove_run_file(path: str):
                 os.remove(os.path.join(path, name))
         if not os.listdir(path):
             os.rmdir(path)
+
+
+def _remove_leftovers(run: Run, overwrite: bool):
+    """Delete the checkpoint-STEP.tmp-PID dirs that saves cut short left in output_dir (their process is gone) and
+    that are this run's: their run.json names its id, or they have none yet (with overwrite, any run's); name
+    them. A dir whose process lives is being written, and is left alone, as is everything else."""
+    removed = []
+    for name in sorted(os.listdir(run.output_dir)):
+        path, m = os.path.join(run.output_dir, name), LEFTOVER.fullmatch(name)
+        if not m or os.path.islink(path) or not os.path.isdir(path) or not _gone(int(m[2])):
+            continue
+        if overwrite or not os.path.lexists(os.path.join(path, RECORD_NAME)) or \
+                read_record(path).get("run_id") == run.run_id:
+            shutil.rmtree(path)
+            removed.append(name)
+    if removed:
+        print(f"removed {', '.join(removed)} from {run.output_dir}: left by saves cut short (their processes are "
+              "gone)")
+
+
+def _gone(pid: int) -> bool:
+    """Whether no process has this id (on this host)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's process (EPERM), or no possible id: not ours to judge
+        return False
+    return False
 
 
 def _lock(output_dir: str):
@@ -137,32 +194,51 @@ def _run_files(output_dir: str) -> list[str]:
     return names + [n for n in RUN_FILES if os.path.exists(os.path.join(output_dir, n))]
 
 
-def _resume_target(output_dir: str, resume: str | None) -> str | None:
-    """The checkpoint dir to resume from: the newest in output_dir for "latest" (None if there is none), or the
-    one named, which must be a checkpoint and not be older than a checkpoint already in output_dir."""
+def _resume_target(run: Run, resume: str | None, rank: int) -> str | None:
+    """The checkpoint dir to resume from: for "latest" the newest in output_dir whose files are all there, each
+    newer one passed over and named (None if there is none); or the one named, which must be such a checkpoint
+    and not be older than a complete checkpoint already in output_dir."""
     if not resume:
         return None
     if resume == "latest":
-        return latest_checkpoint(output_dir)
+        for path in reversed(checkpoints(run.output_dir, complete=False)):
+            why = why_unusable(path)
+            if why is None:
+                return path
+            run.pass_over(path, why, rank)
+        return None
     path = os.path.abspath(resume)
-    if not os.path.isfile(os.path.join(path, STATE_NAME)):
-        what = "does not exist" if not os.path.exists(path) else f"is not a minilora checkpoint (no {STATE_NAME})"
+    why = why_unusable(path) if os.path.isdir(path) else None
+    if not os.path.isdir(path) or why:
+        what = f"cannot be resumed: {os.path.join(path, why)}" if why else (
+            "is not a directory" if os.path.exists(path) else "does not exist")
         raise RunDirError(f"resume={resume!r} {what}; pass a checkpoint-STEP dir, or 'latest'")
-    later = [p for p in checkpoints(output_dir) if step_of(p) > step_of(path)]
-    if later:
-        raise RunDirError(f"output_dir {output_dir} holds {os.path.basename(later[-1])}, later than {resume}: resuming "
-                          "there would mix two continuations of the run; resume into another output_dir")
+    later = {p: why_unusable(p) for p in checkpoints(run.output_dir, complete=False) if step_of(p) > step_of(path)}
+    if complete := [p for p, why in later.items() if why is None]:
+        raise RunDirError(f"output_dir {run.output_dir} holds {os.path.basename(complete[-1])}, later than {resume}: "
+                          "resuming there would mix two continuations of the run; resume into another output_dir")
+    run.unusable.update(later)  # the save that reaches one of them names it
     return path
 
 
+def why_unusable(path: str) -> str | None:
+    """Why checkpoint dir `path` cannot be resumed, as far as the presence of its files and its run.json tell
+    ("training_state.pt is missing", "run.json cannot be read back: ..."); None if they are sound. The content
+    of the adapter and the training state is checked where they are loaded (checkpoint.load_training_state)."""
+    for name in CHECKPOINT_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} {MISSING}"
+    return None if "run_id" in read_record(path) else f"{RECORD_NAME} {DAMAGED}"
+
+
 def checkpoints(output_dir: str, complete: bool = True) -> list[str]:
-    """The checkpoint-STEP dirs in output_dir, by step (complete ones hold the training state)."""
+    """The checkpoint-STEP dirs in output_dir, by step (complete ones hold every file and a readable run.json)."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
     # exactly the names a run writes: checkpoint-STEP.tmp-PID leftovers of a save cut short, and a user's
     # checkpoint-5-old or checkpoint-05, are not checkpoints
     steps = sorted(int(m[1]) for d in names if (m := re.fullmatch(r"checkpoint-(0|[1-9][0-9]*)", d)))
     paths = [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
-    return [p for p in paths if not complete or os.path.isfile(os.path.join(p, STATE_NAME))]
+    return [p for p in paths if not complete or why_unusable(p) is None]
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -194,9 +270,10 @@ def step_of(path: str) -> int:
 
 
 def read_record(path: str) -> dict:
-    """A checkpoint's run.json, or {} when it has none."""
+    """A checkpoint's run.json, or {} when it has none or it cannot be read."""
     try:
         with open(os.path.join(path, RECORD_NAME)) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+            record = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return {}
+    return record if isinstance(record, dict) else {}

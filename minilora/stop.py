@@ -5,7 +5,6 @@ signal stops at once. Processes of a torch.distributed group agree on the step."
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 
 import torch
@@ -61,10 +60,9 @@ class StopRequest:
             raise Interrupted(f"{signal_name(signum)} after {signal_name(self.signum)}: stopped at once; the steps "
                               "since the last checkpoint are lost", signum)
         self.signum = signum
-        what = "Ctrl-C" if signum == signal.SIGINT else signal_name(signum)
-        again = "press it again" if signum == signal.SIGINT else "a second signal stops"
+        what, again = ("Ctrl-C", "press it again") if signum == signal.SIGINT else (signal_name(signum), "signal again")
         print(f"\n{what}: stopping after this step to save a checkpoint ({again} to stop at once, losing the steps "
-              "since the last checkpoint)", file=sys.stderr, flush=True)
+              "since the last checkpoint)", flush=True)
 
     def due(self) -> int:
         """At a step boundary: the signal to stop for here, or 0 to go on. Called at every boundary by every

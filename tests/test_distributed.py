@@ -1,6 +1,6 @@
 """Data-parallel training through torch.distributed, on the CPU: 2 gloo processes against one process at twice
-the batch, resume of a 2-process run, packed steps sharded and replicated, the example under torchrun, and a
-process group of one.
+the batch, resume of a 2-process run (and of one that a signal stopped), packed steps sharded and replicated, the
+example under torchrun (and a SIGTERM to it), and a process group of one.
 
 Tolerance 1e-5 relative on the LoRA weights (fp32, dropout 0): both compute the gradient of the same loss over
 the same examples; the 2 processes sum two partial gradients where one process sums over one batch, so only
@@ -9,10 +9,13 @@ the order of additions differs, through Adam.
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ import minilora as ml
 from minilora.tiny import instruction_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 ROWS = instruction_rows(18, seed=3)  # 18 rows: the last global batch of 4 is short, one process gets none
 EVALS = instruction_rows(5, seed=9)  # 5 rows, 3 sample prompts: shared unevenly by 2 processes
 PROMPTS = ("Which is bigger, 3 or 8?", "What is the opposite of fast?", "Repeat after me: moon ship bread")
@@ -45,7 +49,15 @@ def _worker(rank, world, port, base_dir, out, overrides):
         model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
         overrides = dict(overrides)
         evals = overrides.pop("evals", None)
-        history = ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=out, **{**COMMON, **overrides}), evals)
+        signalled, call, signum = overrides.pop("signal", (None, 0, 0))
+        if rank == signalled:  # this process alone gets `signum` during its micro-batch number `call`
+            _signal_at(call, signum)
+        try:
+            history = ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=out, **{**COMMON, **overrides}), evals)
+        except ml.Interrupted as e:
+            with open(os.path.join(out, f"process-{rank}.json"), "w") as f:
+                json.dump({"interrupted": str(e), "checkpoint": e.checkpoint, "signal": e.signal}, f)
+            return
         held = {"history": history, "bytes": _parameter_bytes(model)}
         try:  # a sharded model's own weights are parts: saving them is refused, with the way to do it
             ml.save_adapter(model, os.path.join(out, f"own-{rank}"))
@@ -55,6 +67,22 @@ def _worker(rank, world, port, base_dir, out, overrides):
             json.dump(held, f)
     finally:
         dist.destroy_process_group()
+
+
+def _signal_at(call: int, signum: int):
+    """Send `signum` to this process during its micro-batch number `call` (counting from 1)."""
+    import importlib
+
+    step_module, calls = importlib.import_module("minilora.step"), []
+    real_loss = step_module.causal_lm_loss
+
+    def signalled(model, batch, chunk):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return real_loss(model, batch, chunk)
+
+    step_module.causal_lm_loss = signalled
 
 
 def _parameter_bytes(model) -> dict:
@@ -134,6 +162,16 @@ def test_two_process_resume_is_bit_exact(base_dir, tmp_path, sharded):
     data_parallel(base_dir, tmp_path / "resumed", batch_size=2, resume="latest", **kw)
     a, b = adapter(tmp_path / "straight" / "adapter"), adapter(tmp_path / "resumed" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if not sharded:
+        # SIGTERM reaches process 1 alone, in step 3: the processes agree at the next boundary and both stop after
+        # step 4, in one checkpoint with both processes' state; its resume is the straight run, bit for bit
+        data_parallel(base_dir, tmp_path / "stopped", batch_size=2, save_every=10, signal=(1, 3, signal.SIGTERM))
+        said = [json.loads((tmp_path / "stopped" / f"process-{r}.json").read_text()) for r in (0, 1)]
+        assert [(p["checkpoint"], p["signal"]) for p in said] == [(str(tmp_path / "stopped" / "checkpoint-4"), 15)] * 2
+        assert [d for d in os.listdir(tmp_path / "stopped") if d.startswith("checkpoint")] == ["checkpoint-4"]
+        data_parallel(base_dir, tmp_path / "stopped", batch_size=2, save_every=10, resume="latest")
+        c = adapter(tmp_path / "stopped" / "adapter")
+        assert all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(ml.ResumeMismatch, match="processes 2 -> 1"):  # resume needs the same N
         single(base_dir, tmp_path / "one", batch_size=2, resume=str(tmp_path / "straight" / "checkpoint-4"),
                fast=not sharded)
@@ -158,20 +196,45 @@ def test_packed_steps_train_the_same_sharded_or_replicated(base_dir, tmp_path):
     assert len(losses[0]) == 5 and losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-def test_example_under_torchrun_equals_one_process_at_twice_the_batch(tmp_path):
-    flags = ["--preset", "tiny", "--pretrain-steps", "20", "--max-steps", "3", "--lora-dropout", "0",
+def test_example_under_torchrun_equals_one_process_and_resumes_a_sigterm_bit_exactly(tmp_path):
+    """The example under torchrun trains what one process does at twice the batch. A SIGTERM to torchrun (as a
+    scheduler sends it) reaches both processes: they stop at the same step, save one checkpoint with both
+    processes' state, and the resumed run equals the run that nothing stopped, bit for bit."""
+    flags = ["--preset", "tiny", "--pretrain-steps", "20", "--max-steps", "20", "--lora-dropout", "0",
              "--eval-size", "0", "--log-every", "1"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(_port()), "examples/train_guanaco.py", *flags, "--batch-size", "4"],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+
+    def launch(name, *cmd):
+        return subprocess.Popen([*cmd, "--output-dir", str(tmp_path / name)], cwd=ROOT, env=ENV, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    runs = {"ddp": [*torchrun, str(_port()), "examples/train_guanaco.py", *flags, "--batch-size", "4"],
             "one": [sys.executable, "examples/train_guanaco.py", *flags, "--batch-size", "8"]}
     for name, cmd in runs.items():
-        result = subprocess.run([*cmd, "--output-dir", str(tmp_path / name)], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        out, _ = launch(name, *cmd).communicate(timeout=600)
+        assert "step 20/20" in out, out[-3000:]
     a, b = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "ddp" / "adapter")
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+
+    stopped = launch("stopped", *runs["ddp"])
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    while stopped.poll() is None and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)
+    out, _ = stopped.communicate(timeout=600)
+    said = re.findall(r"stopped by SIGTERM after step (\d+): saved (\S+); resume it", out)
+    assert len(said) == 2 and said[0] == said[1], out[-3000:]  # both processes, at the same step
+    step, path = int(said[0][0]), said[0][1]
+    assert 1 <= step < 20 and path == str(tmp_path / "stopped" / f"checkpoint-{step}")
+    state = torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
+    assert state["step"] == step and len(state["rng_ranks"]) == 2  # every process's RNG state
+    command = out.split("resume with:  ")[1].splitlines()[0].split()
+    assert command[:3] == ["torchrun", "--nproc-per-node", "2"] and command[-2:] == ["--resume", "latest"]
+    out, _ = launch("stopped", *runs["ddp"], "--resume", "latest").communicate(timeout=600)
+    assert f"step {step + 1}/20" in out and "step 20/20" in out, out[-3000:]
+    a, b = adapter(tmp_path / "ddp" / "adapter"), adapter(tmp_path / "stopped" / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_process_group_of_one_trains_what_no_group_does(base_dir, tmp_path):

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file
 
 import minilora as ml
+from minilora.adapter import adapter_config
 from minilora.lora import LoRALinear, lora_layers
 
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -265,3 +266,23 @@ def test_mark_only_lora_trainable_freezes_all_else(base_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in dict(model.named_parameters()) if ".lora_A." in n or ".lora_B." in n}
     assert len(trainable) == 2 * len(lora_layers(model)) == 2 * 2 * model.config.num_hidden_layers
+
+
+def test_add_lora_on_a_model_with_lora_says_what_it_carries(base_dir):
+    """One adapter a model: targets that carry LoRA already are named (never LoRALinear's own linears); other
+    targets take LoRA with the same r, alpha and dropout only."""
+    model, _ = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ml.add_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16)
+    with pytest.raises(ValueError, match=r"targets \['q_proj'\] already carry LoRA \(r=8, alpha=16, dropout=0.0\); "
+                                         r"train or save that adapter as it is, or load the model again"):
+        ml.add_lora(model, targets=("q_proj", "k_proj"), r=8, alpha=16)
+    with pytest.raises(ValueError, match=r"the model's LoRA has r=8, alpha=16, dropout=0.0, and one adapter has one "
+                                         r"setting: add LoRA on \['k_proj'\] with those"):
+        ml.add_lora(model, targets=("k_proj",), r=4, alpha=16)
+    layers = r"the model's linear layers are \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', " \
+             r"'v_proj'\]$"
+    with pytest.raises(ValueError, match=r"\['v_porj'\] match no linear layer; " + layers):
+        ml.add_lora(model, targets=("v_porj",), r=8, alpha=16)
+    assert ml.add_lora(model, targets=("k_proj",), r=8, alpha=16) == [f"model.layers.{i}.self_attn.k_proj"
+                                                                      for i in range(2)]
+    assert adapter_config(model)["target_modules"] == ["k_proj", "q_proj", "v_proj"]  # one adapter

@@ -475,3 +475,31 @@ def test_paged_optimizers_follow_their_unpaged_twins(base_dir, tmp_path, paged, 
     else:
         assert losses(got) == pytest.approx(losses(ref), rel=1e-5)
         assert all((a[k] - b[k]).norm() <= 1e-5 * a[k].norm() for k in a)
+
+
+def test_a_model_that_carries_lora_trains_it_only_with_the_same_settings(base_dir, tmp_path):
+    """train() on a model that has LoRA already: settings that differ from its adapter's are one error naming both
+    sides, raised before the output directory is touched; the same settings train the model's adapter on from where
+    it is, and the log, run.json and train_config.json say so. A merged model is refused."""
+    model, tok, first = run(base_dir, tmp_path / "first", max_steps=3)  # r 8, alpha 16, dropout 0.1 on q and v
+    kw = dict(max_steps=3, batch_size=4, lr=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1, precision="fp32",
+              log_every=1, max_len=128, progress=False, seed=7, save_every=3)
+    model_side = r"the model already carries LoRA \(lora_r=8, lora_alpha=16, lora_dropout=0.1, targets=\('q_proj', " \
+                 r"'v_proj'\)\), and this TrainConfig asks for "
+    for change, asked in [({"lora_r": 4}, "lora_r=4"), ({"lora_alpha": 8}, "lora_alpha=8"),
+                          ({"lora_dropout": 0.0}, "lora_dropout=0.0"), ({"targets": ("k_proj",)}, r"targets=\('k_proj',")]:
+        with pytest.raises(ValueError, match=model_side + ".*" + asked):
+            ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(tmp_path / "other"), **{**kw, **change}))
+        assert not (tmp_path / "other").exists()
+    history = ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(tmp_path / "second"), **kw))
+    assert history[0]["adapter_start"] == "model"  # and a fresh run starts as "fresh"
+    assert first[0]["adapter_start"] == "fresh"
+    assert json.loads((tmp_path / "second" / "checkpoint-3" / "run.json").read_text())["adapter_start"] == "model"
+    assert json.loads((tmp_path / "second" / "train_config.json").read_text())["adapter_start"] == "model"
+    # the same first batch: a fresh adapter (B = 0) gives the base model's loss, the carried one does not
+    assert losses(history)[0] < losses(first)[0] - 0.1
+    ml.merge_lora(model)
+    with pytest.raises(ValueError, match=r"merged into its weights \(merge_lora\).*load the base model again to "
+                                         r"train a new adapter, or save the merged model \(save_merged\)"):
+        ml.train(model, tok, ROWS, ml.TrainConfig(output_dir=str(tmp_path / "merged"), **kw))
+    assert not (tmp_path / "merged").exists()
