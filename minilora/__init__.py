@@ -2,12 +2,16 @@
 
 import logging
 
-# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is missing. The
-# kernel it names only speeds up bnb's packed CPU inference path, which has a built-in fallback and which
-# minilora turns off (model.load_model), so the line is noise on every run. The filter drops that one message
-# and nothing else; it must be in place before bitsandbytes is first imported (by .adapter, through .lora).
+# bitsandbytes asks the hub for a kernel at import on CPUs with AVX512-BF16, and logs a failure when the optional
+# `kernels` package cannot give it; `kernels` itself says, offline, that it skips its publisher check. The kernel
+# only speeds up bnb's packed CPU inference path, which has a built-in fallback and which minilora turns off
+# (model.load_model), so both lines are noise on every run. The filters drop those messages and nothing else; they
+# must be in place before bitsandbytes is first imported (by .adapter, through .lora).
+_BNB_KERNEL = "kernels-community/quantization-bitsandbytes"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: not record.getMessage().startswith(f"Skipping publisher trust check for '{_BNB_KERNEL}'"))
 
 from .adapter import load_adapter, save_adapter  # noqa: E402
 from .checkpoint import CheckpointWriteError, ResumeMismatch  # noqa: E402

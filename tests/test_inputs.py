@@ -227,10 +227,14 @@ def test_load_model_refuses_other_architectures_before_building_anything(tmp_pat
             load_it(str(tmp_path / "no-such-dir"))
 
 
-def test_bitsandbytes_kernels_notice_is_filtered_and_nothing_else(caplog):
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+def test_bitsandbytes_kernels_notices_are_filtered_and_nothing_else(caplog):
+    bnb, kernels = (logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"))
     with caplog.at_level(logging.WARNING):
-        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...",
-                       ImportError("No module named 'kernels'"))
-        logger.warning("some other bitsandbytes warning")
-    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...",
+                    ImportError("No module named 'kernels'"))
+        bnb.warning("some other bitsandbytes warning")
+        for repo in ("kernels-community/quantization-bitsandbytes", "someone/else"):  # as `kernels` logs it offline
+            kernels.warning(f"Skipping publisher trust check for '{repo}' because Hugging Face Hub is in offline mode.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "some other bitsandbytes warning",
+        "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode."]
