@@ -30,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 
 from .kernels.lora4bit import _standard_layout, bnb, is_4bit  # bnb: None without bitsandbytes, then no 4-bit layer
 from .loss import decoder_loss
+from .model import decoder_layers
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
@@ -88,7 +89,7 @@ def training_device(model) -> torch.device:
 
 
 def shard(model, device: torch.device):
-    """Shard `model` (a LlamaForCausalLM with its LoRA layers, in a process group) over the processes, each
+    """Shard `model` (a causal LM with its LoRA layers, in a process group) over the processes, each
     process's shards on `device`: every 4-bit linear made an NF4Linear, each decoder layer an FSDP unit, the
     model the root."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -99,7 +100,7 @@ def shard(model, device: torch.device):
         nf4.place_tables(device)
         setattr(model.get_submodule(parent), child, nf4)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     model.sharded_loss = types.MethodType(decoder_loss, model)  # causal_lm_loss calls it
     fully_shard(model, mesh=mesh)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaForCausalLM
-
 from .config import PRECISIONS, autocast
 from .fsdp import is_sharded
 from .kernels.decode import Decoder
@@ -43,7 +41,8 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
     dtype = model.get_input_embeddings().weight.dtype
     precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
     # a sharded model (fsdp.py) decodes through its own forward, which gathers each layer's weights
-    llama = isinstance(model, LlamaForCausalLM) and unsupported(model.config) is None and not is_sharded(model)
+    longest = max(map(len, ids)) + max_new_tokens
+    llama = not is_sharded(model) and unsupported(model, longest) is None
     fast = llama and is_fast(model)
     # on a GPU, fast layers attached for the call when train() holds none; on the CPU, bitsandbytes' own
     # inference kernel reads the 4-bit weights faster than a dequantization per token would
@@ -57,7 +56,7 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
         with autocast(device, precision):
             if fast or attach:
                 rows = min(len(ids), DECODE_ROWS)
-                decoder = Decoder(model, max(map(len, ids)) + max_new_tokens, PRECISIONS[precision], rows=rows)
+                decoder = Decoder(model, longest, PRECISIONS[precision], rows=rows)
                 outs = [out for k in range(0, len(ids), rows)
                         for out in decoder(ids[k:k + rows], max_new_tokens, tokenizer.eos_token_id)]
             else:
@@ -72,7 +71,7 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
 def _hf_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy answers, one prompt at a time; an embedding table in host memory comes to the device
     meanwhile (transformers' forward wants it there) and goes back."""
-    table = host_embedding(model) if isinstance(model, LlamaForCausalLM) else None
+    table = host_embedding(model)
     if table is not None:
         place_embedding(model)
     answers = []

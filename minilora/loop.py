@@ -13,20 +13,19 @@ import torch.distributed as dist
 
 from .adapter import lora_settings, save_adapter, trains_own_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
-from .config import PRECISIONS, TrainConfig, check, default_precision
+from .config import TrainConfig, check, default_precision
 from .data import Collator, encoded
 from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .generate import shared_eval_loss, shared_samples
 from .kernels.graphs import PAD_MULTIPLE, on_capture_stream
-from .kernels.layer import detach_fast, host_embedding, unsupported
-from .kernels.lora4bit import is_4bit
+from .kernels.layer import detach_fast, host_embedding
 from .kernels.offload import release_host_memory
 from .lora import add_lora, lora_layers, lora_state_dict
 from .loss import to_device
 from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
-from .plan import LOSS_CHUNKS, GiB, PlanOptions, Setup, plan_options
-from .plan_choice import choose_plan, shape_options
+from .plan import PlanOptions
+from .plan_choice import plan_run
 from .rundir import claim, read_record
 from .stop import Interrupted, StopRequest, signal_name
 from .step import (Feed, Stepper, apply_settings, in_process_group, make_optimizer, make_stepper, optimizer_step,
@@ -200,11 +199,12 @@ def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
 
 
 def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functools.partial | None]:
-    """LoRA from cfg (when the model has none), then the decoder prepared as the memory plan says: _plan's three."""
+    """LoRA from cfg (when the model has none), then the decoder prepared as the memory plan says: plan_run's
+    options, its line and its rule for shorter micro-batches."""
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
         add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
-    options, line, shape_plan = _plan(model, cfg, world)
+    options, line, shape_plan = plan_run(model, cfg)
     prepare_for_training(model, options)
     if cfg.fsdp:
         shard(model, training_device(model))
@@ -213,50 +213,6 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str,
         torch.manual_seed(cfg.seed + 1 + rank_and_world()[0])  # the same LoRA init everywhere, a dropout stream each
         line += "" if cfg.fsdp else f"; data-parallel over {world} processes"
     return options, line, shape_plan
-
-
-def _plan(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str, functools.partial | None]:
-    """The decoder's options for this run, a line that says them, and the rule for shorter micro-batches (rows,
-    tokens a row) -> options, or None without a memory plan. On a GPU the options come from the memory plan for
-    the budget (memory_budget_gib, or what the card has free plus what this process holds already), for the worst
-    micro-batch: batch_size x max_len tokens; a shorter one checkpoints fewer layers where the budget has room
-    for its activations (plan_choice.shape_options). Elsewhere, and with fast off, every layer is checkpointed
-    (unless gradient_checkpointing=False) and nothing is cached or offloaded."""
-    L, device = model.config.num_hidden_layers, next(model.parameters()).device
-    options = plan_options(PlanOptions(fast=False, loss_chunk=LOSS_CHUNKS[0]), **cfg.fixed_plan())
-    ckpt = f"{options.layers_checkpointed(L)}/{L}"
-    why = "fast=False" if not cfg.fast else "fsdp=True" if cfg.fsdp else unsupported(model.config)
-    if why:
-        return options, f"transformers' decoder layers ({why}), {ckpt} checkpointed", None
-    if device.type != "cuda":
-        line = f"fast layers, {ckpt} checkpointed (no memory plan off a GPU)"
-        return dataclasses.replace(options, fast=True), line, None
-    if cfg.memory_budget_gib:
-        budget, source = cfg.memory_budget_gib * GiB, "memory_budget_gib"
-    else:
-        budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
-        source = f"free on {torch.cuda.get_device_name(device)}"
-    lora = lora_settings(model)
-    setup = Setup(lora_r=lora["r"], lora_targets=tuple(lora["targets"]), lora_dropout=lora["dropout"],
-                  lora_dtype=next(iter(lora_state_dict(model).values())).dtype,
-                  quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
-                  compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer, data_parallel=in_process_group())
-    choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan(), setup=setup)
-    o, plan, n = choice["options"], choice["plan"], choice["options"].layers_checkpointed(L)
-    shape_plan = functools.partial(shape_options, model.config, choice=choice, fixed=cfg.fixed_plan(), setup=setup)
-    shortest = shape_plan(cfg.batch_size, PAD_MULTIPLE).layers_checkpointed(L)
-    detail = (" (their recompute keeps its weights)" if o.keep_weights and n else "") + (
-        f", {shortest} at {cfg.batch_size} x {PAD_MULTIPLE} tokens" if shortest < n else "") + (
-        f", their inputs{' and the embedding table' if plan['inputs']['embedding_on_host'] else ''} in "
-        f"host memory ({plan['cpu'] / GiB:.2f} GiB pinned)" if o.offload and n else "")
-    line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): fast layers, {o.cached_layers}/{L} "
-            f"layers' weights kept dequantized, {n}/{L} checkpointed{detail}, loss chunk {o.loss_chunk}; "
-            f"predicted peak {plan['total'] / GiB:.2f} GiB at {cfg.batch_size} x {cfg.max_len} tokens")
-    if not o.graphs and cfg.cuda_graphs:
-        line += " (eager steps: the CUDA graphs' copy of the inputs would not fit)"
-    if not choice["fits"]:
-        line += "; that exceeds the budget: lower batch_size or max_len"
-    return o, line, shape_plan
 
 
 def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptions, dense: bool) -> Feed:

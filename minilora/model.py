@@ -1,4 +1,5 @@
-"""Loading LLaMA 2 with 4-bit linears, its tokenizer, and preparing it for LoRA training."""
+"""Loading a causal LM (LLaMA 2 and its family) with 4-bit linears, its tokenizer, and preparing it for LoRA
+training."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import os
 import torch
 from torch.nn.attention import sdpa_kernel
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .data import looks_local
 from .kernels.attention import ATTENTION_BACKENDS
@@ -27,7 +29,8 @@ def _must_exist(name_or_dir: str, what: str):
 
 
 def load_tokenizer(name_or_dir: str):
-    """Load a LLaMA tokenizer from a hub id, a `tokenizer.json` dir, or a dir holding only `tokenizer.model`.
+    """Load a tokenizer from a hub id, a `tokenizer.json` dir, or a dir holding only a sentencepiece
+    `tokenizer.model` (LLaMA 2's).
 
     transformers can build a 3-token tokenizer from a sentencepiece file it failed to read, and that
     tokenizer encodes everything to `[]` without complaint, so the result is checked before it is returned.
@@ -44,32 +47,33 @@ def load_tokenizer(name_or_dir: str):
         raise ValueError(f"the tokenizer loaded from {name_or_dir!r} is broken: {len(tok)} tokens, 'hello world' -> "
                          f"{probe}; check that tokenizer.model is a sentencepiece model and that sentencepiece and "
                          "protobuf are installed")
-    if tok.bos_token_id is None or tok.eos_token_id is None:
-        raise ValueError(f"the tokenizer loaded from {name_or_dir!r} has bos_token_id={tok.bos_token_id}, "
-                         f"eos_token_id={tok.eos_token_id}; LLaMA 2 needs both (usually 1 and 2)")
+    if tok.eos_token_id is None:  # (a BOS is the llama2 template's to ask for: Qwen2's tokenizers have none)
+        raise ValueError(f"the tokenizer loaded from {name_or_dir!r} has no eos_token_id; a causal LM's tokenizer "
+                         "needs one (LLaMA 2's is 2)")
     if tok.pad_token_id is None:
-        # LLaMA 2 ships without a pad token. unk is never a label, so padding with it cannot be confused with
-        # a real EOS; the collator masks padding by position anyway.
+        # LLaMA 2 and 3 ship without a pad token. unk (where there is one) is never a label, so padding with it
+        # cannot be confused with a real EOS; the collator masks padding by position anyway.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
 
 
 def load_config(name_or_dir: str):
-    """The checkpoint's config, read before any weight: a model that is not a LLaMA is refused here (its
-    config would otherwise fill a LLaMA with default 7B sizes)."""
+    """The checkpoint's config, read before any weight: a model that is no causal LM is refused here."""
     _must_exist(name_or_dir, "checkpoint")
     config = AutoConfig.from_pretrained(name_or_dir)
-    if config.model_type != "llama":
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         found = ", ".join(getattr(config, "architectures", None) or []) or "no architecture named"
-        raise ValueError(f"{name_or_dir!r} holds a {config.model_type!r} model ({found}); minilora trains LLaMA-2 "
-                         "checkpoints (model_type 'llama', LlamaForCausalLM)")
+        raise ValueError(f"{name_or_dir!r} holds a {config.model_type!r} model ({found}), which transformers cannot "
+                         "load as a causal LM (AutoModelForCausalLM); minilora trains causal LMs such as LLaMA, "
+                         "Mistral and Qwen2")
     return config
 
 
 def load_model(name_or_dir: str, quant: str | None = "nf4", double_quant: bool = True,
                compute_dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
                tokenizer=None, config=None):
-    """Return `(model, tokenizer)`: an HF `LlamaForCausalLM` whose linears are bitsandbytes 4-bit layers.
+    """Return `(model, tokenizer)`: transformers' causal LM for the checkpoint (`LlamaForCausalLM` for LLaMA 2 and
+    3, `MistralForCausalLM`, `Qwen2ForCausalLM`, ...) whose linears are bitsandbytes 4-bit layers.
 
     quant: "nf4" or "fp4" (4-bit, the QLoRA recipe), or None for plain `compute_dtype` weights.
     device: "cuda", "cpu", ...; defaults to cuda when available. tokenizer: a dir or hub id (default:
@@ -84,8 +88,9 @@ def load_model(name_or_dir: str, quant: str | None = "nf4", double_quant: bool =
     quantization = None if quant is None else BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
-    model = LlamaForCausalLM.from_pretrained(name_or_dir, config=config, dtype=compute_dtype, device_map={"": device},
-                                             attn_implementation="sdpa", quantization_config=quantization)
+    model = AutoModelForCausalLM.from_pretrained(name_or_dir, config=config, dtype=compute_dtype,
+                                                 device_map={"": device}, attn_implementation="sdpa",
+                                                 quantization_config=quantization)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             # bnb would repack 4-bit weights at the first CPU eval forward and then compute in bf16; keeping
@@ -124,15 +129,15 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
     options = plan_options(options or PlanOptions(fast=False), **fields)
     if options.fast and (compile or fused):
         raise ValueError("fast layers replace the forward that compile and fused change: pass fast=False with them")
-    if options.fast and (why := unsupported(model.config)):
+    if options.fast and (why := unsupported(model)):
         raise ValueError(f"fast layers cannot train this model: {why}; use fast=False")
     mark_only_lora_trainable(model)
     model.config.use_cache = False  # a KV cache is useless in training and would be rebuilt on recompute
     for lora in lora_layers(model).values():
         lora.fused = fused
-    layers = model.model.layers
+    layers = decoder_layers(model)
     n = options.layers_checkpointed(len(layers))
-    on_host = options.host_embedding(len(layers), tied=model.model.embed_tokens.weight is model.lm_head.weight)
+    on_host = options.host_embedding(len(layers), tied=model.get_input_embeddings().weight is model.lm_head.weight)
     place_embedding(model, "cpu" if on_host and model.lm_head.weight.is_cuda else None)
     detach_fast(model)
     for i, layer in enumerate(layers):
@@ -149,7 +154,7 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
 
 def place_embedding(model: torch.nn.Module, device=None):
     """Move the input embedding table to `device` ("cpu": pinned host memory), or None: beside lm_head."""
-    w = model.model.embed_tokens.weight
+    w = model.get_input_embeddings().weight
     device = torch.device(device) if device is not None else model.lm_head.weight.device
     if w.device != device:
         w.data = w.data.to(device).pin_memory() if device.type == "cpu" else w.data.to(device)
@@ -170,12 +175,25 @@ def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *ar
         return checkpoint(train_forward, *args, use_reentrant=False, **kwargs)
 
 
-def linear_names(config) -> list[str]:
-    """The names of the linear layers of the LLaMA model that `config` describes, from the config alone (the
-    model is built on the meta device: no memory, no weights)."""
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers: the list of config.num_hidden_layers modules in its base model (model.layers in
+    LLaMA's family, transformer.h in GPT-2's)."""
+    n = model.config.num_hidden_layers
+    found = [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not found:
+        raise ValueError(f"found no list of {n} decoder layers in the {type(model).__name__}")
+    return found[0]
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The causal LM that `config` describes, on the meta device: its structure, with no memory and no weights."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_names(config) -> list[str]:
+    """The names of the linear layers of the model that `config` describes, from the config alone."""
+    return [n for n, m in meta_model(config).named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def save_merged(model: torch.nn.Module, tokenizer, out_dir: str) -> str:

@@ -1,11 +1,21 @@
 """Choosing the memory plan: the fastest options whose predicted peak (plan.py) fits a budget, for the longest
-micro-batch (choose_plan), and for each shorter one the room its smaller activations leave (shape_options)."""
+micro-batch (choose_plan), for each shorter one the room its smaller activations leave (shape_options), and a
+run's plan from its model and config (plan_run)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from .plan import LOSS_CHUNKS, PlanOptions, Setup, as_config, plan_memory, plan_options, split_fields
+import torch
+
+from .adapter import lora_settings
+from .config import PRECISIONS
+from .kernels.graphs import PAD_MULTIPLE
+from .kernels.layer import unsupported
+from .kernels.lora4bit import is_4bit
+from .lora import lora_state_dict
+from .plan import GiB, LOSS_CHUNKS, PlanOptions, Setup, as_config, plan_memory, plan_options, split_fields
 
 # shape_options keeps a shorter micro-batch's predicted peak this share of the budget under the longest one's: on
 # an H200, shorter shapes' measured peaks exceeded their predictions by up to 1.0% of the budget more than the
@@ -14,9 +24,10 @@ SHAPE_SLACK = 0.015
 
 
 def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None, setup: Setup | None = None,
-                **fields) -> dict:
-    """The fastest fast-layer options whose predicted peak fits `budget` bytes: {"options": PlanOptions,
-    "plan": plan_memory's result for them, "budget", "fits"}.
+                fast: bool = True, **fields) -> dict:
+    """The fastest options whose predicted peak fits `budget` bytes: {"options": PlanOptions, "plan":
+    plan_memory's result for them, "budget", "fits"}. fast=False: for transformers' layers, which choose only
+    the checkpointed layers, offload and the loss chunk.
 
     From the leanest (every layer checkpointed, nothing cached; offloaded only if nothing else fits, since
     the copies and the split dequantizations cost some time, and then eager steps only if even that does not
@@ -35,15 +46,17 @@ def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None
     def peak(options: PlanOptions) -> int:
         return plan_memory(config, batch, seq_len, plan_options(options, **fixed), setup)["total"]
 
-    opts = PlanOptions(fast=True, checkpointed=L, loss_chunk=LOSS_CHUNKS[-1])
+    opts = PlanOptions(fast=fast, checkpointed=L, loss_chunk=LOSS_CHUNKS[-1])
     # leaner and slower: checkpointed inputs and the embedding table in host memory, then eager steps too
-    for lean in ({"offload": True}, {"graphs": False}):
+    for lean in ({"offload": True}, {"graphs": False})[:2 if fast else 1]:
         if peak(opts) > budget and not lean.keys() & fixed.keys():
             opts = change(opts, **lean)
     if peak(opts) <= budget:
-        if peak(change(opts, keep_weights=True)) <= budget:
+        if fast and peak(change(opts, keep_weights=True)) <= budget:
             opts = change(opts, keep_weights=True)
-        opts = change(opts, cached_layers=max(n for n in range(L + 1) if peak(change(opts, cached_layers=n)) <= budget))
+        if fast:
+            opts = change(opts, cached_layers=max(n for n in range(L + 1)
+                                                  if peak(change(opts, cached_layers=n)) <= budget))
         opts = change(opts, checkpointed=min(n for n in range(L + 1) if peak(change(opts, checkpointed=n)) <= budget))
         # Larger chunks launch fewer, larger GEMMs, but the loss should not become the peak where memory is
         # tight: the largest chunk that fits and leaves the peak where it was (or a peak well inside the budget).
@@ -78,3 +91,62 @@ def shape_options(config, batch, seq_len, choice: dict, fixed: dict | None = Non
         options = dataclasses.replace(options, keep_weights=True)
     fewer = next((k for k in range(n) if fits(dataclasses.replace(options, checkpointed=k))), n)
     return dataclasses.replace(options, checkpointed=fewer)
+
+
+def plan_run(model, cfg) -> tuple[PlanOptions, str, functools.partial | None]:
+    """The decoder's options for a run of `cfg` (a TrainConfig) on `model` (with its LoRA), a line that says them,
+    and the rule for shorter micro-batches (rows, tokens a row) -> options, or None without one.
+
+    The fast layers run where they can (kernels.layer.unsupported decides), else transformers' layers, and the
+    line says which and why. On a GPU the options come from the memory plan for the budget (memory_budget_gib, or
+    what the card has free plus what this process holds already), for the worst micro-batch: batch_size x max_len
+    tokens; with fast layers a shorter one checkpoints fewer layers where the budget has room for its activations
+    (shape_options). Off a GPU, sharded (fsdp), or for an architecture whose sizes the plan cannot read, every
+    layer is checkpointed (unless gradient_checkpointing=False) and nothing is cached or offloaded.
+    """
+    L, device = model.config.num_hidden_layers, next(model.parameters()).device
+    why = "fast=False" if not cfg.fast else "fsdp=True" if cfg.fsdp else unsupported(model, cfg.max_len)
+    path = f"transformers' decoder layers ({why})" if why else "fast layers"
+    options = plan_options(PlanOptions(fast=not why, loss_chunk=LOSS_CHUNKS[0]), **cfg.fixed_plan())
+    no_plan = ("off a GPU" if device.type != "cuda" else "sharded" if cfg.fsdp
+               else None if plannable(model) else "for this architecture")
+    if no_plan:
+        return options, f"{path}, {options.layers_checkpointed(L)}/{L} checkpointed (no memory plan {no_plan})", None
+    if cfg.memory_budget_gib:
+        budget, source = cfg.memory_budget_gib * GiB, "memory_budget_gib"
+    else:
+        budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+        source = f"free on {torch.cuda.get_device_name(device)}"
+    lora = lora_settings(model)
+    setup = Setup(lora_r=lora["r"], lora_targets=tuple(lora["targets"]), lora_dropout=lora["dropout"],
+                  lora_dtype=next(iter(lora_state_dict(model).values())).dtype,
+                  quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
+                  compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer,
+                  data_parallel=torch.distributed.is_initialized())
+    choice = choose_plan(model.config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan(), setup=setup,
+                         fast=not why)
+    o, plan, n = choice["options"], choice["plan"], choice["options"].layers_checkpointed(L)
+    shape_plan = functools.partial(shape_options, model.config, choice=choice, fixed=cfg.fixed_plan(), setup=setup)
+    shortest = shape_plan(cfg.batch_size, PAD_MULTIPLE).layers_checkpointed(L)
+    detail = (" (their recompute keeps its weights)" if o.keep_weights and n else "") + (
+        f", {shortest} at {cfg.batch_size} x {PAD_MULTIPLE} tokens" if shortest < n else "") + (
+        f", their inputs{' and the embedding table' if plan['inputs']['embedding_on_host'] else ''} in "
+        f"host memory ({plan['cpu'] / GiB:.2f} GiB pinned)" if o.offload and n else "")
+    cached = f", {o.cached_layers}/{L} layers' weights kept dequantized" if o.fast else ""
+    line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): {path}{cached}, {n}/{L} "
+            f"checkpointed{detail}, loss chunk {o.loss_chunk}; predicted peak {plan['total'] / GiB:.2f} GiB at "
+            f"{cfg.batch_size} x {cfg.max_len} tokens")
+    if o.fast and not o.graphs and cfg.cuda_graphs:
+        line += " (eager steps: the CUDA graphs' copy of the inputs would not fit)"
+    if not choice["fits"]:
+        line += "; that exceeds the budget: lower batch_size or max_len"
+    return o, line, shape_plan if o.fast else None
+
+
+def plannable(model) -> bool:
+    """Whether plan_memory can read the model's sizes: a config with LLaMA's size fields, decoder layers with its
+    seven linears (Qwen3 and Gemma qualify; their norms and biases are within the plan's margin)."""
+    c = model.config
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_4bit(m)}
+    return all(hasattr(c, f) for f in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")) \
+        and {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names

@@ -97,7 +97,7 @@ class Stepper:
             shape = tuple(batch["input_ids"].shape)
             if shape not in self.shapes:
                 o = self.shape_plan(*shape)
-                self.shapes[shape] = o.layers_checkpointed(len(self.model.model.layers)), o.keep_weights
+                self.shapes[shape] = o.layers_checkpointed(self.model.config.num_hidden_layers), o.keep_weights
             set_checkpointing(self.model, *self.shapes[shape])
         return causal_lm_loss(self.model, batch, self.chunk)[0]
 

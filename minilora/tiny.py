@@ -33,16 +33,17 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 512) -> str:
     return out_dir
 
 
-def tiny_config(vocab_size: int = 512, **overrides) -> LlamaConfig:
+def tiny_config(vocab_size: int = 512, kind=LlamaConfig, **overrides):
     """A LLaMA-2-shaped config small enough for a CPU: grouped-query attention, widths divisible by 64
-    so that 4-bit quantization blocks (64 values) tile every linear."""
+    so that 4-bit quantization blocks (64 values) tile every linear. kind: another family's config class
+    (MistralConfig, Qwen2Config, ...) with the same sizes."""
     kw = dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    return kind(**kw)
 
 
 _WORDS = ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish", "star", "rain", "wind",

@@ -40,17 +40,42 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _tiny_checkpoint(tok_dir, out, **config):
+def _tiny_checkpoint(tok_dir, out, family="llama", **config):
+    """A tiny random checkpoint of a family's architecture (FAMILIES), with the test tokenizer beside it."""
     import shutil
 
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from minilora.tiny import tiny_config
 
     torch.manual_seed(1234)
-    LlamaForCausalLM(tiny_config(vocab_size=512, **config)).save_pretrained(out)
-    shutil.copy(os.path.join(tok_dir, "tokenizer.model"), out)
+    kind, extra = FAMILIES[family]  # LLaMA-2's tiny sizes, the family's own fields
+    AutoModelForCausalLM.from_config(tiny_config(512, kind, **{**extra, **config})).save_pretrained(out)
+    if family == "llama":  # LLaMA 2's checkpoints hold a sentencepiece tokenizer.model
+        shutil.copy(os.path.join(tok_dir, "tokenizer.model"), out)
+    else:  # the same tokenizer, saved as itself: beside another family's config it would load as that family's
+        load_tokenizer(tok_dir).save_pretrained(out)
     return str(out)
+
+
+def _families():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "llama": (LlamaConfig, {}),
+        # Llama 3.2: rope_type llama3 (frequencies rescaled by wavelength bands; an original context of 32 puts
+        # the tests' positions past it) and lm_head tied to the embedding
+        "llama3": (LlamaConfig, dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                          low_freq_factor=1.0, high_freq_factor=4.0,
+                                                          original_max_position_embeddings=32),
+                                     tie_word_embeddings=True)),
+        "mistral": (MistralConfig, dict(sliding_window=256)),  # the tests' rows fit the window
+        "qwen2": (Qwen2Config, dict(tie_word_embeddings=True)),  # q, k, v biases
+        "qwen3": (Qwen3Config, {}),  # q and k normalized: no fast path, transformers' layers
+    }
+
+
+FAMILIES = _families()
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +88,15 @@ def base_dir(tok_dir, tmp_path_factory):
 def mha_dir(tok_dir, tmp_path_factory):
     """The same with as many kv heads as q heads, as Llama-2 7B and 13B (the kept-attention path needs it)."""
     return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("mha"), num_key_value_heads=4)
+
+
+@pytest.fixture(scope="session", params=["llama3", "mistral", "qwen2"])
+def family_dir(request, tok_dir, tmp_path_factory):
+    """A tiny checkpoint of each LLaMA family the fast layers serve besides LLaMA 2 (conftest.FAMILIES)."""
+    return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp(request.param), family=request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tok_dir, tmp_path_factory):
+    """A tiny Qwen3: a family the fast layers do not serve (q and k normalized)."""
+    return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("qwen3"), family="qwen3")

@@ -68,14 +68,37 @@ class FastLayer:
         return self.qkv, self.o, self.gate_up, self.down
 
 
-def unsupported(config) -> str | None:
-    """Why the fast layer cannot run this config, or None when it can."""
-    if getattr(config, "model_type", None) != "llama":
-        return f"model_type {getattr(config, 'model_type', None)!r} is not 'llama'"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"hidden_act {config.hidden_act!r} is not 'silu'"
-    if getattr(config, "attention_dropout", 0.0):
-        return f"attention_dropout {config.attention_dropout} is not 0"
+# model types whose decoder layer computes LLaMA's: pre-norm RMSNorm, rotary attention, a SwiGLU MLP (tests prove
+# the fast layers equal to transformers' on each: tests/test_families.py)
+FAST_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def unsupported(model, max_len: int | None = None) -> str | None:
+    """Why the fast layers cannot run this model (a CausalLM, perhaps on the meta device) on rows of up to max_len
+    tokens, or None when they can: the one place that decides, from the model's structure. The rotary embedding is
+    the model's own module (any rope_type: default, llama3, ...); biases are the projections' own."""
+    c = model.config
+    layer = getattr(getattr(model, "model", None), "layers", [None])[0]
+    att, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(att, n)]
+    missing += [n for n in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, n)]
+    if missing:
+        return f"its decoder layer has no {', '.join(missing)}"
+    if hasattr(att, "q_norm") or hasattr(att, "k_norm"):
+        return "its attention normalizes q and k"
+    if getattr(c, "hidden_act", "silu") != "silu":
+        return f"hidden_act {c.hidden_act!r} is not 'silu'"
+    if getattr(c, "attention_dropout", 0.0):
+        return f"attention_dropout {c.attention_dropout} is not 0"
+    # a window that attention applies: the layers' own (Qwen2: per layer), else the config's (Mistral)
+    windows = [getattr(m.self_attn, "sliding_window", c.sliding_window if hasattr(c, "sliding_window") else None)
+               for m in model.model.layers]
+    window = min((w for w in windows if w), default=None)
+    if window and max_len and max_len > window:
+        return (f"its sliding window of {window} tokens is shorter than max_len {max_len} (the fast layers' attention "
+                "is plain causal, which equals the window's only up to its length)")
+    if c.model_type not in FAST_FAMILIES:
+        return f"model_type {c.model_type!r} is none of those the fast layers are tested on: {', '.join(FAST_FAMILIES)}"
     return None
 
 
@@ -118,7 +141,7 @@ def capturable(model, dtype: torch.dtype) -> bool:
 def host_embedding(model) -> torch.Tensor | None:
     """The embedding table, when prepare_for_training(offload=True) keeps it in host memory (the rest of the
     model on a GPU); else None."""
-    w = model.model.embed_tokens.weight
+    w = model.get_input_embeddings().weight
     return w if w.device.type == "cpu" and model.lm_head.weight.is_cuda else None
 
 
