@@ -25,7 +25,9 @@ import minilora as ml
 from minilora.data import check_eval_size
 from minilora.checkpoint import check_resume, run_shape
 from minilora.lora import check_targets
-from minilora.model import linear_names, load_config
+from minilora.kernels.layer import unsupported
+from minilora.model import linear_names, load_config, meta_model
+from minilora.plan_choice import plannable
 from minilora.rundir import claim, latest_checkpoint
 from minilora.config import PRECISIONS, default_precision
 
@@ -49,7 +51,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny"], help="tiny: the offline CPU demo")
     p.add_argument("--pretrain-steps", type=int, default=500, help="--preset tiny: steps that pretrain the base")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local dir of a LLaMA-2 checkpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id or local dir of a causal LM checkpoint (LLaMA 2 or 3, Mistral, Qwen2, ...)")
     p.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id, or a .jsonl/.json/.parquet/.csv file")
     p.add_argument("--text-field", default="text", help="the dataset's field of guanaco-format strings")
     p.add_argument("--messages-field", default="messages",
@@ -176,7 +179,7 @@ def encode(rows, index, tok, cfg):
     return examples, stats
 
 
-def check_memory(config, cfg, quant):
+def check_memory(config, cfg, quant, fast: bool):
     """Before the weights load: warn when even the leanest plan that the flags allow (every layer checkpointed
     unless they say otherwise, nothing cached) exceeds the budget. train() prints the plan it picks once the
     model is there."""
@@ -185,7 +188,7 @@ def check_memory(config, cfg, quant):
     choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget,
                             fixed=cfg.fixed_plan(), lora_r=cfg.lora_r,
                             lora_targets=cfg.targets, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
-                            lora_dropout=cfg.lora_dropout, optimizer=cfg.optimizer)
+                            lora_dropout=cfg.lora_dropout, optimizer=cfg.optimizer, fast=fast)
     if not choice["fits"]:
         need = choice["plan"]["total"] / 2**30
         print(f"warning: a step at batch {cfg.batch_size} x {cfg.max_len} tokens needs at least {need:.2f} GiB, "
@@ -250,16 +253,20 @@ def check_before_loading(cfg, run, what: tuple, quant, device: str):
     """The targets against the architecture, a resumed checkpoint against this run, the length and the memory,
     all without weights. what: (model source, its config, the encoded training examples, process count)."""
     source, config, examples, world = what
+    architecture = meta_model(config)  # its modules, on the meta device: no memory, no weights
     try:
-        check_targets(linear_names(config), cfg.targets)
+        check_targets(linear_names(architecture), cfg.targets)
         check_resume(run, run_shape(cfg, examples, source, world), cfg)
     except ValueError as e:
         fail(str(e))
+    why = "--no-fast" if not cfg.fast else "--fsdp" if cfg.fsdp else unsupported(architecture, cfg.max_len)
+    print(f"{source}: a {config.model_type} model ({type(architecture).__name__}); it trains on "
+          + (f"transformers' decoder layers ({why})" if why else "minilora's fast layers"))
     if cfg.max_len > config.max_position_embeddings:
         print(f"warning: --max-len {cfg.max_len} is beyond the {config.max_position_embeddings} positions this "
               "model was trained on; longer examples may train poorly", file=sys.stderr)
-    if device.startswith("cuda") and not cfg.fsdp:  # the plan is one GPU's memory, unsharded
-        check_memory(config, cfg, quant)
+    if device.startswith("cuda") and not cfg.fsdp and plannable(architecture):  # one GPU's memory, unsharded
+        check_memory(config, cfg, quant, fast=not why)
 
 
 def interrupted(e: KeyboardInterrupt, cfg, argv, world: int) -> int:

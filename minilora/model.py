@@ -191,9 +191,9 @@ def meta_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def linear_names(config) -> list[str]:
-    """The names of the linear layers of the model that `config` describes, from the config alone."""
-    return [n for n, m in meta_model(config).named_modules() if isinstance(m, torch.nn.Linear)]
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """The names of the model's linear layers (a meta_model's too)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def save_merged(model: torch.nn.Module, tokenizer, out_dir: str) -> str:

@@ -179,14 +179,15 @@ def test_inspect_shows_the_counts(messy, tok_dir, monkeypatch, capsys):
 
 
 def test_bad_input_gets_one_line_and_exit_2_before_any_model_loads(messy, base_dir, tmp_path, monkeypatch, capsys):
-    from transformers import GPT2Config
+    from transformers import ViTConfig
 
     ex = example()
     monkeypatch.setattr(ex.ml, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
-    GPT2Config(architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
+    ViTConfig(architectures=["ViTForImageClassification"]).save_pretrained(tmp_path / "vit")
     data = ["--dataset", str(messy), "--output-dir", str(tmp_path / "out")]
     cases = [
-        (["--model", str(tmp_path / "gpt2"), *data], "holds a 'gpt2' model (GPT2LMHeadModel)"),
+        (["--model", str(tmp_path / "vit"), *data], "holds a 'vit' model (ViTForImageClassification), which "
+         "transformers cannot load as a causal LM"),
         (["--model", base_dir, "--dataset", "nope_data"], "'nope_data' is not a file here and not a dataset on the hub"),
         (["--model", base_dir, "--strict", *data], "malformed row 9: no [/INST]"),
         (["--model", base_dir, "--eval-size", "19", *data], "eval size 19 holds out 19 of 19 rows"),

@@ -214,14 +214,15 @@ def test_default_precision(monkeypatch):
         assert ml.config.default_precision(torch.device("cuda")) == expected
 
 
-def test_load_model_refuses_other_architectures_before_building_anything(tmp_path, monkeypatch):
-    from transformers import GPT2Config
+def test_load_model_refuses_what_is_no_causal_lm_before_building_anything(tmp_path, monkeypatch):
+    from transformers import ViTConfig
 
-    GPT2Config(architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")  # config only, as checked
-    monkeypatch.setattr("minilora.model.LlamaForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("weights were built for a non-LLaMA checkpoint"))
-    with pytest.raises(ValueError, match=r"holds a 'gpt2' model \(GPT2LMHeadModel\); minilora trains LLaMA-2"):
-        ml.load_model(str(tmp_path / "gpt2"), device="cpu")
+    ViTConfig(architectures=["ViTForImageClassification"]).save_pretrained(tmp_path / "vit")  # config only
+    monkeypatch.setattr("minilora.model.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("weights were built for a model that is no causal LM"))
+    with pytest.raises(ValueError, match=r"holds a 'vit' model \(ViTForImageClassification\), which transformers "
+                                         r"cannot load as a causal LM"):
+        ml.load_model(str(tmp_path / "vit"), device="cpu")
     for load_it in (lambda p: ml.load_model(p, device="cpu"), ml.load_tokenizer):
         with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist; pass a .* dir or a hub id"):
             load_it(str(tmp_path / "no-such-dir"))
