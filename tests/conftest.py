@@ -97,6 +97,12 @@ def family_dir(request, tok_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen2_dir(tok_dir, tmp_path_factory):
+    """A tiny Qwen2 alone (q, k, v biases, tied embeddings)."""
+    return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("qwen2-alone"), family="qwen2")
+
+
+@pytest.fixture(scope="session")
 def qwen3_dir(tok_dir, tmp_path_factory):
     """A tiny Qwen3: a family the fast layers do not serve (q and k normalized)."""
     return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("qwen3"), family="qwen3")

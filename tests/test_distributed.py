@@ -152,6 +152,17 @@ def test_two_processes_train_what_one_does_at_twice_the_batch(base_dir, tmp_path
                                          else mine == whole), (kind, mine, whole)
 
 
+def test_two_processes_train_a_qwen2_as_one_process_at_twice_the_batch(qwen2_dir, tmp_path):
+    """Another family than LLaMA's own (Qwen2: q, k, v biases, tied embeddings) on the fast layers, data-parallel:
+    what one process trains at twice the batch, within 1e-5."""
+    data_parallel(qwen2_dir, tmp_path / "ddp", batch_size=2, save_every=10)
+    single(qwen2_dir, tmp_path / "one", batch_size=4, save_every=10)
+    a, b = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "ddp" / "adapter")
+    assert a.keys() == b.keys() and any("q_proj" in k for k in a)
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp"])
 def test_two_process_resume_is_bit_exact(base_dir, tmp_path, sharded):
     # fsdp: each checkpoint holds the full LoRA weights and optimizer state, gathered to process 0, and the

@@ -387,6 +387,30 @@ def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp
     assert losses == pytest.approx(reference, rel=2e-2)
 
 
+@pytest.mark.parametrize("budget", ["roomy", "offloaded"])
+def test_each_family_trains_as_on_transformers_layers(family_dir, tmp_path, budget):
+    """Llama 3 (llama3 RoPE, tied embeddings), Mistral and Qwen2 (q, k, v biases, tied embeddings) through train()
+    on the GPU: the default plan (weights kept dequantized, CUDA graphs) and the leanest (offloaded: a tied table
+    stays on the GPU), against transformers' layers. Eight steps in bf16 without dropout, each step's loss within
+    2e-2 (bf16's rounding through different kernels)."""
+    from minilora.tiny import instruction_rows
+
+    def run(out, **kw):
+        model, tok = ml.load_model(family_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+        cfg = ml.TrainConfig(output_dir=str(tmp_path / out), max_steps=8, batch_size=2, max_len=128, lr=1e-3,
+                             lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=1, progress=False,
+                             targets=("q_proj", "k_proj", "v_proj", "down_proj"), **kw)
+        history = ml.train(model, tok, instruction_rows(32, seed=3), cfg)
+        return [h["loss"] for h in history if "loss" in h], history[0]["memory_plan"]
+
+    reference, line = run("reference", fast=False)
+    assert "transformers' decoder layers (fast=False)" in line
+    losses, line = run("fast", **({"memory_budget_gib": 0.05} if budget == "offloaded" else {}))
+    assert "fast layers" in line and "CUDA graphs on" in line, line
+    assert ("in host memory" in line) == (budget == "offloaded"), line
+    assert losses == pytest.approx(reference, rel=2e-2)
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_graphed_steps_take_each_shapes_checkpointing(base_dir, tmp_path, monkeypatch, offload):
     """train() on the GPU with a memory plan whose rule for shorter micro-batches (plan_choice.shape_options)
