@@ -59,8 +59,10 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import random
+import re
 import shlex
 import sys
 import tempfile
@@ -308,6 +310,22 @@ def worker(spec: dict) -> dict | None:
     return res
 
 
+def impl_overrides(impl: str, cases: list) -> dict | None:
+    """An impl's TrainConfig fields: IMPLS's, or `budgetGIB` (a memory budget of GIB), or `budget-unsloth` (the
+    peak that Unsloth's run reached earlier in this invocation: minilora within Unsloth's memory)."""
+    if impl in IMPLS:
+        return IMPLS[impl]
+    if impl == "budget-unsloth":
+        peak = next((c["peak_alloc_gib"] for c in cases if c["impl"] == "unsloth" and c["status"] == "ok"), None)
+        if peak is None:
+            raise SystemExit("budget-unsloth needs an unsloth run before it in --impls, which succeeded")
+        return {"memory_budget_gib": math.floor(peak * 100) / 100}  # at most its peak
+    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)", impl)
+    if not m:
+        raise SystemExit(f"unknown impl {impl!r}; use one of {list(IMPLS)}, budgetGIB or budget-unsloth")
+    return {"memory_budget_gib": float(m[1])}
+
+
 def summarize(c: dict) -> str:
     name = f"{c['impl']} x{c.get('gpus', 1)}"
     if c.get("status") != "ok":
@@ -322,7 +340,8 @@ def summarize(c: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", default="fast,budget6,peft", help=f"comma-separated, from {list(IMPLS)}")
+    ap.add_argument("--impls", default="fast,budget6,peft",
+                    help=f"comma-separated, from {list(IMPLS)}, budgetGIB (e.g. budget5.5) or budget-unsloth")
     ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
     ap.add_argument("--rows", type=int, default=1000, help="the first N rows of the dataset's shapes")
     ap.add_argument("--max-steps", type=int, default=None, help="stop minilora's and Unsloth's runs after N steps")
@@ -356,10 +375,8 @@ def main(argv=None):
             "fixed": args.fixed, "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
             "recipe": {**RECIPE, **base}, "cases": []}
     for impl in args.impls.split(","):
-        if impl not in IMPLS:
-            raise SystemExit(f"unknown impl {impl!r}; use one of {list(IMPLS)}")
         for n in [1] if impl in PEERS else gpus:
-            overrides = dict(base, **(IMPLS[impl] or {}))
+            overrides = dict(base, **(impl_overrides(impl, meta["cases"]) or {}))
             if args.max_steps:
                 overrides["max_steps"] = args.max_steps
             if args.curve:

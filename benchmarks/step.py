@@ -54,10 +54,23 @@ import tempfile
 import threading
 import time
 
-SHAPES = {  # LlamaConfig fields; "tiny" is minilora.tiny.tiny_config
-    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
+TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # the ids of write_tokenizer's tokenizer
+SHAPES = {  # a config's model_type and fields; "tiny" is minilora.tiny.tiny_config
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, **TOKENS),
+    # Llama 3.1 8B: grouped-query attention, a 128k vocabulary, RoPE scaled as rope_type llama3
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                      max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192), **TOKENS),
+    # Qwen2.5 7B: q, k, v biases, 4 key-value heads, a 152k vocabulary
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       rope_parameters=dict(rope_type="default", rope_theta=1000000.0), use_sliding_window=False,
+                       **TOKENS),
     "tiny": dict(max_position_embeddings=4096),
 }
 TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -112,13 +125,14 @@ def impl_budget(impl: str) -> float | None:
 
 
 def model_config(shape: str):
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     if shape == "tiny":
         from minilora.tiny import tiny_config
 
         return tiny_config(**SHAPES["tiny"])
-    return LlamaConfig(**SHAPES[shape])
+    fields = dict(SHAPES[shape])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def write_tokenizer(out: str):
@@ -151,7 +165,7 @@ def prepare(spec: dict) -> dict:
     except (OSError, ValueError):
         reuse = False
     if not reuse:
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
         os.makedirs(out, exist_ok=True)
@@ -159,7 +173,7 @@ def prepare(spec: dict) -> dict:
         prev = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: 13.5 GB for 7B instead of 27 GB
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
         torch.set_default_dtype(prev)
         model.save_pretrained(out)
         del model
