@@ -296,7 +296,7 @@ def load_minilora(spec):
 
 
 def load_minilora_plan(spec):
-    """train()'s step at a fixed shape: the memory plan train() chooses for the impl's budget (loop._plan), the
+    """train()'s step at a fixed shape: the memory plan train() chooses for the impl's budget (plan_choice.plan_run), the
     decoder prepared as it says, and each step as train() takes it: the batch copied from the host
     (loss.to_device), forward and backward through minilora.step.Stepper (replayed CUDA graphs where train()
     would use them), then minilora.step.optimizer_step's clipping, the spec's optimizer (make_optimizer) and
@@ -305,7 +305,7 @@ def load_minilora_plan(spec):
 
     import minilora as ml
     from minilora.kernels.layer import host_embedding
-    from minilora.loop import _plan
+    from minilora.plan_choice import plan_run
     from minilora.loss import to_device
     from minilora.model import prepare_for_training
     from minilora.step import make_optimizer, make_stepper, optimizer_step
@@ -318,7 +318,7 @@ def load_minilora_plan(spec):
                          lora_dropout=spec["dropout"], targets=tuple(spec["targets"]), precision="bf16",
                          memory_budget_gib=impl_budget(spec["impl"]), max_steps=10**6, schedule="constant",
                          warmup_ratio=0.0, optimizer=spec["optimizer"])  # lr 2e-4 from the first step, as the others
-    options, line, shape_plan = _plan(model, cfg, 1)
+    options, line, shape_plan = plan_run(model, cfg)
     prepare_for_training(model, options)
     stepper = make_stepper(model, cfg, options, shape_plan)
     graphs = stepper.graphs is not None

@@ -1,4 +1,4 @@
-"""Talk to a LLaMA-2 base model plus a LoRA adapter (minilora's or PEFT's) with the LLaMA-2 chat template.
+"""Talk to a base model plus a LoRA adapter (minilora's or PEFT's) in the chat template it was trained with.
 
     python examples/chat.py --model out/tiny/base --adapter out/tiny/adapter --prompt "Which is bigger, 3 or 8?"
     python examples/chat.py --model NousResearch/Llama-2-7b-chat-hf --adapter out/adapter   # interactive
@@ -23,6 +23,8 @@ def main(argv=None):
     p.add_argument("--adapter", help="adapter dir (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
     p.add_argument("--system", help="system prompt for the conversation")
+    p.add_argument("--template", default="auto", choices=ml.TEMPLATES, help="the chat template the adapter was "
+                   "trained with (TrainConfig.template; auto: the tokenizer's own, else llama2)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the (dequantized) weights first")
     p.add_argument("--save-merged", metavar="DIR",
                    help="fold the adapter in and write the model with its tokenizer to DIR, a checkpoint that "
@@ -65,7 +67,7 @@ def main(argv=None):
 
     def answer(message: str) -> str:
         turns.append({"role": "user", "content": message})
-        reply = ml.generate(model, tok, turns, args.max_new_tokens)  # in the model's compute dtype
+        reply = ml.generate(model, tok, turns, args.max_new_tokens, template=args.template)  # in the model's dtype
         turns.append({"role": "assistant", "content": reply})  # an empty reply is a turn too
         return reply
 

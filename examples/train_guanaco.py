@@ -169,7 +169,8 @@ def load_data(args, cfg):
 def encode(rows, index, tok, cfg):
     """encode_rows over rows[i] for i in index; a malformed row is named by its place in the whole dataset."""
     try:
-        examples, stats = ml.encode_rows([rows[i] for i in index], tok, cfg.max_len, cfg.skip_malformed)
+        examples, stats = ml.encode_rows([rows[i] for i in index], tok, cfg.max_len, cfg.skip_malformed,
+                                         cfg.template)
     except ml.MalformedRow as e:
         e.index = index[e.index]
         fail(str(e))

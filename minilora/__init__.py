@@ -16,12 +16,14 @@ logging.getLogger("kernels._internals.hf_hub").addFilter(
 from .adapter import load_adapter, save_adapter  # noqa: E402
 from .checkpoint import CheckpointWriteError, ResumeMismatch  # noqa: E402
 from .data import Collator, load_rows, split_eval  # noqa: E402
+from .loss import causal_lm_loss  # noqa: E402
 from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
 from .model import load_model, load_tokenizer, prepare_for_training, save_merged  # noqa: E402
 from .rundir import RunDirError  # noqa: E402
 from .plan import PlanOptions, Setup, format_plan, plan_memory  # noqa: E402
 from .plan_choice import choose_plan  # noqa: E402
-from .template import MalformedRow, encode_chat, encode_rows, render_chat  # noqa: E402
+from .chat_templates import NAMES as TEMPLATES, PieceTemplate, Special, Template, Text  # noqa: E402
+from .template import MalformedRow, encode_chat, encode_prompt, encode_rows, get_template, render_chat  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .generate import generate  # noqa: E402
 from .loop import train  # noqa: E402
@@ -31,7 +33,8 @@ __all__ = [
     "LoRALinear", "add_lora", "lora_state_dict", "mark_only_lora_trainable", "merge_lora",
     "load_model", "load_tokenizer", "prepare_for_training", "save_merged",
     "load_adapter", "save_adapter", "CheckpointWriteError", "ResumeMismatch", "RunDirError",
-    "Collator", "MalformedRow", "encode_chat", "encode_rows", "load_rows", "render_chat", "split_eval",
-    "Interrupted", "TrainConfig", "generate", "train",
+    "Collator", "MalformedRow", "encode_chat", "encode_prompt", "encode_rows", "load_rows", "render_chat",
+    "split_eval", "TEMPLATES", "Template", "PieceTemplate", "Special", "Text", "get_template",
+    "Interrupted", "TrainConfig", "causal_lm_loss", "generate", "train",
     "PlanOptions", "Setup", "choose_plan", "format_plan", "plan_memory",
 ]

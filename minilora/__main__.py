@@ -1,7 +1,7 @@
-"""`python -m minilora inspect SOURCE --tokenizer DIR [--max-len 1024]`: the data inspector.
+"""`python -m minilora inspect SOURCE --tokenizer DIR [--max-len 1024] [--template auto]`: the data inspector.
 
-It loads the rows and encodes them as training does, prints the first examples with each supervised run
-marked, then the dataset's totals and a histogram of token lengths.
+It loads the rows and encodes them as training does, under the chat template training uses, prints the first
+examples with each supervised run marked, then the dataset's totals and a histogram of token lengths.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from itertools import groupby
 
 from .data import load_rows
 from .model import load_tokenizer
+from .chat_templates import NAMES
 from .template import IGNORE, encode_rows
 
 
@@ -28,12 +29,14 @@ def _show(ex: dict, tok) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minilora", description=(
-        "Inspect chat data for LLaMA 2: encoded examples with their supervised tokens marked, and the totals."))
+        "Inspect chat data: encoded examples with their supervised tokens marked, and the totals."))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show encoded examples, supervised tokens marked, and dataset totals")
     p.add_argument("source", help="a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset id")
     p.add_argument("--tokenizer", required=True, help="tokenizer dir or hub id")
     p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--template", default="auto", choices=NAMES, help="the chat template: auto (the tokenizer's own, "
+                   "else llama2), or a built-in")
     p.add_argument("--n", type=int, default=3, help="examples to show")
     p.add_argument("--split", default="train")
     p.add_argument("--text-field", default="text", help="the field of guanaco-format strings")
@@ -45,14 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tok = load_tokenizer(args.tokenizer)
         rows = load_rows(args.source, args.split, args.text_field, args.messages_field)
-        examples, stats = encode_rows(rows, tok, args.max_len, args.skip_malformed)
+        examples, stats = encode_rows(rows, tok, args.max_len, args.skip_malformed, args.template)
     except (OSError, ValueError) as e:  # a bad file, row or tokenizer: the message names it and what to do
         parser.exit(2, f"error: {e}\n")
     for k, ex in enumerate(examples[:args.n]):
         print(f"--- example {k}{' (truncated)' if ex['truncated'] else ''}\n{_show(ex, tok)}\n")
-    print(f"rows: {stats.rows}\nturns: {stats.turns}\ntokens: {stats.tokens}\nsupervised tokens: {stats.supervised}"
-          f"\ntruncated rows: {stats.truncated}\nempty questions: {stats.empty_questions}\nempty answers: "
-          f"{stats.empty_answers}\nskipped rows: {sum(stats.skipped.values())}")
+    print(f"template: {stats.template}\nrows: {stats.rows}\nturns: {stats.turns}\ntokens: {stats.tokens}"
+          f"\nsupervised tokens: {stats.supervised}\ntruncated rows: {stats.truncated}\nempty questions: "
+          f"{stats.empty_questions}\nempty answers: {stats.empty_answers}\nskipped rows: {sum(stats.skipped.values())}")
     for reason, count in stats.skipped.most_common():
         print(f"  {count:6d}  {reason}")
     if stats.malformed:

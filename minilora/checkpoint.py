@@ -23,7 +23,7 @@ from .rundir import (DAMAGED, RECORD_NAME, STATE_NAME, Run, RunDirError, checkpo
 STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda"}  # what save_checkpoint writes
 # TrainConfig fields that shape a checkpoint's state or the data it continues on: resume refuses a change of them
 SHAPE_FIELDS = ("batch_size", "grad_accum", "seed", "max_len", "pack", "group_by_length", "precision", "optimizer",
-                "fsdp")
+                "fsdp", "template")
 NOT_SETTINGS = {"output_dir", "resume", "overwrite", "progress"}  # fields that describe the invocation, not the run
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .chat_templates import NAMES as TEMPLATES
+
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
 # BOS and "[INST]  [/INST]" alone take about 10 ids under LLaMA's tokenizer, and truncation keeps a quarter of
@@ -29,6 +31,7 @@ class TrainConfig:
     pack: bool = False  # micro-batches of batch_size x max_len tokens of whole examples: fewer steps, no padding
     skip_malformed: bool = False  # skip and count malformed rows instead of raising MalformedRow
     group_by_length: bool = True  # batch similar lengths together: less padding, same examples per epoch (unpacked)
+    template: str = "auto"  # chat template: "auto" (the tokenizer's own, else llama2), "llama2", "llama3", "chatml"
     # --- length of the run
     epochs: float = 1.0  # passes over the training rows; ignored when max_steps is set
     max_steps: int | None = None  # optimizer steps; overrides epochs
@@ -84,6 +87,9 @@ def check(cfg: TrainConfig):
         raise ValueError(f"precision={cfg.precision!r}; use one of {list(PRECISIONS)}, or None to pick by device")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule={cfg.schedule!r}; use 'cosine' or 'constant'")
+    if cfg.template not in TEMPLATES:
+        raise ValueError(f"template={cfg.template!r}; use one of {list(TEMPLATES)} (auto: the tokenizer's own chat "
+                         "template, else llama2)")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={cfg.optimizer!r}; use one of {list(OPTIMIZERS)}")
     # each condition holds for good values; NaN fails every comparison, so it is refused too

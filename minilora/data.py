@@ -1,5 +1,5 @@
 """Loading rows from files and hub datasets, the eval split, and batching: Collator (padding and packing),
-batches and packs. The template and tokenize-and-mask are in template.py.
+batches and packs. Chat templates and tokenize-and-mask are in template.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from .loss import supervised_count
-from .template import IGNORE, DataStats, encode_rows, row_field
+from .template import IGNORE, DataStats, encode_rows, get_template, row_field
 
 
 # ---------------------------------------------------------------- batches
@@ -124,10 +124,17 @@ def batches(examples: list[dict], batch_size: int, seed: int = 0, shuffle: bool 
 _FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-def encoded(rows, tokenizer, max_len: int, skip_malformed: bool = False) -> tuple[list[dict], DataStats]:
-    """(examples, stats): encode_rows' result as it is (checked against max_len), or rows encoded."""
+def encoded(rows, tokenizer, max_len: int, skip_malformed: bool = False, template="auto"
+            ) -> tuple[list[dict], DataStats]:
+    """(examples, stats): encode_rows' result as it is (checked against max_len and the template), or rows encoded
+    under the template (a name or a Template, as encode_rows takes)."""
     if not (isinstance(rows, tuple) and len(rows) == 2 and isinstance(rows[1], DataStats)):
-        return encode_rows(rows, tokenizer, max_len, skip_malformed)
+        return encode_rows(rows, tokenizer, max_len, skip_malformed, template)
+    name = get_template(template, tokenizer).name
+    if rows[1].template and rows[1].template != name:  # generation would then prompt in another template
+        raise ValueError(f"the examples were encoded with template {rows[1].template!r}, and template={template!r} "
+                         f"is {name!r} for this tokenizer; pass the template they were encoded with (TrainConfig("
+                         f"template=...)), or encode_rows with template={template!r}")
     longest = max(len(ex["input_ids"]) for ex in rows[0])
     if longest > max_len:
         raise ValueError(f"an encoded example has {longest} tokens, more than max_len={max_len}; "

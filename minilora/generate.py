@@ -1,4 +1,4 @@
-"""Greedy generation under the LLaMA-2 template, evaluation, and the samples that train() logs."""
+"""Greedy generation under a chat template, evaluation, and the samples that train() logs."""
 
 from __future__ import annotations
 
@@ -10,33 +10,38 @@ from .kernels.layer import FastLayer, attach_fast, detach_fast, host_embedding, 
 from .loss import causal_lm_loss
 from .model import place_embedding
 from .step import rank_and_world
-from .template import encode_prompt
+from .template import encode_prompt, get_template
 
 # prompts decoded together: a token's step reads every weight once for all of them, and each row's KV cache takes
 # 0.5 MiB a token on a 7B shape
 DECODE_ROWS = 4
 
 
-def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str | None = None) -> str:
-    """Greedy answer to one user message (or a list of turns) under the LLaMA-2 template.
+def generate(model, tokenizer, prompt, max_new_tokens: int = 64, precision: str | None = None,
+             template="auto") -> str:
+    """Greedy answer to one user message (or a list of turns) under a chat template (a name or a Template, as
+    encode_chat takes; "auto": the tokenizer's own, else llama2). The answer ends at the template's first stop id.
 
     It runs in eval mode (no LoRA dropout) and leaves the model in the mode it found. precision=None follows
     the model's compute dtype (its embeddings'): bf16 or fp16 autocast for a half-precision model, else fp32.
     A LLaMA decodes through minilora's fast layers (kernels/decode.py): those train() holds, with the weights
     its memory plan keeps, or on a GPU ones attached for the call; otherwise transformers' generate runs.
     """
-    return _answers(model, tokenizer, [prompt], max_new_tokens, precision)[0]
+    return _answers(model, tokenizer, [prompt], max_new_tokens, precision, template)[0]
 
 
 @torch.no_grad()
-def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | None) -> list[str]:
+def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | None, template="auto") -> list[str]:
     """generate() for each prompt, through one Decoder (one CUDA graph) where it can, DECODE_ROWS prompts at a
     time."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: give a whole number of at least 1")
     if not prompts:
         return []
-    ids = [encode_prompt([{"role": "user", "content": p}] if isinstance(p, str) else p, tokenizer) for p in prompts]
+    template = get_template(template, tokenizer)
+    ids = [encode_prompt([{"role": "user", "content": p}] if isinstance(p, str) else p, tokenizer, template)
+           for p in prompts]
+    stops = template.stop_ids(tokenizer)  # the end-of-turn markers and EOS
     device = model.lm_head.weight.device
     dtype = model.get_input_embeddings().weight.dtype
     precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
@@ -58,17 +63,19 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
                 rows = min(len(ids), DECODE_ROWS)
                 decoder = Decoder(model, longest, PRECISIONS[precision], rows=rows)
                 outs = [out for k in range(0, len(ids), rows)
-                        for out in decoder(ids[k:k + rows], max_new_tokens, tokenizer.eos_token_id)]
+                        for out in decoder(ids[k:k + rows], max_new_tokens, stops)]
             else:
-                outs = _hf_answers(model, tokenizer, ids, max_new_tokens)
+                outs = _hf_answers(model, tokenizer, ids, max_new_tokens, stops)
     finally:
         if attach:
             detach_fast(model)
         model.train(was_training)
-    return [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
+    cut = [next((k for k, i in enumerate(out) if i in stops), len(out)) for out in outs]  # any stop id ends it
+    return [tokenizer.decode(out[:n], skip_special_tokens=True).strip() for out, n in zip(outs, cut)]
 
 
-def _hf_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def _hf_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[int]
+                ) -> list[list[int]]:
     """transformers' greedy answers, one prompt at a time; an embedding table in host memory comes to the device
     meanwhile (transformers' forward wants it there) and goes back."""
     table = host_embedding(model)
@@ -80,7 +87,7 @@ def _hf_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int)
             x = torch.tensor([ids], device=model.lm_head.weight.device)
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                  do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=stops)
             answers.append(out[0, len(ids):].tolist())
     finally:
         if table is not None:
@@ -103,13 +110,14 @@ def evaluate(model, examples: list[dict], collate, batch_size: int, precision: s
     return total, n
 
 
-def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> list[tuple[str, str]]:
+def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str, template="auto"
+            ) -> list[tuple[str, str]]:
     """[(prompt, greedy answer)]. Every RNG is restored afterwards, so sampling leaves the training trajectory
     exactly as it would have been without it."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        return list(zip(prompts, _answers(model, tokenizer, prompts, max_new_tokens, precision)))
+        return list(zip(prompts, _answers(model, tokenizer, prompts, max_new_tokens, precision, template)))
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -130,13 +138,14 @@ def shared_eval_loss(model, examples: list[dict], collate, batch_size: int, prec
     return total / n
 
 
-def shared_samples(model, tokenizer, prompts, max_new_tokens: int, precision: str) -> list[tuple[str, str]]:
+def shared_samples(model, tokenizer, prompts, max_new_tokens: int, precision: str, template="auto"
+                   ) -> list[tuple[str, str]]:
     """samples(), shared as shared_eval_loss shares evaluation: prompt k is process k % world's, and every
     process returns all the answers."""
     rank, world = rank_and_world()
     if world == 1 or is_sharded(model):
-        return samples(model, tokenizer, prompts, max_new_tokens, precision)
+        return samples(model, tokenizer, prompts, max_new_tokens, precision, template)
     parts = [None] * world
     torch.distributed.all_gather_object(parts, samples(model, tokenizer, prompts[rank::world], max_new_tokens,
-                                                       precision))
+                                                       precision, template))
     return [parts[k % world][k // world] for k in range(len(prompts))]

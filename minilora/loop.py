@@ -186,8 +186,9 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool)
 
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
     """(examples, stats, eval examples or None), checked before the model is touched."""
-    examples, stats = encoded(train_rows, tokenizer, cfg.max_len, cfg.skip_malformed)
-    evals = encoded(eval_rows, tokenizer, cfg.max_len, cfg.skip_malformed)[0] if eval_rows is not None else None
+    examples, stats = encoded(train_rows, tokenizer, cfg.max_len, cfg.skip_malformed, cfg.template)
+    evals = (encoded(eval_rows, tokenizer, cfg.max_len, cfg.skip_malformed, cfg.template)[0]
+             if eval_rows is not None else None)
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
     if cfg.fsdp and (not in_process_group() or cfg.precision == "fp16"):
@@ -243,7 +244,8 @@ def _sample(t: _Training):
     if not cfg.sample_prompts:
         return
     with t.log.timed("samples"):
-        answers = shared_samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision)
+        answers = shared_samples(t.model, t.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, cfg.precision,
+                                 cfg.template)
     for prompt, answer in answers:
         t.log.log({"step": t.step, "prompt": prompt, "sample": answer})
         t.log.say(f"[step {t.step}] {prompt!r} -> {answer!r}")

@@ -129,13 +129,28 @@ def _ce(hidden, weight, rows, targets, chunk_size, row_weights=None):
 
 
 def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
-    """Run the decoder on a batch and return (loss_sum, n_tokens) without materialising logits.
+    """Run the decoder on a batch and return (loss_sum, n_tokens): the summed next-token cross-entropy over the
+    supervised tokens, and how many there are. The training step of `train()`, and of a loop of your own:
 
-    batch: a collated batch (CPU tensors, as Collator returns) or one already through `to_device`. A model
-    prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch keeps a
-    2-D (left-padding) mask. A packed row's examples attend each to itself alone (Collator(pack_tokens=...)).
-    A model that fsdp.shard sharded runs through the method it registered with FSDP (`sharded_loss`:
-    decoder_loss, with the root's weights gathered around it).
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss_sum, n_tokens = causal_lm_loss(model, batch)
+        (loss_sum / n_tokens).backward()
+
+    batch: a collated batch of CPU tensors as Collator returns it ("input_ids", unshifted "labels" with -100
+    where unsupervised; position t predicts labels[t + 1]), which is moved to lm_head's device here; or one
+    already through `to_device`. Padding is masked by its labels: right padding needs no attention mask.
+    Returns loss_sum, a 0-d float32 tensor on the model's device that autograd tracks, and n_tokens, a Python
+    int (counted on the host: reading it never waits for the GPU). Under gradient accumulation, divide each
+    micro-batch's loss_sum by the supervised tokens of the whole optimizer step, not by its own n_tokens: then
+    batch 4 x accumulation 1 equals batch 1 x accumulation 4. Precision is the caller's: run it under autocast
+    (bf16, or fp16 with a GradScaler), or without for fp32; dropout follows model.train() / model.eval().
+
+    Logits are never materialised: it runs `model.model` (not the model's own forward) and projects only the
+    supervised positions onto lm_head's weight, a chunk of chunk_size rows at a time (ChunkedCrossEntropy).
+    A model prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch
+    keeps a 2-D (left-padding) mask. A packed row's examples attend each to itself alone
+    (Collator(pack_tokens=...)). A model that fsdp.shard sharded runs through the method it registered with
+    FSDP (`sharded_loss`: decoder_loss, with the root's weights gathered around it).
     """
     sharded = model.__dict__.get("sharded_loss")
     return sharded(batch, chunk_size) if sharded else decoder_loss(model, batch, chunk_size)

@@ -71,10 +71,12 @@ def test_decoding_stops_at_eos_and_at_max_len(base_dir):
     model.eval()
     ml.prepare_for_training(model, PlanOptions(fast=True))
     decoder = Decoder(model, len(ids) + 24, torch.float32)
-    assert decoder([ids], 24, eos) == [stopped]
-    assert decoder([ids], 24, None) == [full]  # the same cache again: nothing left from the last prompt matters
-    assert Decoder(model, len(ids) + 3, torch.float32)([ids], 24, None) == [full[:3]]
-    assert Decoder(model, len(ids), torch.float32)([ids], 24, None) == [[]]
+    assert decoder([ids], 24, [eos]) == [stopped]
+    never = next(i for i in range(len(tok)) if i not in full)  # a stop id that never comes: the others still stop
+    assert decoder([ids], 24, [never, eos]) == [stopped]
+    assert decoder([ids], 24, []) == [full]  # the same cache again: nothing left from the last prompt matters
+    assert Decoder(model, len(ids) + 3, torch.float32)([ids], 24, []) == [full[:3]]
+    assert Decoder(model, len(ids), torch.float32)([ids], 24, []) == [[]]
 
 
 def test_prompts_decoded_together_equal_each_alone(base_dir, monkeypatch):
@@ -89,7 +91,7 @@ def test_prompts_decoded_together_equal_each_alone(base_dir, monkeypatch):
     model.eval()
     ml.prepare_for_training(model, PlanOptions(fast=True))
     decoder = Decoder(model, max(map(len, ids)) + 24, torch.float32, rows=4)
-    together = decoder(ids, 24, eos)
+    together = decoder(ids, 24, [eos])
     for (prompt, full), answer in zip(alone, together):
         assert answer == (full[:full.index(eos) + 1] if eos in full else full)
     assert len(together[1]) < 24 and len(together[0]) == 24

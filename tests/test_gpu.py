@@ -538,14 +538,14 @@ def test_decoding_replayed_as_a_cuda_graph_equals_eager_decoding(base_dir, cache
         model.eval()
         graphed = Decoder(model, len(ids) + 40, torch.bfloat16)
         eager = Decoder(model, len(ids) + 40, torch.bfloat16, graphs=False)
-        [tokens] = graphed([ids], 40, None)
-        assert graphed.graph is not None and [tokens] == eager([ids], 40, None) == graphed([ids], 40, None)
+        [tokens] = graphed([ids], 40, [])
+        assert graphed.graph is not None and [tokens] == eager([ids], 40, []) == graphed([ids], 40, [])
         # two prompts of different lengths decoded together: graphed and eager alike, each row on its own course
         pair = [ids, encode_prompt([{"role": "user", "content": "Name three colours, please."}], tok)]
         rows = Decoder(model, max(map(len, pair)) + 40, torch.bfloat16, rows=2)
-        answers = rows(pair, 40, None)
+        answers = rows(pair, 40, [])
         assert rows.graph is not None and answers == Decoder(model, rows.max_len, torch.bfloat16, graphs=False,
-                                                             rows=2)(pair, 40, None)
+                                                             rows=2)(pair, 40, [])
         assert answers[0][:4] == hf[:4] and answers[0] != answers[1]
     assert len(tokens) == 40 and tokens[:4] == hf[:4]
     # ml.generate on a GPU attaches fast layers for the call (dequantizing as they go: the same weights, bit

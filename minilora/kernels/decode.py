@@ -23,7 +23,7 @@ from .layer import capturable, fast_layer, host_embedding, mlp_block
 from .rmsnorm import rms_norm
 from .rope import Rope
 
-CHECK_EVERY = 16  # new tokens between two looks for EOS (each look waits for the GPU)
+CHECK_EVERY = 16  # new tokens between two looks for a stop id (each look waits for the GPU)
 
 
 class Decoder:
@@ -48,18 +48,18 @@ class Decoder:
         self.graphs = graphs and device.type == "cuda" and capturable(model, dtype)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None) -> list[list[int]]:
-        """For each prompt (token ids), the new tokens after it, up to and with the first EOS, or max_new_tokens of
-        them, as far as max_len allows."""
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, stops: list[int]) -> list[list[int]]:
+        """For each prompt (token ids), the new tokens after it, up to and with the first of the stop ids (the
+        template's end-of-turn markers, EOS), or max_new_tokens of them, as far as max_len allows."""
         if len(prompts) > len(self.token):
             raise ValueError(f"{len(prompts)} prompts for a Decoder of {len(self.token)} rows")
         n = min(max_new_tokens, self.max_len - max(map(len, prompts)))
         if n <= 0:
             return [[] for _ in prompts]
         with on_capture_stream() if self.graphs else contextlib.nullcontext():  # prefill, warm-up, capture, replays
-            return self._decode(prompts, n, eos_id)
+            return self._decode(prompts, n, torch.tensor(stops, device=self.out.device))
 
-    def _decode(self, prompts: list[list[int]], n: int, eos_id: int | None) -> list[list[int]]:
+    def _decode(self, prompts: list[list[int]], n: int, stops: torch.Tensor) -> list[list[int]]:
         self.pos.zero_()  # rows without a prompt stay in range and are never read
         for b, ids in enumerate(prompts):  # each prompt through its own row: its step writes its first choice
             self.pos[b] = len(ids) - 1
@@ -70,13 +70,13 @@ class Decoder:
             for _ in range(min(CHECK_EVERY, n - done)):
                 self._next()
             done = min(n, done + CHECK_EVERY)
-            if eos_id is not None and all((self.out[b, len(ids):len(ids) + done] == eos_id).any()
-                                          for b, ids in enumerate(prompts)):
+            if all(torch.isin(self.out[b, len(ids):len(ids) + done], stops).any() for b, ids in enumerate(prompts)):
                 break
         answers = []
         for b, ids in enumerate(prompts):
             new = self.out[b, len(ids):len(ids) + n].tolist()
-            answers.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
+            end = next((k for k, i in enumerate(new) if i in stops), len(new) - 1)
+            answers.append(new[:end + 1])
         return answers
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
