@@ -145,9 +145,9 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
     batch 4 x accumulation 1 equals batch 1 x accumulation 4. Precision is the caller's: run it under autocast
     (bf16, or fp16 with a GradScaler), or without for fp32; dropout follows model.train() / model.eval().
 
-    Logits are never materialised: it runs `model.model` (not the model's own forward) and projects only the
-    supervised positions onto lm_head's weight, a chunk of chunk_size rows at a time (ChunkedCrossEntropy).
-    A model prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch
+    Logits are never materialised: it runs the decoder (`model.base_model`, not the model's own forward) and
+    projects only the supervised positions onto lm_head's weight, a chunk of chunk_size rows at a time
+    (ChunkedCrossEntropy). A model prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch
     keeps a 2-D (left-padding) mask. A packed row's examples attend each to itself alone
     (Collator(pack_tokens=...)). A model that fsdp.shard sharded runs through the method it registered with
     FSDP (`sharded_loss`: decoder_loss, with the root's weights gathered around it).
@@ -170,8 +170,8 @@ def decoder_loss(model, batch: dict, chunk_size: int = 4096):
         if segments is not None:
             mask = segment_mask(starts, batch["input_ids"].shape[1])
         embeds = batch.get("inputs_embeds")
-        hidden = model.model(input_ids=None if embeds is not None else batch["input_ids"], inputs_embeds=embeds,
-                             attention_mask=mask, position_ids=batch.get("position_ids"),
-                             use_cache=False).last_hidden_state
+        hidden = model.base_model(input_ids=None if embeds is not None else batch["input_ids"],
+                                  inputs_embeds=embeds, attention_mask=mask, position_ids=batch.get("position_ids"),
+                                  use_cache=False).last_hidden_state
     loss = _ce(hidden, model.lm_head.weight, batch.get("rows"), batch["targets"], chunk_size, batch.get("row_weights"))
     return loss, batch["n_tokens"]

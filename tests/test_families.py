@@ -147,3 +147,34 @@ def test_other_families_train_on_transformers_layers_and_say_why(qwen3_dir, fami
     model, _ = load(family_dir)
     window = model.config.model_type == "mistral"
     assert (unsupported(model, 512) is not None) == window  # 256 tokens of window
+
+
+def test_a_qwen2_with_its_own_tokenizer_and_chat_template_trains_end_to_end(tmp_path, capsys):
+    """Bring your own model: a tiny Qwen2 whose tokenizer is a byte-level BPE without BOS carrying Qwen2.5's
+    Jinja template (its default system prompt included). The example trains it with --template auto on the fast
+    layers; the run's shape records the template, and the samples are prompted and stopped by it."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from minilora.tiny import tiny_config
+    from test_templates import QWEN25_INSTRUCT, qwen_tokenizer
+
+    model_dir = tmp_path / "qwen"
+    tok = qwen_tokenizer(QWEN25_INSTRUCT)
+    tok.save_pretrained(model_dir)
+    AutoModelForCausalLM.from_config(tiny_config(len(tok), Qwen2Config, tie_word_embeddings=True, bos_token_id=None,
+                                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                     ).save_pretrained(model_dir)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                                       "content": a}]}) + "\n"
+                            for q, a in [("What is the capital of France?", "Paris."), ("Say hi.", "Hi!")] * 4))
+    out = tmp_path / "out"
+    assert example().main(["--model", str(model_dir), "--dataset", str(rows), "--output-dir", str(out),
+                           "--eval-size", "0", "--lora-r", "4", "--max-steps", "2", "--template", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "a qwen2 model (Qwen2ForCausalLM); it trains on minilora's fast layers" in printed
+    record = json.loads((out / "checkpoint-2" / "run.json").read_text())
+    assert record["shape"]["template"] == "auto" and record["config"]["template"] == "auto"
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["template"].startswith("jinja:")  # Qwen2.5's template is no built-in: the generic path
+    assert [h for h in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "sample" in h]
