@@ -23,7 +23,8 @@ from .rundir import RunDirError  # noqa: E402
 from .plan import PlanOptions, Setup, format_plan, plan_memory  # noqa: E402
 from .plan_choice import choose_plan  # noqa: E402
 from .chat_templates import NAMES as TEMPLATES, PieceTemplate, Special, Template, Text  # noqa: E402
-from .template import MalformedRow, encode_chat, encode_prompt, encode_rows, get_template, render_chat  # noqa: E402
+from .conversation import MalformedRow  # noqa: E402
+from .template import encode_chat, encode_prompt, encode_rows, get_template, render_chat  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .generate import generate  # noqa: E402
 from .loop import train  # noqa: E402

@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 
 from .loss import supervised_count
-from .template import IGNORE, DataStats, encode_rows, get_template, row_field
+from .conversation import row_field
+from .template import IGNORE, DataStats, encode_rows, get_template
 
 
 # ---------------------------------------------------------------- batches

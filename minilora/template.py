@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .chat_templates import BUILTINS, LLAMA2, Template
-from .conversation import MalformedRow, Pairs, Turn, conversation, parse_text, row_field  # noqa: F401 (re-exported)
+from .conversation import MalformedRow, Pairs, Turn, conversation
 from .jinja_template import auto_template
 
 IGNORE = -100  # label of an unsupervised position (cross_entropy's ignore_index)

@@ -22,9 +22,8 @@ from transformers import LlamaForCausalLM
 
 from minilora.data import Collator, batches, check_eval_size, load_rows, packs, split_eval
 from minilora.kernels.attention import segment_mask
-from minilora.template import (
-    IGNORE, MalformedRow, SkipExample, encode_chat, encode_prompt, encode_rows, parse_text, render_chat,
-)
+from minilora.conversation import MalformedRow, parse_text
+from minilora.template import IGNORE, SkipExample, encode_chat, encode_prompt, encode_rows, render_chat
 from minilora.tiny import instruction_rows, tiny_config
 
 SYSTEM = "You are a helpful assistant."

@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 import minilora as ml
 from minilora.data import Collator

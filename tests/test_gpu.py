@@ -433,7 +433,7 @@ def test_graphed_steps_take_each_shapes_checkpointing(base_dir, tmp_path, monkey
     reference = run("default")
     loop, step = importlib.import_module("minilora.loop"), importlib.import_module("minilora.step")
     lean = PlanOptions(fast=True, checkpointed=2, offload=offload, keep_weights=True, loss_chunk=512)
-    monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (
+    monkeypatch.setattr(loop, "plan_run", lambda model, cfg: (
         lean, "a lean plan", lambda B, T: dataclasses.replace(lean, checkpointed=0 if T <= 64 else 2)))
     seen, loss = {}, step.causal_lm_loss
 
@@ -478,7 +478,7 @@ def test_training_evaluation_and_samples_leave_the_planned_cublas_workspaces(bas
     loop = importlib.import_module("minilora.loop")
     lean = PlanOptions(fast=True, checkpointed=2, offload=steps == "graphed-offloaded", keep_weights=True,
                        loss_chunk=512, graphs=steps != "eager")
-    monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (
+    monkeypatch.setattr(loop, "plan_run", lambda model, cfg: (
         lean, "a lean plan", lambda B, T: dataclasses.replace(lean, checkpointed=0 if T <= 64 else 2)))
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
     cfg = ml.TrainConfig(output_dir=str(tmp_path / "out"), max_steps=6, batch_size=2, max_len=128, lora_r=8,

@@ -251,9 +251,9 @@ def test_train_lets_go_of_the_offloaded_steps_host_memory(base_dir, tmp_path, mo
     from minilora.tiny import instruction_rows
 
     loop = importlib.import_module("minilora.loop")  # the module (minilora.train is the function)
-    plan = loop._plan
-    monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (PlanOptions(fast=True, offload=True, loss_chunk=512),
-                                                                  plan(model, cfg, world)[1], None))
+    plan = loop.plan_run
+    monkeypatch.setattr(loop, "plan_run", lambda model, cfg: (PlanOptions(fast=True, offload=True, loss_chunk=512),
+                                                              plan(model, cfg)[1], None))
     seen, take = [], offload.HostArena.take
 
     def recorded_take(arena, like):  # the arenas that the offloaded steps take host memory from

@@ -216,13 +216,14 @@ def test_a_stop_signal_saves_a_checkpoint_that_resumes_bit_exactly_with_dropout(
 def test_a_second_signal_stops_at_once(base_dir, tmp_path, monkeypatch):
     """SIGTERM in step 2's first micro-batch, then Ctrl-C in its second: the run stops there, in the step, and
     saves nothing more; checkpoint-1 stays the last."""
+    before = signal.getsignal(signal.SIGINT)
     signal_at({3: signal.SIGTERM, 4: signal.SIGINT}, monkeypatch)
     with pytest.raises(ml.Interrupted, match="SIGINT after SIGTERM: stopped at once; the steps since the last "
                                              "checkpoint are lost") as stop:
         run(base_dir, tmp_path, max_steps=6, grad_accum=2, batch_size=2, save_every=1)
     assert stop.value.checkpoint is None and stop.value.exit_status == 130
     assert [n for n in os.listdir(tmp_path) if n.startswith("checkpoint")] == ["checkpoint-1"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # handed back
 
 
 class Terminal(io.StringIO):

@@ -21,8 +21,8 @@ from minilora.config import TrainConfig
 from minilora.data import encoded
 from minilora.jinja_template import JinjaTemplate
 from minilora.model import load_tokenizer
-from minilora.template import (IGNORE, encode_chat, encode_prompt, encode_rows, get_template, parse_text, render_chat,
-                               stop_ids)
+from minilora.conversation import parse_text
+from minilora.template import IGNORE, encode_chat, encode_prompt, encode_rows, get_template, render_chat, stop_ids
 
 # ---------------------------------------------------------------- the official templates, as their models ship them
 

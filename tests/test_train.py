@@ -426,14 +426,14 @@ def test_each_micro_batch_takes_its_shapes_checkpointing(base_dir, tmp_path, mon
     from minilora.plan import PlanOptions
 
     loop, step = importlib.import_module("minilora.loop"), importlib.import_module("minilora.step")
-    plan, asked, forwards = loop._plan, {}, []
+    plan, asked, forwards = loop.plan_run, {}, []
 
     def rule(B, T):  # as shape_options would answer: a PlanOptions per shape, asked once per shape
         assert (B, T) not in asked
         asked[B, T] = PlanOptions(fast=True, checkpointed=None if len(asked) % 2 else 0, keep_weights=True)
         return asked[B, T]
 
-    monkeypatch.setattr(loop, "_plan", lambda model, cfg, world: (*plan(model, cfg, world)[:2], rule))
+    monkeypatch.setattr(loop, "plan_run", lambda model, cfg: (*plan(model, cfg)[:2], rule))
     loss, apply = step.causal_lm_loss, kernels.Recomputed.apply
 
     def recorded_loss(model, batch, chunk):
