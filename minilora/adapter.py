@@ -6,6 +6,7 @@ An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .lora import add_lora, is_merged, lora_layers, lora_state_dict
+from .lora import LoraSpec, add_lora, is_merged, lora_layers, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -25,54 +26,48 @@ class CorruptFile(ValueError):
     """An adapter or training-state file that cannot be read back: truncated, or not what its name says."""
 
 
-def adapter_config(model: torch.nn.Module) -> dict:
-    """The PEFT `LoraConfig` fields that describe the model's LoRA layers."""
+def model_lora(model: torch.nn.Module) -> LoraSpec | None:
+    """The settings of the model's adapter, its targets included, or None when it has no LoRA layers yet. Layers
+    of different settings cannot make one adapter, and are refused."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRA layers to save; call minilora.add_lora(model, ...) first")
-    settings = {(m.r, m.alpha, m.dropout_p) for m in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"LoRA layers with different (r, alpha, dropout) {sorted(settings)} cannot share one "
-                         "adapter config")
-    (r, alpha, dropout), = settings
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-            "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
-            # PEFT's defaults, which describe minilora's LoRA layers: no bias, rsLoRA, DoRA or extra trained modules
-            "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
-            "inference_mode": True, "modules_to_save": None}
-
-
-def lora_settings(model: torch.nn.Module) -> dict | None:
-    """The model's LoRA r, alpha, dropout and targets, or None when it has no LoRA layers yet."""
-    if not lora_layers(model):
         return None
-    c = adapter_config(model)
-    return dict(r=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], targets=c["target_modules"])
+    specs = {m.spec for m in layers.values()}
+    if len(specs) > 1:
+        raise ValueError(f"LoRA layers with different settings {sorted(map(str, specs))} cannot make one adapter")
+    return dataclasses.replace(specs.pop(), targets=tuple(sorted({name.rsplit(".", 1)[-1] for name in layers})))
 
 
-def trains_own_adapter(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets) -> bool:
+def adapter_config(model: torch.nn.Module) -> dict:
+    """The PEFT `LoraConfig` fields that describe the model's LoRA layers."""
+    spec = model_lora(model)
+    if spec is None:
+        raise ValueError("the model has no LoRA layers to save; call minilora.add_lora(model, ...) first")
+    return {**spec.peft_config(), "base_model_name_or_path": getattr(model, "name_or_path", None) or None}
+
+
+def trains_own_adapter(model: torch.nn.Module, wanted: LoraSpec) -> bool:
     """Whether train() trains the adapter the model carries (True) or adds a fresh one (False), given the LoRA
-    settings of its TrainConfig. The model's adapter must have those settings; a merged model is refused: an
-    adapter trained on merged weights would not reproduce the trained model on the base it names."""
+    settings of its TrainConfig. The model's adapter must have those settings (its weights' dtype may be its own);
+    a merged model is refused: an adapter trained on merged weights would not reproduce the trained model on the
+    base it names."""
     if is_merged(model):
         raise ValueError("the model's LoRA was merged into its weights (merge_lora), so an adapter trained on it "
                          "would not apply to its base model; load the base model again to train a new adapter, or "
                          "save the merged model (save_merged) and load it as a new base")
-    have = lora_settings(model)
-    wanted = dict(r=r, alpha=alpha, dropout=dropout, targets=sorted(set(targets)))
-    if have is not None and have != wanted:
+    have = model_lora(model)
+    wanted = dataclasses.replace(wanted, targets=tuple(sorted(set(wanted.targets))))
+    if have is not None and dataclasses.replace(have, dtype=wanted.dtype) != wanted:
         raise ValueError(f"the model already carries LoRA ({_as_fields(have)}), and this TrainConfig asks for "
                          f"{_as_fields(wanted)}; give the TrainConfig the model's settings to train its adapter on, "
                          "or load the model again for a fresh adapter")
     return have is not None
 
 
-def _as_fields(lora: dict) -> str:
+def _as_fields(spec: LoraSpec) -> str:
     """LoRA settings as TrainConfig's fields."""
-    return (f"lora_r={lora['r']}, lora_alpha={lora['alpha']}, lora_dropout={lora['dropout']}, "
-            f"targets={tuple(lora['targets'])}")
+    return (f"lora_r={spec.r}, lora_alpha={spec.alpha}, lora_dropout={spec.dropout}, targets={spec.targets}"
+            + "".join(f", {k}=True" for k in ("use_rslora", "use_dora") if getattr(spec, k)))
 
 
 def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = None) -> str:
@@ -129,9 +124,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
     added, trainable = not lora_layers(model), {p: p.requires_grad for p in model.parameters()}
     try:
         if added:
-            targets = config["target_modules"]
-            add_lora(model, targets=[targets] if isinstance(targets, str) else targets,
-                     r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0))
+            add_lora(model, **dataclasses.asdict(LoraSpec.from_peft(config)))
         pairs = _matched_weights(model, state, config, adapter_dir)
     except Exception:
         if added:  # undo add_lora: the base linears back in place, requires_grad as it was
@@ -161,23 +154,23 @@ def check_adapter(adapter_dir: str) -> dict:
     except (json.JSONDecodeError, OSError) as e:
         raise CorruptFile(f"the adapter in {adapter_dir} is corrupt ({e}); save it again") from e
     problems = [f"peft_type={config.get('peft_type')!r}"] if config.get("peft_type", "LORA") != "LORA" else []
-    problems += [f"{key}=true" for key in ("use_rslora", "use_dora") if config.get(key)]
     problems += [f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else []
     # modules_to_save, or per-layer ranks, scalings or layer subsets: one (r, alpha) cannot describe them
     keys = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
     problems += [f"{key}={config[key]}" for key in keys if config.get(key)]
     if problems or not {"r", "lora_alpha", "target_modules"} <= config.keys():
         raise ValueError(f"unsupported adapter config in {adapter_dir}: "
-                         f"{problems or 'missing r, lora_alpha or target_modules'}; minilora loads plain LoRA adapters "
-                         "(bias 'none', one r and alpha, no rsLoRA/DoRA, no modules_to_save)")
+                         f"{problems or 'missing r, lora_alpha or target_modules'}; minilora loads LoRA adapters "
+                         "(rsLoRA and DoRA too) with bias 'none', one r and alpha and no modules_to_save")
     return config
 
 
 def _matched_weights(model, state: dict, config: dict, adapter_dir: str) -> list[tuple]:
     """[(the model's LoRA weight, the file's tensor for it)], once every tensor is known to fit one to one."""
-    if {m.scaling for m in lora_layers(model).values()} != {config["lora_alpha"] / config["r"]}:
-        raise ValueError(f"the model's LoRA scaling differs from the adapter's alpha/r = "
-                         f"{config['lora_alpha']}/{config['r']}")
+    have, theirs = model_lora(model), LoraSpec.from_peft(config)
+    if (have.scaling, have.use_dora) != (theirs.scaling, theirs.use_dora):
+        raise ValueError(f"the model's LoRA ({_as_fields(have)}) differs in its scaling or DoRA from the adapter's "
+                         f"({_as_fields(theirs)}); load the adapter onto a model without LoRA")
     own = lora_state_dict(model)
     state = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in state.items()}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())

@@ -57,7 +57,7 @@ def run_shape(cfg, examples: list[dict], base_model: str | None, world: int) -> 
     """What shapes a checkpoint's state: compared on resume."""
     if base_model and os.path.isdir(base_model):
         base_model = os.path.realpath(base_model)
-    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=sorted(set(cfg.targets)))
+    lora = {k: v for k, v in cfg.lora().record().items() if k != "dtype"}
     return {"base_model": base_model or None, **{f"lora_{k}": v for k, v in lora.items()},
             **{name: getattr(cfg, name) for name in SHAPE_FIELDS}, "processes": world,
             "data": data_fingerprint(examples)}

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .lora import LoraSpec
+
 from .chat_templates import NAMES as TEMPLATES
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,6 +50,8 @@ class TrainConfig:
     lora_alpha: float = 16  # the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.1  # dropout on the LoRA branch's input
     targets: tuple = ("q_proj", "v_proj")  # the linear layers that get LoRA, by name
+    use_rslora: bool = False  # scale the update by lora_alpha / sqrt(lora_r) (rsLoRA), not lora_alpha / lora_r
+    use_dora: bool = False  # DoRA: learn a magnitude per output feature besides the low-rank update
     # --- precision and memory
     precision: str | None = None  # "bf16", "fp16" (GradScaler, fp32 LoRA weights) or "fp32"; None: by device
     memory_budget_gib: float | None = None  # GPU memory the run may use; None: what the card has free at start
@@ -69,6 +73,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self)
+
+    def lora(self) -> LoraSpec:
+        """The adapter these fields declare (train() adds it to a model without LoRA)."""
+        return LoraSpec(self.lora_r, self.lora_alpha, self.lora_dropout, self.targets, use_rslora=self.use_rslora,
+                        use_dora=self.use_dora)
 
     def fixed_plan(self) -> dict:
         """The memory plan's options that this config decides itself (choose_plan's `fixed`, which

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .adapter import lora_settings, save_adapter, trains_own_adapter
+from .adapter import model_lora, save_adapter, trains_own_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
 from .config import TrainConfig, check, default_precision
 from .data import Collator, encoded
@@ -51,7 +51,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     device = training_device(model) if cfg.fsdp else next(model.parameters()).device
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
-    own_adapter = trains_own_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets)
+    own_adapter = trains_own_adapter(model, cfg.lora())
     rank, world = rank_and_world()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
@@ -173,7 +173,7 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool)
     plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
     log.say(plan_line)
     if own_adapter and not step:
-        log.say(f"training the adapter the model carries ({', '.join(lora_settings(model)['targets'])}), not a "
+        log.say(f"training the adapter the model carries ({', '.join(model_lora(model).targets)}), not a "
                 "fresh one")
     if step and changed:
         log.say(f"resumed from {run.resume_from} at step {step}, with changed settings applied from here on: "
@@ -204,7 +204,7 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str,
     options, its line and its rule for shorter micro-batches."""
     torch.manual_seed(cfg.seed)
     if not lora_layers(model):
-        add_lora(model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # fp32 master weights
+        add_lora(model, **dataclasses.asdict(cfg.lora()))  # fp32 master weights
     options, line, shape_plan = plan_run(model, cfg)
     prepare_for_training(model, options)
     if cfg.fsdp:

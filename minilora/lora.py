@@ -1,42 +1,104 @@
-"""minilora's LoRA layer and the functions that put it into a model, pick its parameters and merge it away.
+"""minilora's LoRA layer, the one declaration of an adapter's settings, and the functions that put it into a model,
+pick its parameters and merge it away.
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) learns a low-rank update of a frozen weight W:
-    y = x W^T + (alpha / r) * x A^T B^T,    A: (r, in),  B: (out, r)
+    y = x W^T + s * x A^T B^T,    A: (r, in),  B: (out, r),  s = alpha / r (rsLoRA: alpha / sqrt(r))
+DoRA (Liu et al., 2024, arXiv:2402.09353) also learns a magnitude m per output feature:
+    y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T),  the norm treated as a constant (no gradient)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .kernels.lora4bit import Projection, dequantize, is_4bit
+from .kernels.lora4bit import Projection, dequantize, dora_scale, is_4bit
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """An adapter's settings, declared once: add_lora builds LoRA layers from it, TrainConfig's fields make one
+    (TrainConfig.lora), adapter_config.json and run.json record it, and the memory plan counts its tensors."""
+
+    r: int = 64  # the rank of each update
+    alpha: float = 16  # the update is scaled by alpha / r (rsLoRA: alpha / sqrt(r))
+    dropout: float = 0.0  # dropout on the update's input
+    targets: tuple = ("q_proj", "v_proj")  # the linears that carry it, by the last part of their name
+    dtype: torch.dtype = torch.float32  # of the adapter's weights: fp32 master weights (the matmuls run in the
+    # compute dtype)
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski, 2023, arXiv:2312.03732)
+    use_dora: bool = False  # a trainable magnitude per output feature (DoRA)
+
+    def __post_init__(self):
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise ValueError(f"LoRA rank r={self.r} must be a positive integer, e.g. r=8 or r=64")
+        object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def shapes(self, in_features: int, out_features: int) -> dict[str, tuple]:
+        """The trainable tensors of one adapted linear, by their name in the layer (and in PEFT's files)."""
+        shapes = {"lora_A.weight": (self.r, in_features), "lora_B.weight": (out_features, self.r)}
+        return {**shapes, "lora_magnitude_vector": (out_features,)} if self.use_dora else shapes
+
+    def peft_config(self) -> dict:
+        """The fields of PEFT's LoraConfig that describe it (adapter_config.json, with the base model's name)."""
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "target_modules": sorted(set(self.targets)),
+                "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+                # PEFT's defaults, which describe minilora's layers: no bias, no extra trained modules
+                "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+                "modules_to_save": None}
+
+    @classmethod
+    def from_peft(cls, config: dict) -> LoraSpec:
+        return cls(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                   targets=config["target_modules"], use_rslora=bool(config.get("use_rslora")),
+                   use_dora=bool(config.get("use_dora")))
+
+    def record(self) -> dict:
+        """Its fields as JSON values (run.json)."""
+        return {**dataclasses.asdict(self), "targets": sorted(set(self.targets)), "dtype": str(self.dtype)}
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear (`nn.Linear` or bitsandbytes `Linear4bit`) plus a trainable low-rank update."""
+    """A frozen linear (`nn.Linear` or bitsandbytes `Linear4bit`) plus a trainable low-rank update, as a LoraSpec
+    (its targets aside) says: `spec`."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype | None = None,
+                 use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank r={r} must be a positive integer, e.g. r=8 or r=64")
+        self.spec = LoraSpec(r, alpha, dropout, (), dtype or torch.float32, use_rslora, use_dora)
         self.base = base.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.scaling = r, alpha, self.spec.scaling
         # fp32 by default: these are the master weights that AdamW updates; an update of lr 2e-4 on a weight
         # near 1e-2 is below bf16's resolution, and bf16 adapters measurably fall behind PEFT's fp32 ones.
         # The matmuls still run in the compute dtype (autocast, or the fused path's own casts).
-        kw = dict(bias=False, dtype=dtype or torch.float32, device=base.weight.device)
+        kw = dict(bias=False, dtype=self.spec.dtype, device=base.weight.device)
         self.lora_A = nn.Linear(base.in_features, r, **kw)  # (r, in)
         self.lora_B = nn.Linear(r, base.out_features, **kw)  # (out, r)
         # A as nn.Linear's default init (Kaiming-uniform, a=sqrt(5)) and B = 0, as in the LoRA paper's reference
         # code and PEFT: the update starts at exactly zero, so step 0 is the base model.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if use_dora:  # the magnitude starts at ||W||_row, as B = 0 makes W + s B A: again the base model at step 0
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(dequantize(base, torch.float32), dim=1)  # (out,)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(self.spec.dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_p = float(dropout)
         self.merged = False
         self.fused = False  # training forward through one autograd function (prepare_for_training(fused=True))
+
+    def adapter_tensors(self) -> list[nn.Parameter]:
+        """The trainable tensors, in spec.shapes' order: what every path that computes this layer must take."""
+        return [self.get_parameter(name) for name in self.spec.shapes(1, 1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -49,7 +111,15 @@ class LoRALinear(nn.Module):
         h = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # autocast casts the weights to x's dtype itself
             h = h.to(self.lora_A.weight.dtype)
-        return self.base(x) + (self.scaling * self.lora_B(self.lora_A(h))).to(x.dtype)
+        y, update = self.base(x), self.scaling * self.lora_B(self.lora_A(h))
+        if not self.spec.use_dora:
+            return y + update.to(x.dtype)
+        # DoRA: y + (g - 1) * (h W^T) + g * update, g = m / ||W + s B A||_row, which is g * (x W^T + update)
+        # without dropout; PEFT's formula, h W^T computed again only where dropout made h differ from x
+        W = dequantize(self.base, update.dtype)
+        g = dora_scale(W, self.lora_A.weight, self.lora_B.weight, self.scaling, self.lora_magnitude_vector)
+        base_h = F.linear(h.to(W.dtype), W) if h is not x else y - (0 if self.base.bias is None else self.base.bias)
+        return y + ((g - 1) * base_h.to(update.dtype) + g * update).to(x.dtype)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
@@ -60,35 +130,44 @@ class LoRALinear(nn.Module):
         """
         if not self.merged:
             delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (out, in), fp32
-            self.base = plain_linear(self.base, extra=delta)
+            factor = None
+            if self.spec.use_dora:  # W' = m / ||W + s B A||_row * (W + s B A)
+                factor = dora_scale(dequantize(self.base, torch.float32), self.lora_A.weight.float(),
+                                    self.lora_B.weight.float(), self.scaling, self.lora_magnitude_vector.float())
+            self.base = plain_linear(self.base, extra=delta, factor=factor)
             self.merged = True
         return self.base
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{', rsLoRA' if self.spec.use_rslora else ''}"
+                f"{', DoRA' if self.spec.use_dora else ''}, merged={self.merged}")
 
 
 @torch.no_grad()
-def plain_linear(base: nn.Module, extra: torch.Tensor | None = None) -> nn.Linear:
-    """An `nn.Linear` in the base's compute dtype holding its (dequantized) weight, plus `extra` if given."""
+def plain_linear(base: nn.Module, extra: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> nn.Linear:
+    """An `nn.Linear` in the base's compute dtype holding its (dequantized) weight, plus `extra` if given, its rows
+    times `factor` (out,) if given."""
     w = dequantize(base, torch.float32)  # (out, in)
+    w = w if extra is None else w + extra
+    w = w if factor is None else factor[:, None] * w
     dtype = (base.compute_dtype or torch.float32) if is_4bit(base) else base.weight.dtype
     out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype, device=w.device)
-    out.weight.copy_(w if extra is None else w + extra)
+    out.weight.copy_(w)
     if base.bias is not None:
         out.bias.copy_(base.bias)
     return out.requires_grad_(False)
 
 
 def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 64, alpha: float = 16, dropout: float = 0.0,
-             dtype: torch.dtype | None = None) -> list[str]:
+             dtype: torch.dtype | None = None, use_rslora: bool = False, use_dora: bool = False) -> list[str]:
     """Replace every linear whose name ends with one of `targets` by a `LoRALinear`; return the replaced names.
 
     dtype: the LoRA weights' dtype, float32 by default (master weights; the compute stays in autocast's
     dtype). torch.bfloat16 halves their memory, as the QLoRA reference does, at some cost in accuracy.
-    A model that has LoRA already takes more only on other targets, with the same r, alpha and dropout: the
-    model holds one adapter.
+    use_rslora, use_dora: as PEFT's LoraConfig (LoraSpec). A model that has LoRA already takes more only on other
+    targets, with the same settings: the model holds one adapter.
     """
+    spec = LoraSpec(r, alpha, dropout, (), dtype or torch.float32, use_rslora, use_dora)
     existing = lora_layers(model)
     inside = tuple(f"{name}." for name in existing)  # a LoRALinear's own linears (base, lora_A, lora_B)
     linears = [n for n, m in model.named_modules()
@@ -96,18 +175,23 @@ def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 64, alpha:
     targets = check_targets(linears + list(existing), targets)
     if existing:
         carrying = sorted({n.split(".")[-1] for n in existing} & set(targets))
-        (r0, alpha0, dropout0), *others = {(m.r, m.alpha, m.dropout_p) for m in existing.values()}
+        have, *others = {m.spec for m in existing.values()}
         if carrying:
-            raise ValueError(f"targets {carrying} already carry LoRA (r={r0}, alpha={alpha0}, dropout={dropout0}); "
-                             "train or save that adapter as it is, or load the model again to add a new one")
-        if others or (r0, alpha0, dropout0) != (r, alpha, dropout):
-            raise ValueError(f"the model's LoRA has r={r0}, alpha={alpha0}, dropout={dropout0}, and one adapter has "
-                             f"one setting: add LoRA on {list(targets)} with those, or load the model again")
+            raise ValueError(f"targets {carrying} already carry LoRA ({_settings(have)}); train or save that adapter "
+                             "as it is, or load the model again to add a new one")
+        if others or have != spec:
+            raise ValueError(f"the model's LoRA has {_settings(have)}, and one adapter has one setting: add LoRA on "
+                             f"{list(targets)} with those, or load the model again")
     names = [n for n in linears if n.split(".")[-1] in targets]
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype))
+        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype, use_rslora, use_dora))
     mark_only_lora_trainable(model)
     return names
+
+
+def _settings(spec: LoraSpec) -> str:
+    extra = "".join(f", {k}=True" for k in ("use_rslora", "use_dora") if getattr(spec, k))
+    return f"r={spec.r}, alpha={spec.alpha}, dropout={spec.dropout}{extra}"
 
 
 def check_targets(linear_names: list[str], targets) -> tuple[str, ...]:
@@ -134,18 +218,18 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
-    """Freeze every parameter except the LoRA A and B matrices."""
+    """Freeze every parameter except the adapters' own (A and B, and DoRA's magnitudes)."""
     model.requires_grad_(False)
     for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(not layer.merged)
-        layer.lora_B.requires_grad_(not layer.merged)
+        for t in layer.adapter_tensors():
+            t.requires_grad_(not layer.merged)
     return model
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights by module name: {"model.layers.0.self_attn.q_proj.lora_A.weight": tensor, ...}."""
-    return {f"{name}.{ab}.weight": getattr(layer, ab).weight
-            for name, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
+    """The adapters' tensors by name: {"model.layers.0.self_attn.q_proj.lora_A.weight": tensor, ...}."""
+    return {f"{name}.{key}": t for name, layer in lora_layers(model).items()
+            for key, t in zip(layer.spec.shapes(1, 1), layer.adapter_tensors())}
 
 
 def is_merged(model: nn.Module) -> bool:

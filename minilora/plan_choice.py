@@ -9,12 +9,11 @@ import functools
 
 import torch
 
-from .adapter import lora_settings
+from .adapter import model_lora
 from .config import PRECISIONS
 from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import unsupported
 from .kernels.lora4bit import is_4bit
-from .lora import lora_state_dict
 from .plan import GiB, LOSS_CHUNKS, PlanOptions, Setup, as_config, plan_memory, plan_options, split_fields
 
 # shape_options keeps a shorter micro-batch's predicted peak this share of the budget under the longest one's: on
@@ -117,9 +116,8 @@ def plan_run(model, cfg) -> tuple[PlanOptions, str, functools.partial | None]:
     else:
         budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
         source = f"free on {torch.cuda.get_device_name(device)}"
-    lora = lora_settings(model)
-    setup = Setup(lora_r=lora["r"], lora_targets=tuple(lora["targets"]), lora_dropout=lora["dropout"],
-                  lora_dtype=next(iter(lora_state_dict(model).values())).dtype,
+    lora = model_lora(model)
+    setup = Setup(lora_r=lora.r, lora_targets=lora.targets, lora_dropout=lora.dropout, lora_dtype=lora.dtype,
                   quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
                   compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer,
                   data_parallel=torch.distributed.is_initialized())

@@ -136,10 +136,13 @@ def test_failed_load_adapter_leaves_the_model_as_it_was(base_dir, tmp_path):
     wide, _ = load(base_dir)
     ml.add_lora(wide, r=4, alpha=16)
     ml.save_adapter(wide, tmp_path / "c")
-    with pytest.raises(ValueError, match="scaling differs"):
+    with pytest.raises(ValueError, match="differs in its scaling or DoRA from the adapter's"):
         ml.load_adapter(model, tmp_path / "c")
     cfg_path = tmp_path / "a" / "adapter_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_dora": True}))
+    with pytest.raises(ValueError, match="differs in its scaling or DoRA from the adapter's"):
+        ml.load_adapter(model, tmp_path / "a")
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "rank_pattern": {"q_proj": 8}}))
     with pytest.raises(ValueError, match="unsupported adapter config"):
         ml.load_adapter(model, tmp_path / "a")
     weights = tmp_path / "c" / "adapter_model.safetensors"

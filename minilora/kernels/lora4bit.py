@@ -69,6 +69,15 @@ def _by_kernel(w, dtype: torch.dtype) -> bool:
     return dtype == w.quant_state.dtype and nf4.supported(w, dtype)
 
 
+def dora_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor
+               ) -> torch.Tensor:
+    """DoRA's factor of each output row, m / ||W + s B A||_row: (out,), in the magnitude's dtype. The norm is taken
+    in W's dtype and without grad: DoRA's paper (section 4.3) treats it as a constant, as PEFT does."""
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=scaling), dim=1)
+    return magnitude / norm.to(magnitude.dtype)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """autocast's dtype when autocast is on for x's device (bf16 on the GPU), else x's own."""
     dev = x.device.type
