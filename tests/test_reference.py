@@ -82,25 +82,28 @@ def factor(step, warmup, total, schedule):
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-def lora_model(base_dir):
-    """A model with minilora's LoRA layers, A and B set to seeded random values; and those values by name."""
+def lora_model(base_dir, **variant):
+    """A model with minilora's LoRA layers, A and B set to seeded random values (DoRA's magnitudes moved off their
+    start); and those values by name. variant: add_lora's use_rslora or use_dora."""
     model, tok = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
-    ml.add_lora(model, targets=TARGETS, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
+    ml.add_lora(model, targets=TARGETS, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], **variant)
     gen = torch.Generator().manual_seed(11)  # its own generator: the global stream is train()'s to seed
     with torch.no_grad():
         for name, p in ml.lora_state_dict(model).items():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "lora_A" in name else 0.05))
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(p * (1 + 0.1 * noise) if "magnitude" in name else noise * (0.1 if "lora_A" in name else 0.05))
     return model, tok, {k: v.detach().clone() for k, v in ml.lora_state_dict(model).items()}
 
 
-def reference(base_dir, tok, init, hp, eps=ADAM["eps"], dropout=LORA["dropout"], mean="step", stop=None):
+def reference(base_dir, tok, init, hp, eps=ADAM["eps"], dropout=LORA["dropout"], mean="step", stop=None,
+              **variant):
     """Train PEFT's LoRA from `init` under hp (TrainConfig's fields) from the formulas of the module docstring,
     for the first `stop` steps (default: all) of hp["max_steps"]; return ([(loss, pre-clip grad norm, logged
-    lr) per step], [{name: weight} after each step])."""
+    lr) per step], [{name: weight} after each step]). variant: LoraConfig's use_rslora or use_dora."""
     model, _ = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
     peft = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=list(TARGETS),
-                                            lora_dropout=dropout))
-    params = {name.removeprefix("base_model.model.").replace(".default", ""): p
+                                            lora_dropout=dropout, **variant))
+    params = {name.removeprefix("base_model.model.").replace(".default", "").replace("vector.weight", "vector"): p
               for name, p in peft.named_parameters() if p.requires_grad}
     assert params.keys() == init.keys()
     with torch.no_grad():

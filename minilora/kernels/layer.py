@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import attention  # KEEP_ATTENTION and keep_attention are read through it at call time: patchable there
 from .attention import KeptAttention, Segments, attention_backends, segment_attention
-from .lora4bit import Projection, compute_dtype
+from .lora4bit import Projection, compute_dtype, computes
 from .offload import Offload
 from .rmsnorm import rms_norm
 from .rope import Rope
@@ -50,8 +50,9 @@ class FastLayer:
         self.down = Projection([mlp.down_proj], cache)
         self.lean = offload
         self.set_mode(checkpoint, keep_weights)
-        # the LoRA weights of each unit, which a checkpointed unit's single autograd node must name as inputs
-        self.params = {part: [w for p in projections for _, m in p.loras for w in (m.lora_A.weight, m.lora_B.weight)]
+        # the adapters' tensors of each unit (LoRA's A and B, DoRA's magnitudes), which a checkpointed unit's single
+        # autograd node must name as inputs
+        self.params = {part: [w for p in projections for _, m in p.loras for w in m.adapter_tensors()]
                        for part, projections in ((attention_block, (self.qkv, self.o)),
                                                  (mlp_block, (self.gate_up, self.down)))}
         self.params[layer_forward] = self.params[attention_block] + self.params[mlp_block]
@@ -86,6 +87,9 @@ def unsupported(model, max_len: int | None = None) -> str | None:
         return f"its decoder layer has no {', '.join(missing)}"
     if hasattr(att, "q_norm") or hasattr(att, "k_norm"):
         return "its attention normalizes q and k"
+    adapted = [n for n, m in model.named_modules() if hasattr(m, "adapter_tensors") and not computes(m)]
+    if adapted:
+        return f"the adapter on {adapted[0]} has tensors that the fast layers do not compute"
     if getattr(c, "hidden_act", "silu") != "silu":
         return f"hidden_act {c.hidden_act!r} is not 'silu'"
     if getattr(c, "attention_dropout", 0.0):
