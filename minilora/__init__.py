@@ -17,7 +17,7 @@ from .adapter import load_adapter, save_adapter  # noqa: E402
 from .checkpoint import CheckpointWriteError, ResumeMismatch  # noqa: E402
 from .data import Collator, load_rows, split_eval  # noqa: E402
 from .loss import causal_lm_loss  # noqa: E402
-from .lora import LoRALinear, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
+from .lora import LoRALinear, LoraSpec, add_lora, lora_state_dict, mark_only_lora_trainable, merge_lora  # noqa: E402
 from .model import load_model, load_tokenizer, prepare_for_training, save_merged  # noqa: E402
 from .rundir import RunDirError  # noqa: E402
 from .plan import PlanOptions, Setup, format_plan, plan_memory  # noqa: E402
@@ -31,7 +31,7 @@ from .loop import train  # noqa: E402
 from .stop import Interrupted  # noqa: E402
 
 __all__ = [
-    "LoRALinear", "add_lora", "lora_state_dict", "mark_only_lora_trainable", "merge_lora",
+    "LoRALinear", "LoraSpec", "add_lora", "lora_state_dict", "mark_only_lora_trainable", "merge_lora",
     "load_model", "load_tokenizer", "prepare_for_training", "save_merged",
     "load_adapter", "save_adapter", "CheckpointWriteError", "ResumeMismatch", "RunDirError",
     "Collator", "MalformedRow", "encode_chat", "encode_prompt", "encode_rows", "load_rows", "render_chat",

@@ -22,6 +22,7 @@ import torch
 
 from .config import OPTIMIZERS
 from .kernels.attention import KEEP_ATTENTION
+from .lora import LoraSpec
 from .plan_layers import StepSizes, fast_layer_bytes, hf_layer_bytes, linear_shapes
 
 GiB = 2**30
@@ -64,14 +65,16 @@ class PlanOptions:
         return self.fast and self.offload and self.layers_checkpointed(num_layers) > 0
 
 
+# plan_memory's keywords for the adapter's settings (Setup.lora, a LoraSpec), by the LoraSpec field each sets
+LORA_FIELDS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets",
+               "lora_dtype": "dtype", "use_rslora": "use_rslora", "use_dora": "use_dora"}
+
+
 @dataclass(frozen=True)
 class Setup:
     """What the plan takes as given: the base's quantization and precision, the adapter, the optimizer."""
 
-    lora_r: int = 64
-    lora_targets: tuple = ("q_proj", "v_proj")
-    lora_dropout: float = 0.0
-    lora_dtype: torch.dtype | None = None  # add_lora's default: fp32
+    lora: LoraSpec = LoraSpec()  # the adapter: its rank, targets, dropout, weights' dtype, DoRA
     quant: str | None = "nf4"
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.bfloat16
@@ -89,10 +92,17 @@ def plan_options(options: PlanOptions | None = None, gradient_checkpointing: boo
 
 
 def split_fields(options, setup, fields) -> tuple[PlanOptions, Setup]:
-    """plan_memory's and choose_plan's keyword arguments, each to its dataclass."""
+    """plan_memory's and choose_plan's keyword arguments, each to its dataclass (the adapter's, LORA_FIELDS, to
+    Setup.lora)."""
     names = {f.name for f in dataclasses.fields(Setup)}
-    setup = dataclasses.replace(setup or Setup(), **{k: v for k, v in fields.items() if k in names})
-    return plan_options(options, **{k: v for k, v in fields.items() if k not in names}), setup
+    setup = setup or Setup()
+    lora = {LORA_FIELDS[k]: v for k, v in fields.items() if k in LORA_FIELDS}
+    if "dtype" in lora:
+        lora["dtype"] = lora["dtype"] or torch.float32  # add_lora's default
+    setup = dataclasses.replace(setup, lora=dataclasses.replace(setup.lora, **lora),
+                                **{k: v for k, v in fields.items() if k in names})
+    rest = {k: v for k, v in fields.items() if k not in names and k not in LORA_FIELDS}
+    return plan_options(options, **rest), setup
 
 
 def as_config(config):
@@ -137,8 +147,9 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     b["loss"] = extra if phase == "loss" else 0
     plan = {"breakdown": b, "total": sum(b.values()), "phase": phase, "phases": phases, "cpu": step.cpu(host_table),
             "cuda_context": CUDA_CONTEXT, "paged_optimizer": paged,
-            "inputs": dict(batch=batch, seq_len=seq_len, lora_r=setup.lora_r, lora_targets=z.targets,
-                           quant=setup.quant, offload=options.offload, lora_dropout=setup.lora_dropout,
+            "inputs": dict(batch=batch, seq_len=seq_len, lora_r=setup.lora.r, lora_targets=z.targets,
+                           quant=setup.quant, offload=options.offload, lora_dropout=setup.lora.dropout,
+                           use_dora=setup.lora.use_dora,
                            fast=options.fast, checkpointed=step.ckpt, cached_layers=step.cached,
                            keep_weights=options.keep_weights, loss_chunk=options.loss_chunk, layers=z.L,
                            embedding_on_host=host_table, graphs=graphs, optimizer=setup.optimizer)}
@@ -152,15 +163,16 @@ def _sizes(c, batch, seq_len, setup: Setup) -> StepSizes:
     if setup.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer={setup.optimizer!r}; plan_memory knows {list(OPTIMIZERS)}")
     lin = linear_shapes(c)
-    lora_targets = setup.lora_targets
+    lora_targets = setup.lora.targets
     # each linear carries one adapter however often it is named (add_lora wraps it once)
     targets = [lora_targets] if isinstance(lora_targets, str) else list(dict.fromkeys(lora_targets))
     if bad := [t for t in targets if t not in lin]:
         raise ValueError(f"lora_targets {bad} are not decoder-layer linears; use names from {list(lin)}")
-    dt, ldt = setup.compute_dtype.itemsize, (setup.lora_dtype or torch.float32).itemsize  # add_lora's default: fp32
+    dt, ldt = setup.compute_dtype.itemsize, setup.lora.dtype.itemsize
     return StepSizes(B=batch, T=seq_len, H=c.hidden_size, I=c.intermediate_size, V=c.vocab_size,
                      L=c.num_hidden_layers, heads=c.num_attention_heads, q=lin["q_proj"][1], kv=lin["k_proj"][1],
-                     dt=dt, ldt=ldt, r=setup.lora_r, targets=targets, lin=lin, dropout=setup.lora_dropout)
+                     dt=dt, ldt=ldt, r=setup.lora.r, targets=targets, lin=lin, dropout=setup.lora.dropout,
+                     dora=setup.lora.use_dora)
 
 
 def _persistent(z: StepSizes, setup: Setup, cached: int, tied: bool, host_table: bool) -> dict:
@@ -197,7 +209,8 @@ def _optimizer_state(z: StepSizes, optimizer: str) -> tuple[int, int]:
     (functional.get_paged: cudaMallocManaged), which torch's allocator never sees; the other states, the absmax
     and the maps stay in torch's allocator.
     """
-    sizes = [z.r * n for t in z.targets for n in z.lin[t]] * z.L  # entries of each A (r, in) and B (out, r)
+    # entries of each A (r, in) and B (out, r), and of DoRA's magnitude (out,)
+    sizes = [n for t in z.targets for n in (z.r * z.lin[t][0], z.r * z.lin[t][1], *[z.lin[t][1]] * z.dora)] * z.L
     if optimizer == "adamw":
         return 2 * z.lora_bytes + 4 * len(sizes), 0
     eight_bit, paged = BNB_OPTIMIZERS[optimizer]

@@ -116,8 +116,7 @@ def plan_run(model, cfg) -> tuple[PlanOptions, str, functools.partial | None]:
     else:
         budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
         source = f"free on {torch.cuda.get_device_name(device)}"
-    lora = model_lora(model)
-    setup = Setup(lora_r=lora.r, lora_targets=lora.targets, lora_dropout=lora.dropout, lora_dtype=lora.dtype,
+    setup = Setup(lora=model_lora(model),
                   quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
                   compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer,
                   data_parallel=torch.distributed.is_initialized())

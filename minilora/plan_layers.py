@@ -38,6 +38,7 @@ class StepSizes:
     targets: list  # the linears with LoRA
     lin: dict  # (in, out) features of each linear of one decoder layer
     dropout: float  # LoRA dropout
+    dora: bool = False  # DoRA: a magnitude per output feature of each target
 
     @property
     def S(self) -> int:
@@ -65,8 +66,13 @@ class StepSizes:
 
     @property
     def layer_lora(self) -> int:
-        """LoRA parameters of one layer: A (r, in) and B (out, r) per target."""
-        return sum(self.r * (self.lin[t][0] + self.lin[t][1]) for t in self.targets)
+        """Adapter parameters of one layer: A (r, in) and B (out, r) per target, and DoRA's magnitude (out,)."""
+        return sum(self.r * (self.lin[t][0] + self.lin[t][1]) + self.dora * self.lin[t][1] for t in self.targets)
+
+    @property
+    def dora_transient(self) -> int:
+        """A DoRA target's forward, at its largest: its weight, dequantized for the norm, and W + s B A."""
+        return max((2 * self.lin[t][0] * self.lin[t][1] * self.dt for t in self.targets), default=0) * self.dora
 
     @property
     def lora_bytes(self) -> int:
@@ -74,7 +80,7 @@ class StepSizes:
         return self.L * self.layer_lora * self.ldt
 
 
-def _lora_saved(z: StepSizes) -> tuple[int, int]:
+def _lora_saved(z: StepSizes, dora_copies: int = 1) -> tuple[int, int]:
     """(attention half, MLP half): the bytes the LoRA layers of one decoder layer keep for the backward, the
     same in transformers' layer and the fast one. Per projection with LoRA: its input for lora_A, shared by its
     members (o_proj's is attention's output, kept already), or with dropout each member's own dropped copy and a
@@ -85,7 +91,10 @@ def _lora_saved(z: StepSizes) -> tuple[int, int]:
         n_in = z.S * z.lin[group[0]][0]  # elements of the projection's input
         shared = n_in * z.dt if members and name != "o" else 0
         kept = members * n_in * (z.dt + 1) if z.dropout > 0 else shared
-        saved["attn" if name in ("qkv", "o") else "mlp"] += kept + members * z.S * z.r * z.dt
+        # DoRA's rescale keeps, for its magnitude's gradient, each member's (S, out) rows before it: the fast
+        # layer their sum (x W^T + s x A^T B^T, or with dropout the dropped input's), LoRALinear both terms
+        rescaled = z.dora * dora_copies * sum(z.S * z.lin[t][1] * z.dt for t in group if t in z.targets)
+        saved["attn" if name in ("qkv", "o") else "mlp"] += kept + members * z.S * z.r * z.dt + rescaled
     return saved["attn"], saved["mlp"]
 
 
@@ -103,12 +112,12 @@ def hf_layer_bytes(z: StepSizes) -> dict:
     for its matmul. Attention (MLP freed): flash's grads of q, k, v, of its output, and its fp32 dq accumulator.
     """
     S, H, I, q, kv, dt = z.S, z.H, z.I, z.q, z.kv, z.dt
-    lora_attn, lora_mlp = _lora_saved(z)
+    lora_attn, lora_mlp = _lora_saved(z, dora_copies=2)
     attn = S * H * 4 + S * (2 * q + 2 * kv) * dt + z.lse * 4 + lora_attn
     mlp = S * H * 4 + 3 * S * I * dt + lora_mlp
     mlp_moment = S * I * dt + max(2 * S * I * dt, I * H * dt)
     attn_moment = -mlp + S * (2 * q + 2 * kv) * dt + S * q * 4
-    return {"saved": attn + mlp, "transient": max(mlp_moment, attn_moment) + S * H * dt}
+    return {"saved": attn + mlp, "transient": max(mlp_moment, attn_moment) + S * H * dt + z.dora_transient}
 
 
 def fast_layer_bytes(z: StepSizes, deq=False, split=False) -> dict:
@@ -136,5 +145,6 @@ def fast_layer_bytes(z: StepSizes, deq=False, split=False) -> dict:
     g, qkv = S * H * dt, S * (q + 2 * kv) * dt  # g: the grad arriving at the layer's output (and the residual's)
     mlp = max(g + S * I * dt + w["down"], 2 * g + w["gate_up"])  # gu's grad is written over gu (saved)
     attn = max(g + S * q * dt + w["o"], g + S * q * (dt + 4) + qkv, g + 2 * qkv, 2 * g + qkv + w["qkv"])
-    return {"saved": attn_saved + mlp_saved, "transient": max(mlp, attn),
-            "halves": [(attn_saved, attn), (mlp_saved, mlp)]}
+    dora = z.dora_transient  # a DoRA target's recompute forward, beside the half's saved set
+    return {"saved": attn_saved + mlp_saved, "transient": max(mlp, attn) + dora,
+            "halves": [(attn_saved, attn + dora), (mlp_saved, mlp + dora)]}

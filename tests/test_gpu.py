@@ -369,7 +369,7 @@ def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp
     from transformers import AutoConfig
 
     config, L = AutoConfig.from_pretrained(base_dir), 2
-    setup = Setup(lora_r=8, lora_targets=("q_proj", "v_proj"), compute_dtype=torch.bfloat16)
+    setup = Setup(lora=ml.LoraSpec(r=8), compute_dtype=torch.bfloat16)
     # 2 x 128 tokens: the offloaded plan's host table saves more than its graphs' copy of the inputs costs
     lean = {o: plan_memory(config, 2, 128, PlanOptions(fast=True, checkpointed=L, offload=o, loss_chunk=512),
                            setup)["total"] / GiB for o in (False, True)}

@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 
 import minilora as ml
 from minilora.config import OPTIMIZERS
+from minilora.lora import LoraSpec
 from minilora.plan import GiB, PlanOptions, format_plan, plan_memory
 from minilora.plan_choice import SHAPE_SLACK, choose_plan, shape_options
 from minilora.tiny import tiny_config
@@ -366,8 +367,9 @@ def one_layer_dir(tok_dir, tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
-def test_layer_saved_set_matches_autograd(one_layer_dir, targets):
+def test_layer_saved_set_matches_autograd(one_layer_dir, targets, dora):
     """The planner's per-layer saved tensors (its no-checkpointing activations) against what autograd really
     saves for one NF4 decoder layer with LoRA under bf16 autocast, counted through saved-tensor hooks, each
     storage once, parameters and the layer's own inputs left out. Tolerance 1%: only tiny tensors are
@@ -375,7 +377,7 @@ def test_layer_saved_set_matches_autograd(one_layer_dir, targets):
     import minilora as ml
 
     model, _ = ml.load_model(one_layer_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cpu")
-    ml.add_lora(model, targets=targets, r=16)
+    ml.add_lora(model, targets=targets, r=16, use_dora=dora)
     model.train()
     B, T = 2, 256
     x = torch.randn(B, T, 512, dtype=torch.bfloat16, requires_grad=True)
@@ -390,12 +392,14 @@ def test_layer_saved_set_matches_autograd(one_layer_dir, targets):
         model.model.layers[0](x, position_embeddings=cos_sin)
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x, *cos_sin]}
     measured = sum(n for ptr, n in saved.items() if ptr not in skip)
-    planned = plan_memory(model.config, B, T, lora_r=16, lora_targets=targets, gradient_checkpointing=False)
+    planned = plan_memory(model.config, B, T, lora_r=16, lora_targets=targets, gradient_checkpointing=False,
+                          use_dora=dora)
     assert measured == pytest.approx(planned["breakdown"]["activations"], rel=0.01)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
-def test_fast_layer_saved_set_matches_autograd(one_layer_dir, targets):
+def test_fast_layer_saved_set_matches_autograd(one_layer_dir, targets, dora):
     """The same count for the fast layer (minilora/kernels/layer.py) without checkpointing: what its autograd
     functions save, against plan_memory(fast=True)'s activations (dropout left out, as above). The planner
     counts the layer's input too (its RMSNorm keeps it, and nothing else does), which the count here skips
@@ -404,7 +408,7 @@ def test_fast_layer_saved_set_matches_autograd(one_layer_dir, targets):
     from minilora.kernels.layer import layer_forward
 
     model, _ = ml.load_model(one_layer_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cpu")
-    ml.add_lora(model, targets=targets, r=16)
+    ml.add_lora(model, targets=targets, r=16, use_dora=dora)
     ml.prepare_for_training(model, fast=True, gradient_checkpointing=False, cached_layers=1)
     model.train()
     B, T = 2, 256
@@ -421,7 +425,7 @@ def test_fast_layer_saved_set_matches_autograd(one_layer_dir, targets):
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x, cos, sin]}
     measured = sum(n for ptr, n in saved.items() if ptr not in skip) + x.nbytes
     planned = plan_memory(model.config, B, T, lora_r=16, lora_targets=targets, gradient_checkpointing=False,
-                          fast=True)
+                          fast=True, use_dora=dora)
     assert measured == pytest.approx(planned["breakdown"]["activations"], rel=0.01)
 
 
@@ -429,7 +433,7 @@ def test_options_and_setup_dataclasses_equal_their_keywords():
     """plan_memory takes a PlanOptions and a Setup, or their fields by name; gradient_checkpointing (True, False
     or a count) is read once, as PlanOptions.checkpointed."""
     by_class = plan_memory(LLAMA2_7B, 2, 512, ml.PlanOptions(fast=True, checkpointed=5, offload=True),
-                           ml.Setup(lora_r=16, lora_dropout=0.1))
+                           ml.Setup(lora=LoraSpec(r=16, dropout=0.1)))
     by_name = plan_memory(LLAMA2_7B, 2, 512, fast=True, gradient_checkpointing=5, offload=True, lora_r=16,
                           lora_dropout=0.1)
     assert by_class == by_name and by_class["inputs"]["checkpointed"] == 5
