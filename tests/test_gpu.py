@@ -411,13 +411,13 @@ def test_each_family_trains_as_on_transformers_layers(family_dir, tmp_path, budg
     assert losses == pytest.approx(reference, rel=2e-2)
 
 
-@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(use_rslora=True), dict(use_dora=True, lora_dropout=0.1)],
-                         ids=["dora", "rslora", "dora-dropout"])
+@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(use_rslora=True)], ids=["dora", "rslora"])
 @pytest.mark.parametrize("budget", ["roomy", "offloaded"])
 def test_rslora_and_dora_train_as_on_transformers_layers(base_dir, tmp_path, variant, budget):
     """rsLoRA and DoRA through train() on the GPU: the default plan (weights kept dequantized, CUDA graphs) and the
     leanest (offloaded, checkpointed halves, graphs), against transformers' layers with minilora's LoRALinear.
-    Eight steps in bf16, each step's loss within 2e-2; the samples decode through the fast decoder (a CUDA graph)."""
+    Eight steps in bf16 without dropout (graphed steps draw other masks than eager ones; test_variants checks
+    dropout on the CPU), each step's loss within 2e-2; the samples decode through the fast decoder (a CUDA graph)."""
     from minilora.tiny import instruction_rows
 
     def run(out, **kw):
@@ -425,7 +425,7 @@ def test_rslora_and_dora_train_as_on_transformers_layers(base_dir, tmp_path, var
         cfg = ml.TrainConfig(output_dir=str(tmp_path / out), max_steps=8, batch_size=2, max_len=128, lr=1e-3,
                              lora_r=8, lora_alpha=16, log_every=1, progress=False, sample_prompts=("Say hi.",),
                              sample_max_new_tokens=6, targets=("q_proj", "v_proj", "down_proj"),
-                             **{"lora_dropout": 0.0, **variant}, **kw)
+                             lora_dropout=0.0, **variant, **kw)
         history = ml.train(model, tok, instruction_rows(32, seed=3), cfg)
         return [h["loss"] for h in history if "loss" in h], history[0]["memory_plan"]
 
