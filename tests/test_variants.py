@@ -126,3 +126,15 @@ def test_fast_layers_equal_transformers_layers(base_dir, variant, prepare, dropo
     assert torch.allclose(loss, ref_loss, rtol=1e-5)
     for k in ref:
         assert got[k] is not None and (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_fast_decoding_equals_transformers_generate(base_dir, variant):
+    """Greedy answers through the fast decoder (its projections rescale DoRA's rows with a KV cache) and through
+    transformers' generate on the LoRALinear layers: the same tokens."""
+    model, tok = ours(base_dir, **variant)
+    prompts = ["Which is bigger, 3 or 8?", "Repeat after me: moon ship bread"]
+    ml.prepare_for_training(model, fast=True)
+    fast = [ml.generate(model, tok, p, max_new_tokens=12) for p in prompts]
+    ml.prepare_for_training(model, fast=False)
+    assert fast == [ml.generate(model, tok, p, max_new_tokens=12) for p in prompts]
