@@ -27,7 +27,7 @@ from minilora.checkpoint import check_resume, run_shape
 from minilora.lora import check_targets
 from minilora.kernels.layer import unsupported
 from minilora.model import linear_names, load_config, meta_model
-from minilora.plan_choice import plannable
+from minilora.plan_choice import memory_budget, plannable
 from minilora.rundir import claim, latest_checkpoint
 from minilora.config import PRECISIONS, default_precision
 
@@ -184,12 +184,10 @@ def check_memory(config, cfg, quant, fast: bool):
     """Before the weights load: warn when even the leanest plan that the flags allow (every layer checkpointed
     unless they say otherwise, nothing cached) exceeds the budget. train() prints the plan it picks once the
     model is there."""
-    free = torch.cuda.mem_get_info()[0]
-    budget = cfg.memory_budget_gib * 2**30 if cfg.memory_budget_gib else free
-    choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget,
-                            fixed=cfg.fixed_plan(), lora_r=cfg.lora_r,
-                            lora_targets=cfg.targets, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
-                            lora_dropout=cfg.lora_dropout, optimizer=cfg.optimizer, fast=fast)
+    budget, _ = memory_budget(cfg, torch.device("cuda", torch.cuda.current_device()))
+    setup = ml.Setup(lora=cfg.lora(), quant=quant, compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer)
+    choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan(), setup=setup,
+                            fast=fast)
     if not choice["fits"]:
         need = choice["plan"]["total"] / 2**30
         print(f"warning: a step at batch {cfg.batch_size} x {cfg.max_len} tokens needs at least {need:.2f} GiB, "

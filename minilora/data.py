@@ -97,8 +97,8 @@ def packs(examples: list[dict], tokens: int, seed: int = 0, epoch: int = 0, wind
     return groups
 
 
-def batches(examples: list[dict], batch_size: int, seed: int = 0, shuffle: bool = True,
-            group_by_length: bool = False, epoch: int = 0) -> Iterator[list[dict]]:
+def batches(examples: list[dict], batch_size: int, seed: int = 0, group_by_length: bool = False,
+            epoch: int = 0) -> Iterator[list[dict]]:
     """Yield lists of batch_size examples (the last may be shorter), in an order that is a pure function of
     (seed, epoch): a resumed run skips the first k batches (itertools.islice) and sees the same data.
 
@@ -107,14 +107,13 @@ def batches(examples: list[dict], batch_size: int, seed: int = 0, shuffle: bool 
     """
     rng = random.Random(f"{seed}/{epoch}")
     order = list(range(len(examples)))
-    if shuffle:
-        rng.shuffle(order)
+    rng.shuffle(order)
     if group_by_length:
         mega = 50 * batch_size
         order = [i for s in range(0, len(order), mega)
                  for i in sorted(order[s:s + mega], key=lambda i: -len(examples[i]["input_ids"]))]
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if group_by_length and shuffle:
+    if group_by_length:
         rng.shuffle(chunks)
     for chunk in chunks:
         yield [examples[i] for i in chunk]

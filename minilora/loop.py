@@ -191,9 +191,8 @@ def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
              if eval_rows is not None else None)
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")
-    if cfg.fsdp and (not in_process_group() or cfg.precision == "fp16"):
-        raise ValueError("fsdp=True needs a torch.distributed process group (torchrun --nproc-per-node N) and "
-                         f"precision 'bf16' or 'fp32' (this run: {cfg.precision!r})")
+    if cfg.fsdp and not in_process_group():  # (its precision and optimizer: config.check)
+        raise ValueError("fsdp=True needs a torch.distributed process group (torchrun --nproc-per-node N)")
     if rank_and_world()[0] == 0:
         print(stats.summary(cfg.max_len))  # before the progress bar exists, so that it is not on the bar's line
     return examples, stats, evals

@@ -110,17 +110,6 @@ def to_device(batch: dict, device, vocab_size: int, dense: bool = False, embeddi
     return {**out, "n_tokens": targets.numel()}
 
 
-def supervised_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096):
-    """Summed cross-entropy of next-token predictions and the number of supervised tokens.
-
-    hidden (B, T, H) are the final hidden states, weight (V, H) the lm_head, labels (B, T) the unshifted
-    labels, -100 where unsupervised. Returns (loss_sum, n_tokens); divide by the token count of the whole
-    optimizer step, not per batch.
-    """
-    rows, targets = supervised_positions(labels.cpu(), weight.shape[0])
-    return _ce(hidden, weight, rows.to(hidden.device), targets.to(hidden.device), chunk_size), targets.numel()
-
-
 def _ce(hidden, weight, rows, targets, chunk_size, row_weights=None):
     # (N, H): only the supervised positions reach the vocabulary projection; dense: every position but the last
     selected = (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows) if row_weights is None

@@ -110,8 +110,7 @@ def as_config(config):
     return SimpleNamespace(**config) if isinstance(config, dict) else config
 
 
-def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setup: Setup | None = None,
-                print_breakdown=False, **fields):
+def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setup: Setup | None = None, **fields):
     """Peak allocated bytes of a step of `minilora.train()`'s loop (labels on every token), itemised.
 
     config: a LlamaConfig, a dict or anything with its fields. options: how the decoder trains (PlanOptions;
@@ -153,8 +152,6 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
                            fast=options.fast, checkpointed=step.ckpt, cached_layers=step.cached,
                            keep_weights=options.keep_weights, loss_chunk=options.loss_chunk, layers=z.L,
                            embedding_on_host=host_table, graphs=graphs, optimizer=setup.optimizer)}
-    if print_breakdown:
-        print(format_plan(plan))
     return plan
 
 

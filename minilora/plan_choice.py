@@ -111,11 +111,7 @@ def plan_run(model, cfg) -> tuple[PlanOptions, str, functools.partial | None]:
                else None if plannable(model) else "for this architecture")
     if no_plan:
         return options, f"{path}, {options.layers_checkpointed(L)}/{L} checkpointed (no memory plan {no_plan})", None
-    if cfg.memory_budget_gib:
-        budget, source = cfg.memory_budget_gib * GiB, "memory_budget_gib"
-    else:
-        budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
-        source = f"free on {torch.cuda.get_device_name(device)}"
+    budget, source = memory_budget(cfg, device)
     setup = Setup(lora=model_lora(model),
                   quant="nf4" if any(is_4bit(m) for m in model.modules()) else None,
                   compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer,
@@ -138,6 +134,15 @@ def plan_run(model, cfg) -> tuple[PlanOptions, str, functools.partial | None]:
     if not choice["fits"]:
         line += "; that exceeds the budget: lower batch_size or max_len"
     return o, line, shape_plan if o.fast else None
+
+
+def memory_budget(cfg, device) -> tuple[float, str]:
+    """(bytes, where they come from): cfg.memory_budget_gib, or what the GPU has free plus what this process
+    holds already (nothing, before the model loads)."""
+    if cfg.memory_budget_gib:
+        return cfg.memory_budget_gib * GiB, "memory_budget_gib"
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    return free, f"free on {torch.cuda.get_device_name(device)}"
 
 
 def plannable(model) -> bool:

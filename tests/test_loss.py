@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.loss import causal_lm_loss, supervised_ce
+from minilora.loss import ChunkedCrossEntropy, causal_lm_loss, supervised_positions
+
+
+def supervised_ce(hidden, weight, labels, chunk_size=4096):
+    """(summed loss, supervised tokens) of the loss's own pieces: the supervised positions found from the labels,
+    their hidden rows through ChunkedCrossEntropy."""
+    rows, targets = supervised_positions(labels, weight.shape[0])
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    return ChunkedCrossEntropy.apply(selected, weight, targets, chunk_size), targets.numel()
 
 
 def reference(hidden, weight, labels):
