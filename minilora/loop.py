@@ -169,7 +169,7 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool)
     # where the run's adapter started: a fresh one (from the seed), or the one the model carried
     start = "model" if own_adapter else "fresh"
     start = read_record(run.resume_from).get("adapter_start", start) if step else start
-    log = Metrics(cfg, run, step, total_steps, world, scaler.is_enabled(), notes={"adapter_start": start})
+    log = Metrics(cfg, run, step, total_steps, scaler.is_enabled(), notes={"adapter_start": start})
     plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
     log.say(plan_line)
     if own_adapter and not step:

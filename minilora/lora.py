@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels.lora4bit import Projection, dequantize, dora_scale, is_4bit
+from .kernels.dora import dora_scale
+from .kernels.lora4bit import Projection, dequantize, is_4bit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,31 +69,29 @@ class LoraSpec:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear (`nn.Linear` or bitsandbytes `Linear4bit`) plus a trainable low-rank update, as a LoraSpec
-    (its targets aside) says: `spec`."""
+    """A frozen linear (`nn.Linear` or bitsandbytes `Linear4bit`) plus a trainable low-rank update, as `spec` (a
+    LoraSpec; its targets are add_lora's business) says."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype | None = None,
-                 use_rslora: bool = False, use_dora: bool = False):
+    def __init__(self, base: nn.Module, spec: LoraSpec):
         super().__init__()
-        self.spec = LoraSpec(r, alpha, dropout, (), dtype or torch.float32, use_rslora, use_dora)
+        self.spec = spec = dataclasses.replace(spec, targets=())
         self.base = base.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, self.spec.scaling
+        self.scaling = spec.scaling
         # fp32 by default: these are the master weights that AdamW updates; an update of lr 2e-4 on a weight
         # near 1e-2 is below bf16's resolution, and bf16 adapters measurably fall behind PEFT's fp32 ones.
         # The matmuls still run in the compute dtype (autocast, or the fused path's own casts).
-        kw = dict(bias=False, dtype=self.spec.dtype, device=base.weight.device)
-        self.lora_A = nn.Linear(base.in_features, r, **kw)  # (r, in)
-        self.lora_B = nn.Linear(r, base.out_features, **kw)  # (out, r)
+        kw = dict(bias=False, dtype=spec.dtype, device=base.weight.device)
+        self.lora_A = nn.Linear(base.in_features, spec.r, **kw)  # (r, in)
+        self.lora_B = nn.Linear(spec.r, base.out_features, **kw)  # (out, r)
         # A as nn.Linear's default init (Kaiming-uniform, a=sqrt(5)) and B = 0, as in the LoRA paper's reference
         # code and PEFT: the update starts at exactly zero, so step 0 is the base model.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        if use_dora:  # the magnitude starts at ||W||_row, as B = 0 makes W + s B A: again the base model at step 0
+        if spec.use_dora:  # the magnitude starts at ||W||_row, as B = 0 makes W + s B A: again the base model at step 0
             with torch.no_grad():
                 norm = torch.linalg.vector_norm(dequantize(base, torch.float32), dim=1)  # (out,)
-            self.lora_magnitude_vector = nn.Parameter(norm.to(self.spec.dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.dropout_p = float(dropout)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(spec.dtype))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.merged = False
         self.fused = False  # training forward through one autograd function (prepare_for_training(fused=True))
 
@@ -139,7 +138,8 @@ class LoRALinear(nn.Module):
         return self.base
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{', rsLoRA' if self.spec.use_rslora else ''}"
+        return (f"r={self.spec.r}, alpha={self.spec.alpha}, scaling={self.scaling:g}"
+                f"{', rsLoRA' if self.spec.use_rslora else ''}"
                 f"{', DoRA' if self.spec.use_dora else ''}, merged={self.merged}")
 
 
@@ -184,7 +184,7 @@ def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 64, alpha:
                              f"{list(targets)} with those, or load the model again")
     names = [n for n in linears if n.split(".")[-1] in targets]
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype, use_rslora, use_dora))
+        _replace(model, name, LoRALinear(model.get_submodule(name), spec))
     mark_only_lora_trainable(model)
     return names
 

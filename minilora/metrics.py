@@ -24,16 +24,15 @@ class Metrics:
     bar where stderr is a terminal and cfg.progress, else a plain line per log interval (a redirected log gets no
     bar's carriage returns)."""
 
-    def __init__(self, cfg, run, step: int, total_steps: int, world: int = 1, overflow_skips: bool = False,
-                 notes: dict | None = None):
-        self.cfg, self.run, self.world, self.overflow_skips = cfg, run, world, overflow_skips
-        self.rank = dist.get_rank() if world > 1 else 0
+    def __init__(self, cfg, run, step: int, total_steps: int, overflow_skips: bool = False, notes: dict | None = None):
+        self.cfg, self.run, self.overflow_skips = cfg, run, overflow_skips
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.history = read_history(cfg.output_dir, step)  # a resumed run continues the metrics it resumed from
         self.pending = []  # (step, loss_sum, n_tokens, grad_norm) of steps not yet read
         self.tokens, self.loss, self.seconds, self.grad_norm = 0, 0.0, 0.0, None  # since the last log line
         self.clock = time.perf_counter()
         self.parts = collections.Counter()  # the run's wall time by part: set-up, steps, eval, samples, save
-        if world > 1:
+        if self.world > 1:
             dist.barrier()  # every process has read what process 0 is about to rewrite
         self.file = None
         if self.rank == 0:

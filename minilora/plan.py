@@ -23,18 +23,11 @@ import torch
 from .config import OPTIMIZERS
 from .kernels.attention import KEEP_ATTENTION
 from .lora import LoraSpec
-from .plan_layers import StepSizes, fast_layer_bytes, hf_layer_bytes, linear_shapes
+from .plan_layers import StepSizes, fast_layer_bytes, hf_layer_bytes, linear_shapes, optimizer_bytes
 
 GiB = 2**30
 CUBLAS_WORKSPACES = 2 * 32 * 2**20  # cuBLAS keeps a 32 MiB workspace per (thread, stream): forward + autograd thread
 CUDA_CONTEXT = 512 * 2**20  # driver context + kernels; seen by nvidia-smi, not by torch's allocator counters
-# TrainConfig.optimizer's bitsandbytes choices, as step.make_optimizer builds them: (8-bit states, paged states)
-BNB_OPTIMIZERS = {"adamw_8bit": (True, False), "paged_adamw_8bit": (True, True), "paged_adamw": (False, True)}
-# bitsandbytes 0.50's Optimizer2State (optim/optimizer.py): a tensor of fewer than BNB_MIN_8BIT entries keeps fp32
-# states (min_8bit_size's default); an 8-bit state has an fp32 absmax per BNB_BLOCK entries (init_state); a paged
-# optimizer pages the states of tensors of BNB_MIN_PAGED entries or more (get_state_buffer)
-BNB_MIN_8BIT, BNB_BLOCK, BNB_MIN_PAGED = 4096, 256, 10**5
-BNB_QMAPS = 2 * 256 * 4  # the signed and unsigned 8-bit quantization maps, 256 fp32 each, shared by every tensor
 LOSS_CHUNKS = (4096, 2048, 1024, 512)  # supervised rows per vocabulary chunk that choose_plan tries, largest first
 
 
@@ -130,7 +123,7 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     # a paged optimizer's paged states are CUDA managed memory, which torch's counters never see: the GPU holds
     # them while it has room (bitsandbytes prefetches them there for each update) and the driver may migrate them
     # to the host when it has not, so they are reported beside the total
-    b["optimizer"], paged = _optimizer_state(z, setup.optimizer)
+    b["optimizer"], paged = optimizer_bytes(z, setup.optimizer)
     graphs = options.fast and options.graphs
     if graphs and host_table:  # CUDA graphs' own copy of the embedded rows (kernels/graphs.py)
         b["graph_inputs"] = z.S * z.H * z.dt
@@ -194,34 +187,6 @@ def _persistent(z: StepSizes, setup: Setup, cached: int, tied: bool, host_table:
     b["lora"] = z.lora_bytes  # A (r, in) and B (out, r) per target per layer, in the adapters' dtype
     b["cublas_workspace"] = CUBLAS_WORKSPACES
     return b
-
-
-def _optimizer_state(z: StepSizes, optimizer: str) -> tuple[int, int]:
-    """(bytes in torch's allocator, bytes paged) of the optimizer's state for every adapter tensor.
-
-    torch's AdamW: exp_avg and exp_avg_sq in the tensor's dtype and an fp32 step count (on the GPU when fused).
-    bitsandbytes (Optimizer2State.init_state): two fp32 states whatever the tensor's dtype, or, 8-bit, two uint8
-    states with an fp32 absmax per block each (tensors under BNB_MIN_8BIT entries keep fp32 ones), and one pair of
-    quantization maps. A paged optimizer puts each state of BNB_MIN_PAGED entries or more in CUDA managed memory
-    (functional.get_paged: cudaMallocManaged), which torch's allocator never sees; the other states, the absmax
-    and the maps stay in torch's allocator.
-    """
-    # entries of each A (r, in) and B (out, r), and of DoRA's magnitude (out,)
-    sizes = [n for t in z.targets for n in (z.r * z.lin[t][0], z.r * z.lin[t][1], *[z.lin[t][1]] * z.dora)] * z.L
-    if optimizer == "adamw":
-        return 2 * z.lora_bytes + 4 * len(sizes), 0
-    eight_bit, paged = BNB_OPTIMIZERS[optimizer]
-    held = outside = 0
-    for n in sizes:
-        quantized = eight_bit and n >= BNB_MIN_8BIT
-        states = 2 * n * (1 if quantized else 4)  # state1 and state2, uint8 or fp32
-        if paged and n >= BNB_MIN_PAGED:
-            outside += states
-        else:
-            held += states
-        held += 2 * 4 * math.ceil(n / BNB_BLOCK) if quantized else 0  # absmax1 and absmax2, fp32
-    maps = BNB_QMAPS if eight_bit and any(n >= BNB_MIN_8BIT for n in sizes) else 0  # once, by the first 8-bit one
-    return held + maps, outside
 
 
 class _Step:

@@ -1,11 +1,20 @@
-"""The byte models of one decoder layer for minilora.plan: the sizes of a training step, and what one layer's
-autograd keeps for the backward ("saved") and allocates beside it there ("transient"), for transformers'
-decoder layer and for minilora's fast one (minilora/kernels/layer.py)."""
+"""The byte models for minilora.plan: the sizes of a training step, what one decoder layer's autograd keeps for the
+backward ("saved") and allocates beside it there ("transient"), for transformers' decoder layer and for
+minilora's fast one (minilora/kernels/layer.py), and the optimizer's state."""
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
+# TrainConfig.optimizer's bitsandbytes choices, as step.make_optimizer builds them: (8-bit states, paged states)
+BNB_OPTIMIZERS = {"adamw_8bit": (True, False), "paged_adamw_8bit": (True, True), "paged_adamw": (False, True)}
+# bitsandbytes 0.50's Optimizer2State (optim/optimizer.py): a tensor of fewer than BNB_MIN_8BIT entries keeps fp32
+# states (min_8bit_size's default); an 8-bit state has an fp32 absmax per BNB_BLOCK entries (init_state); a paged
+# optimizer pages the states of tensors of BNB_MIN_PAGED entries or more (get_state_buffer)
+BNB_MIN_8BIT, BNB_BLOCK, BNB_MIN_PAGED = 4096, 256, 10**5
+BNB_QMAPS = 2 * 256 * 4  # the signed and unsigned 8-bit quantization maps, 256 fp32 each, shared by every tensor
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}  # the projections of the fast layer: linears that read one input
 
@@ -148,3 +157,31 @@ def fast_layer_bytes(z: StepSizes, deq=False, split=False) -> dict:
     dora = z.dora_transient  # a DoRA target's recompute forward, beside the half's saved set
     return {"saved": attn_saved + mlp_saved, "transient": max(mlp, attn) + dora,
             "halves": [(attn_saved, attn + dora), (mlp_saved, mlp + dora)]}
+
+
+def optimizer_bytes(z: StepSizes, optimizer: str) -> tuple[int, int]:
+    """(bytes in torch's allocator, bytes paged) of the optimizer's state for every adapter tensor.
+
+    torch's AdamW: exp_avg and exp_avg_sq in the tensor's dtype and an fp32 step count (on the GPU when fused).
+    bitsandbytes (Optimizer2State.init_state): two fp32 states whatever the tensor's dtype, or, 8-bit, two uint8
+    states with an fp32 absmax per block each (tensors under BNB_MIN_8BIT entries keep fp32 ones), and one pair of
+    quantization maps. A paged optimizer puts each state of BNB_MIN_PAGED entries or more in CUDA managed memory
+    (functional.get_paged: cudaMallocManaged), which torch's allocator never sees; the other states, the absmax
+    and the maps stay in torch's allocator.
+    """
+    # entries of each A (r, in) and B (out, r), and of DoRA's magnitude (out,)
+    sizes = [n for t in z.targets for n in (z.r * z.lin[t][0], z.r * z.lin[t][1], *[z.lin[t][1]] * z.dora)] * z.L
+    if optimizer == "adamw":
+        return 2 * z.lora_bytes + 4 * len(sizes), 0
+    eight_bit, paged = BNB_OPTIMIZERS[optimizer]
+    held = outside = 0
+    for n in sizes:
+        quantized = eight_bit and n >= BNB_MIN_8BIT
+        states = 2 * n * (1 if quantized else 4)  # state1 and state2, uint8 or fp32
+        if paged and n >= BNB_MIN_PAGED:
+            outside += states
+        else:
+            held += states
+        held += 2 * 4 * math.ceil(n / BNB_BLOCK) if quantized else 0  # absmax1 and absmax2, fp32
+    maps = BNB_QMAPS if eight_bit and any(n >= BNB_MIN_8BIT for n in sizes) else 0  # once, by the first 8-bit one
+    return held + maps, outside

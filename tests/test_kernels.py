@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
 import minilora as ml
-from minilora.lora import LoRALinear, lora_layers
+from minilora.lora import LoRALinear, LoraSpec, lora_layers
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -41,7 +41,7 @@ def nf4(linear: nn.Linear) -> nn.Module:
 
 def make_layer(kind: str, dtype=torch.float32, bias=False, dropout=0.0) -> LoRALinear:
     linear = nn.Linear(128, 96, bias=bias, dtype=dtype)
-    layer = LoRALinear(nf4(linear) if kind == "nf4" else linear, r=6, alpha=10, dropout=dropout)  # s = 5/3
+    layer = LoRALinear(nf4(linear) if kind == "nf4" else linear, LoraSpec(r=6, alpha=10, dropout=dropout))  # s = 5/3
     nn.init.normal_(layer.lora_B.weight, 0, 0.2)  # B = 0 at init would hide the LoRA branch
     return layer
 

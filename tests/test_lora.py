@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import minilora as ml
 from minilora.adapter import adapter_config
-from minilora.lora import LoRALinear, lora_layers
+from minilora.lora import LoRALinear, LoraSpec, lora_layers
 
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTS = [None, "nf4"]
@@ -174,7 +174,7 @@ def test_fresh_lora_is_zero_b_and_kaiming_uniform_a(base_dir):
 
 
 def test_layer_merge_is_explicit_and_idempotent():
-    layer = LoRALinear(torch.nn.Linear(64, 32), r=4, alpha=8)
+    layer = LoRALinear(torch.nn.Linear(64, 32), LoraSpec(r=4, alpha=8))
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(5, 64)
     y = layer(x)
@@ -186,7 +186,7 @@ def test_layer_merge_is_explicit_and_idempotent():
 
 
 def test_dropout_only_in_training():
-    layer = LoRALinear(torch.nn.Linear(64, 64), r=8, alpha=16, dropout=0.5)
+    layer = LoRALinear(torch.nn.Linear(64, 64), LoraSpec(r=8, alpha=16, dropout=0.5))
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(4, 64)
     layer.train()

@@ -297,6 +297,12 @@ def test_auto_over_qwen25_adds_its_default_system_prompt(qwen, conv):
     assert encode_prompt(prompt, qwen) == official_ids(qwen, prompt, generation=True)
 
 
+def test_the_template_names():
+    import minilora as ml
+
+    assert ml.TEMPLATES == ("auto", "llama2", "llama3", "chatml")
+
+
 def test_auto_without_a_chat_template_is_llama2(tokenizer):
     assert tokenizer.chat_template is None and get_template("auto", tokenizer) is LLAMA2
     assert get_template() is LLAMA2 and render_chat([{"role": "user", "content": "q"}]) == "<s>[INST] q [/INST]"

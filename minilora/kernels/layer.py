@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from . import attention  # KEEP_ATTENTION and keep_attention are read through it at call time: patchable there
 from .attention import KeptAttention, Segments, attention_backends, segment_attention
-from .lora4bit import Projection, compute_dtype, computes
+from .dora import computes
+from .lora4bit import Projection, compute_dtype
 from .offload import Offload
 from .rmsnorm import rms_norm
 from .rope import Rope

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import nf4
+from .dora import computes, dora_rows, magnitude
 
 try:
     import bitsandbytes as bnb
@@ -67,15 +68,6 @@ def dequantize(base: nn.Module, dtype: torch.dtype, out: torch.Tensor | None = N
 def _by_kernel(w, dtype: torch.dtype) -> bool:
     """Whether dequantize() takes minilora's Triton kernel for this 4-bit weight in `dtype`, not bitsandbytes."""
     return dtype == w.quant_state.dtype and nf4.supported(w, dtype)
-
-
-def dora_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor
-               ) -> torch.Tensor:
-    """DoRA's factor of each output row, m / ||W + s B A||_row: (out,), in the magnitude's dtype. The norm is taken
-    in W's dtype and without grad: DoRA's paper (section 4.3) treats it as a constant, as PEFT does."""
-    with torch.no_grad():
-        norm = torch.linalg.vector_norm(torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=scaling), dim=1)
-    return magnitude / norm.to(magnitude.dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -192,46 +184,14 @@ class Projection:
             return ProjectFn.apply(_as(x, dtype), res, self, grad_only, *lora)
         # DoRA members rescale their rows of the output, whose values their magnitudes' gradients read: no
         # placeholder, and the residual added after
-        y = self._dora(ProjectFn.apply(_as(x, dtype), None, self, False, *lora), dora, dtype)
+        y = dora_rows(self, ProjectFn.apply(_as(x, dtype), None, self, False, *lora), dora, dtype)
         return y if res is None else y + res
-
-    def _dora(self, y: torch.Tensor, dora: dict, dtype: torch.dtype) -> torch.Tensor:
-        """y (..., out) with each DoRA member's rows rescaled, as PEFT's DoRA layer computes them: with g = m /
-        ||W + s B A||_row (dora_scale), rows b + g (y - b) (y - b = x W^T + s xl A^T B^T) without dropout, and
-        y + (g - 1)(xl W^T + s xl A^T B^T) with it (xl: x dropped out)."""
-        out = []
-        for j, rows in enumerate(self.rows):
-            if rows.start not in dora:
-                out.append(y[..., rows])
-                continue
-            (m, xl), W = dora[rows.start], self.member_weight(j, dtype)  # W: (out_j, in)
-            g = dora_scale(W, m.lora_A.weight, m.lora_B.weight, m.scaling, magnitude(m)).to(dtype)
-            if xl is None:
-                b = 0 if self.bases[j].bias is None else self.bases[j].bias.to(dtype)
-                out.append(b + g * (y[..., rows] - b))
-            else:
-                A, B = _as(m.lora_A.weight, dtype), _as(m.lora_B.weight, dtype)
-                out.append(y[..., rows] + (g - 1) * (xl @ W.t() + m.scaling * (xl @ A.t()) @ B.t()))
-        return torch.cat(out, dim=-1)
 
     def member_weight(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         """Member j's weight (out_j, in) in dtype: the rows of the cached weight, or a fresh dequantization."""
         if self.cached is not None and self.cached.dtype == dtype:
             return self.cached[self.rows[j]]
         return dequantize(self.bases[j], dtype)
-
-
-def magnitude(member: nn.Module) -> torch.Tensor | None:
-    """A DoRA member's magnitude vector (out,), or None for a LoRA one."""
-    return getattr(member, "lora_magnitude_vector", None)
-
-
-def computes(member: nn.Module) -> bool:
-    """Whether a projection computes every trainable tensor of this adapted linear (its adapter_tensors): A and
-    B, and DoRA's magnitude. An adapter of any other kind is refused, never computed without its own tensors."""
-    known = [member.lora_A.weight, member.lora_B.weight] + ([magnitude(member)] if magnitude(member) is not None
-                                                             else [])
-    return [id(t) for t in member.adapter_tensors()] == [id(t) for t in known]
 
 
 def placeholder(like: torch.Tensor, shape) -> torch.Tensor:
