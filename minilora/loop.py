@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .adapter import model_lora, save_adapter, trains_own_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
-from .config import TrainConfig, check, default_precision
+from .config import TrainConfig, default_precision
 from .data import Collator, encoded
 from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .generate import shared_eval_loss, shared_samples
@@ -47,8 +47,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     processes (fsdp.py).
     """
     start = time.perf_counter()
-    check(cfg)  # again: the fields may have changed since the config was made
     device = training_device(model) if cfg.fsdp else next(model.parameters()).device
+    # a new config, checked again when made (its fields may have changed since the first was), precision settled
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
     own_adapter = trains_own_adapter(model, cfg.lora())
