@@ -100,6 +100,7 @@ class Projection:
         self.loras = [(r, m) for r, m in zip(rows, members) if hasattr(m, "lora_A") and not m.merged]
         if not all(map(computes, (m for _, m in self.loras))):
             raise ValueError("an adapter has tensors that the fused projection does not compute")
+        self.dora = any(magnitude(m) is not None for _, m in self.loras)
         self.rows = rows
         self.has_bias = any(b.bias is not None for b in self.bases)
         # Only a 4-bit weight is worth keeping dequantized: a plain one is there already (stacking several
@@ -179,11 +180,11 @@ class Projection:
             xl = None if isinstance(m.dropout, nn.Identity) else _as(m.dropout(x), dtype)
             lora += [xl, m.lora_A.weight, m.lora_B.weight]
         res = None if residual is None else _as(residual, dtype)
-        dora = {rows.start: (m, xl) for (rows, m), xl in zip(self.loras, lora[0::3]) if magnitude(m) is not None}
-        if not dora:
+        if not self.dora:
             return ProjectFn.apply(_as(x, dtype), res, self, grad_only, *lora)
         # DoRA members rescale their rows of the output, whose values their magnitudes' gradients read: no
         # placeholder, and the residual added after
+        dora = {rows.start: (m, xl) for (rows, m), xl in zip(self.loras, lora[0::3]) if magnitude(m) is not None}
         y = dora_rows(self, ProjectFn.apply(_as(x, dtype), None, self, False, *lora), dora, dtype)
         return y if res is None else y + res
 
