@@ -298,17 +298,18 @@ def load_minilora(spec):
 def load_minilora_plan(spec):
     """train()'s step at a fixed shape: the memory plan train() chooses for the impl's budget (plan_choice.plan_run), the
     decoder prepared as it says, and each step as train() takes it: the batch copied from the host
-    (loss.to_device), forward and backward through minilora.step.Stepper (replayed CUDA graphs where train()
-    would use them), then minilora.step.optimizer_step's clipping, the spec's optimizer (make_optimizer) and
+    (forward.to_device), forward and backward through minilora.step.Stepper (replayed CUDA graphs where train()
+    would use them), then minilora.optimizer.optimizer_step's clipping, the spec's optimizer (make_optimizer) and
     schedule. Returns (model, step): step(ids) takes one optimizer step and returns its mean loss."""
     import torch
 
     import minilora as ml
     from minilora.kernels.layer import host_embedding
     from minilora.plan_choice import plan_run
-    from minilora.loss import to_device
+    from minilora.forward import to_device
     from minilora.model import prepare_for_training
-    from minilora.step import make_optimizer, make_stepper, optimizer_step
+    from minilora.optimizer import make_optimizer, optimizer_step
+    from minilora.step import make_stepper
 
     model, _ = ml.load_model(spec["model_dir"], quant="nf4", double_quant=True, compute_dtype=torch.bfloat16,
                              device=spec["device"])

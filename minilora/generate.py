@@ -1,4 +1,4 @@
-"""Greedy generation under a chat template, evaluation, and the samples that train() logs."""
+"""Greedy generation under a chat template, and the samples that train() logs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from .config import PRECISIONS, autocast
 from .fsdp import is_sharded
 from .kernels.decode import Decoder
 from .kernels.layer import FastLayer, attach_fast, detach_fast, host_embedding, is_fast, unsupported
-from .loss import causal_lm_loss
 from .model import place_embedding
-from .step import rank_and_world
+from .processes import rank_and_world
 from .template import encode_prompt, get_template
 
 # prompts decoded together: a token's step reads every weight once for all of them, and each row's KV cache takes
@@ -95,21 +94,6 @@ def _hf_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     return answers
 
 
-@torch.no_grad()
-def evaluate(model, examples: list[dict], collate, batch_size: int, precision: str, chunk: int) -> tuple[float, int]:
-    """(summed loss, supervised tokens) over `examples`, in micro-batches of batch_size (no grads kept): their
-    ratio is the token-weighted mean loss, and sums from several processes add up."""
-    was_training = model.training
-    model.eval()
-    device, total, n = model.lm_head.weight.device, 0.0, 0  # the embedding table may be on the host
-    for i in range(0, len(examples), batch_size):
-        with autocast(device, precision):
-            loss, count = causal_lm_loss(model, collate(examples[i : i + batch_size]), chunk)
-        total, n = total + loss.item(), n + count
-    model.train(was_training)
-    return total, n
-
-
 def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str, template="auto"
             ) -> list[tuple[str, str]]:
     """[(prompt, greedy answer)]. Every RNG is restored afterwards, so sampling leaves the training trajectory
@@ -124,24 +108,11 @@ def samples(model, tokenizer, prompts, max_new_tokens: int, precision: str, temp
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def shared_eval_loss(model, examples: list[dict], collate, batch_size: int, precision: str, chunk: int) -> float:
-    """evaluate()'s mean loss, the work shared by the processes of a process group (every one must call it):
-    each takes every world-th example and the sums are all-reduced. A sharded model's every forward needs every
-    process, so each of them evaluates all the examples."""
-    rank, world = rank_and_world()
-    sharded = is_sharded(model)
-    total, n = evaluate(model, examples if sharded else examples[rank::world], collate, batch_size, precision, chunk)
-    if world > 1 and not sharded:
-        sums = torch.tensor([total, n], dtype=torch.float64, device=model.lm_head.weight.device)
-        torch.distributed.all_reduce(sums)
-        total, n = sums.tolist()
-    return total / n
-
-
 def shared_samples(model, tokenizer, prompts, max_new_tokens: int, precision: str, template="auto"
                    ) -> list[tuple[str, str]]:
-    """samples(), shared as shared_eval_loss shares evaluation: prompt k is process k % world's, and every
-    process returns all the answers."""
+    """samples(), shared by the processes of a process group (every one must call it): prompt k is process k %
+    world's, and every process returns all the answers. A sharded model's every forward needs every process, so
+    each of them answers all the prompts."""
     rank, world = rank_and_world()
     if world == 1 or is_sharded(model):
         return samples(model, tokenizer, prompts, max_new_tokens, precision, template)

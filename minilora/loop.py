@@ -16,20 +16,23 @@ from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpo
 from .config import TrainConfig, default_precision
 from .data import Collator, encoded
 from .fsdp import full_lora_weights, is_sharded, shard, training_device
-from .generate import shared_eval_loss, shared_samples
+from .evaluate import shared_eval_loss
+from .generate import shared_samples
 from .kernels.graphs import PAD_MULTIPLE, on_capture_stream
 from .kernels.layer import detach_fast, host_embedding
 from .kernels.offload import release_host_memory
 from .lora import add_lora, lora_layers, lora_state_dict
-from .loss import to_device
+from .forward import to_device
 from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
 from .plan import PlanOptions
 from .plan_choice import plan_run
 from .rundir import claim, read_record
 from .stop import Interrupted, StopRequest, signal_name
-from .step import (Feed, Stepper, apply_settings, in_process_group, make_optimizer, make_stepper, optimizer_step,
-                   rank_and_world)
+from .feed import Feed
+from .optimizer import apply_settings, make_optimizer, optimizer_step
+from .processes import in_process_group, rank_and_world
+from .step import Stepper, make_stepper
 
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:

@@ -1,74 +1,21 @@
-"""One optimizer step: this process's micro-batches, each one's forward and backward run eagerly or as a replayed
-CUDA graph, then (data-parallel) one all-reduce of the LoRA gradients."""
+"""A micro-batch's forward and backward (Stepper): run eagerly or as a replayed CUDA graph, with each batch shape's
+checkpointing, and (data-parallel) the LoRA gradients kept in one buffer that one all-reduce a step sums."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from .config import PRECISIONS, TrainConfig, autocast
-from .data import batches, packs
 from .kernels.graphs import PAD_MULTIPLE, GraphedSteps
 from .kernels.layer import capturable, set_checkpointing
 from .fsdp import is_sharded
-from .loss import causal_lm_loss, supervised_count
+from .loss import causal_lm_loss
 from .plan import PlanOptions
-from .template import IGNORE
-
-
-@dataclass
-class Feed:
-    """The stream of micro-batches. Global micro-batch k holds what one process at batch world x batch_size
-    would take as its batch k, and process `rank` takes every world-th example of it; with pack_tokens, it
-    holds `world` packs (data.packs) of that many tokens, one for each process."""
-
-    examples: list[dict]
-    batch_size: int  # per process
-    seed: int
-    group_by_length: bool
-    collate: Callable  # examples -> a CPU batch (Collator)
-    move: Callable  # a CPU batch -> one on the device, ready for the loss (loss.to_device)
-    rank: int = 0
-    world: int = 1
-    pack_tokens: int | None = None
-
-    @cached_property
-    def per_epoch(self) -> int:
-        """Global micro-batches in one pass over the examples (the first pass: packs may differ by a few)."""
-        return len(self._epoch(0))
-
-    def _epoch(self, epoch: int) -> list[list[list[dict]]]:
-        """The global micro-batches of one pass, each as the examples of every process."""
-        if self.pack_tokens:
-            groups = packs(self.examples, self.pack_tokens, self.seed, epoch)
-            return [groups[i:i + self.world] for i in range(0, len(groups), self.world)]
-        order = batches(self.examples, self.batch_size * self.world, self.seed,
-                        group_by_length=self.group_by_length, epoch=epoch)
-        return [[batch[r::self.world] for r in range(self.world)] for batch in order]
-
-    def stream(self, start: int) -> Iterator[tuple[dict, int]]:
-        """(this process's micro-batch on the device, supervised tokens of the global one) from micro-batch
-        `start` on: a pure function of (seed, position), the same in every process, so a run resumes mid-epoch."""
-        epoch = 0
-        while True:
-            shares = self._epoch(epoch)
-            for share in shares[start:]:
-                mine = share[self.rank] if self.rank < len(share) and share[self.rank] else _unsupervised(share[0])
-                n = sum(supervised_count(ex["labels"]) for part in share for ex in part)  # the same everywhere
-                yield self.move(self.collate(mine)), n  # the copies to the device are asynchronous
-            start, epoch = max(0, start - len(shares)), epoch + 1
-
-
-def _unsupervised(examples: list[dict]) -> list[dict]:
-    """A copy of the first example that supervises nothing: the input of a process whose share of a short last
-    global batch is empty. It takes part in the step (the all-reduce needs every process there) and adds nothing."""
-    return [{**examples[0], "labels": [IGNORE] * len(examples[0]["labels"])}]
+from .processes import in_process_group
 
 
 class Stepper:
@@ -124,16 +71,6 @@ class Stepper:
         return bool(self.flat) or self.graphs is not None
 
 
-def in_process_group() -> bool:
-    """Whether this process trains in a torch.distributed process group (of any size, one included)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) without a torch.distributed process group."""
-    return (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
-
-
 def _flat_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """One zeroed buffer per dtype, and each parameter's .grad a view of it: one all-reduce a step, no copies."""
     buffers = []
@@ -144,29 +81,6 @@ def _flat_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
             p.grad = view.view_as(p)
         buffers.append(flat)
     return buffers
-
-
-def optimizer_step(stepper: Stepper, micro: list[tuple[dict, int]], opt, sched, max_grad_norm: float):
-    """One optimizer step over its micro-batches: (summed loss, supervised tokens, pre-clip grad norm), the loss
-    and norm as GPU scalars."""
-    # Normalise by the supervised tokens of the whole optimizer step, so that batch 4 x accumulation 1 and batch
-    # 1 x accumulation 4 give the same gradient (a per-micro-batch mean would weight short examples more). The
-    # count is known on the host: no wait.
-    n_step = sum(n for _, n in micro)
-    loss_sum = torch.zeros((), device=stepper.device)
-    for batch, _ in micro:
-        loss_sum += stepper(batch, n_step)
-    stepper.reduce()
-    scaler = stepper.scaler
-    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-    norm = torch.nn.utils.clip_grad_norm_(stepper.params, max_grad_norm)  # a GPU scalar: no wait
-    if isinstance(norm, DTensor):  # over a sharded model's gradients: already the global norm, replicated
-        norm = norm.full_tensor()
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
-    opt.zero_grad(set_to_none=not stepper.keeps_grads)
-    return loss_sum, n_step, norm
 
 
 def make_stepper(model, cfg: TrainConfig, options: PlanOptions,
@@ -183,40 +97,3 @@ def make_stepper(model, cfg: TrainConfig, options: PlanOptions,
         eager_first_per_shape=options.offload, max_tokens=max_tokens) if graphs else None)
 
 
-def make_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """(optimizer, schedule) over the trainable (LoRA) parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        # the fused CUDA kernel updates every LoRA tensor in one launch, and takes the GradScaler's inf check on
-        # the GPU without a host sync
-        opt = torch.optim.AdamW(params, fused=params[0].is_cuda, **kw)
-    else:
-        import bitsandbytes as bnb
-
-        choices = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-                   "paged_adamw": bnb.optim.PagedAdamW}
-        opt = choices[cfg.optimizer](params, **kw)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(warmup, total_steps, cfg.schedule))
-
-
-def _lr_factor(warmup: int, total: int, schedule: str):
-    def factor(step):  # step = optimizer steps taken so far
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def apply_settings(opt, sched, cfg: TrainConfig):
-    """This config's lr and weight decay in the optimizer and the schedule, at the schedule's current step (the
-    values LambdaLR sets itself; a resumed state brings back the ones it was saved with)."""
-    sched.base_lrs = [cfg.lr] * len(opt.param_groups)
-    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
-        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, lr=cfg.lr * factor(sched.last_epoch))
-    sched._last_lr = [group["lr"] for group in opt.param_groups]

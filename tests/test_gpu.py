@@ -18,7 +18,8 @@ import torch
 import minilora as ml
 from minilora.kernels import nf4
 from minilora.kernels.rmsnorm import FUSED_RMS_NORM, RMSNorm
-from minilora.loss import causal_lm_loss, to_device
+from minilora.forward import to_device
+from minilora.loss import causal_lm_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels and CUDA graphs need a GPU")
 bnb = pytest.importorskip("bitsandbytes")

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.loss import ChunkedCrossEntropy, causal_lm_loss, supervised_positions
+from minilora.forward import supervised_positions
+from minilora.loss import ChunkedCrossEntropy, causal_lm_loss
 
 
 def supervised_ce(hidden, weight, labels, chunk_size=4096):
@@ -83,7 +84,7 @@ def test_causal_lm_loss_matches_hf(base_dir):
 def test_to_device_gathers_a_host_embedding_table():
     """With a host-resident table, to_device hands the model the batch's rows of it (kernels/offload's lean
     mode on a GPU): exactly the embedding of the ids, nothing recomputed."""
-    from minilora.loss import to_device
+    from minilora.forward import to_device
 
     table = torch.randn(50, 8)
     ids = torch.randint(0, 50, (3, 7))

@@ -326,7 +326,7 @@ def test_the_optimizer_train_builds_holds_the_planned_state(optimizer):
     bitsandbytes keeps would-be paged states in ordinary memory (get_state_buffer), so the split between the two is
     the formula test's, above; on a GPU benchmarks/step.py measures it."""
     from minilora.plan_layers import linear_shapes
-    from minilora.step import make_optimizer
+    from minilora.optimizer import make_optimizer
 
     torch.manual_seed(0)
     shapes = [s for i, o in linear_shapes(MIXED).values() for s in ((16, i), (o, 16))] * MIXED.num_hidden_layers

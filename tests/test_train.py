@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import minilora as ml
 from minilora.data import batches, packs
 from minilora.loss import supervised_count
-from minilora.step import Feed
+from minilora.feed import Feed
 from minilora.tiny import instruction_rows, tiny_config
 
 checkpoint_module = importlib.import_module("minilora.checkpoint")

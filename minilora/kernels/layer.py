@@ -156,7 +156,7 @@ def model_forward(model, input_ids, segments: Segments | None = None, position_i
 
     segments: None for right-padded rows (causal attention is exact for them), or where the examples of a
     packed row (B = 1) begin and end, with position_ids restarting at 0 in each. inputs_embeds: the embedded
-    input_ids, gathered on the host when the table is there (loss.to_device does it).
+    input_ids, gathered on the host when the table is there (forward.to_device does it).
     """
     inner = model.model
     if inputs_embeds is None:
