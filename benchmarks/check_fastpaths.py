@@ -5,9 +5,7 @@
 
 For each variant: the loss and every LoRA gradient of one step on the same tokens and the same non-zero
 LoRA weights, compared with the plain path, and the loss after three AdamW steps (it must move). bf16
-compute: gradients agree to about 1e-2 relative (8-bit mantissa, summed in different orders); compiled
-layers to about 2e-2, since inductor keeps fused elementwise chains (RMSNorm, SiLU * up, rotary) in fp32
-where eager rounds each intermediate to bf16. Bounds: 2e-2, and 3e-2 for compiled variants.
+compute: gradients agree to about 1e-2 relative (8-bit mantissa, summed in different orders). Bound: 2e-2.
 """
 
 import argparse
@@ -19,8 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import minilora as ml
 from minilora.loss import causal_lm_loss
 
-VARIANTS = {"plain": {}, "fused": {"fused": True}, "offload": {"offload": True}, "compile": {"compile": True},
-            "fused+compile": {"fused": True, "compile": True}, "fast": {"fast": True},
+VARIANTS = {"plain": {}, "offload": {"offload": True}, "fast": {"fast": True},
             "fast+keep": {"fast": True, "keep_weights": True}, "fast+cache": {"fast": True, "cached_layers": 2},
             "fast-no-ckpt": {"fast": True, "gradient_checkpointing": False, "cached_layers": 4},
             "fast+offload": {"fast": True, "offload": True}}
@@ -73,8 +70,7 @@ def main():
         kwargs = VARIANTS[name]
         losses, grads = run(args.model_dir, kwargs, ids)
         err = max(((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()).item() for k in ref_grads)
-        bound = 3e-2 if kwargs.get("compile") else 2e-2
-        ok = abs(losses[0] - ref_losses[0]) <= 1e-2 * abs(ref_losses[0]) and err <= bound and losses[3] < losses[0]
+        ok = abs(losses[0] - ref_losses[0]) <= 1e-2 * abs(ref_losses[0]) and err <= 2e-2 and losses[3] < losses[0]
         failed |= not ok
         print(f"{name:15} {losses[0]:10.5f} {losses[3]:10.5f} {err:17.2e}  {'ok' if ok else 'MISMATCH'}", flush=True)
     sys.exit(1 if failed else 0)

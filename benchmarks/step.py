@@ -14,7 +14,7 @@ workers' own output and progress go to stderr.
 Cases are named `{targets}-r{r}[-a{alpha}][-d{dropout}]-{batch}x{seq}`, targets qv | qkvo | all (the seven
 projections), e.g. qv-r64-4x512; alpha defaults to 16. `--cases standard` is STANDARD below.
 Impls: `peft`, `minilora` and `minilora+opt[+opt...]`, where each opt is a keyword of
-`minilora.prepare_for_training` switched on (offload, fused, compile, ...). A variant whose keyword the
+`minilora.prepare_for_training` switched on (fast, offload, ...). A variant whose keyword the
 installed `prepare_for_training` does not accept is reported as unavailable. `unsloth` (not in the default
 list) loads with Unsloth's FastLanguageModel and its offloaded checkpointing; it needs Unsloth on the path
 (../shared/device/stage-peers, .peer-site first on PYTHONPATH) and is reported as unavailable without it:
@@ -76,7 +76,7 @@ SHAPES = {  # a config's model_type and fields; "tiny" is minilora.tiny.tiny_con
 TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 STANDARD = ["qv-r64-4x512", "qv-r64-2x2048", "all-r16-2x2048", "qv-r64-d0.1-4x512"]  # the last: the seed config
-VARIANTS = ["minilora+fused", "minilora+offload", "minilora+compile", "minilora+fast", "minilora+fast+offload"]
+VARIANTS = ["minilora+offload", "minilora+fast", "minilora+fast+offload"]
 CASE_RE = re.compile(r"^(?P<t>[a-z]+)-r(?P<r>\d+)(?:-a(?P<a>[\d.]+))?(?:-d(?P<d>[\d.]+))?-(?P<b>\d+)x(?P<s>\d+)$")
 RESULT = "@@result "  # a worker's result line; everything else it prints is passed on to stderr
 PEFT_RECIPE = ("AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant, "
@@ -111,7 +111,7 @@ def parse_case(name: str, scale: float = 1.0) -> dict:
 
 
 def variant_kwargs(impl: str) -> dict:
-    """'minilora+fused+compile' -> {'fused': True, 'compile': True}; 'minilora@4.6' -> {} (the plan decides)."""
+    """'minilora+fast+offload' -> {'fast': True, 'offload': True}; 'minilora@4.6' -> {} (the plan decides)."""
     return {} if "@" in impl else {opt: True for opt in impl.split("+")[1:]}
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels.dora import dora_scale
-from .kernels.lora4bit import Projection, dequantize, is_4bit
+from .kernels.lora4bit import dequantize, is_4bit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ class LoRALinear(nn.Module):
         self.scaling = spec.scaling
         # fp32 by default: these are the master weights that AdamW updates; an update of lr 2e-4 on a weight
         # near 1e-2 is below bf16's resolution, and bf16 adapters measurably fall behind PEFT's fp32 ones.
-        # The matmuls still run in the compute dtype (autocast, or the fused path's own casts).
+        # The matmuls still run in the compute dtype (autocast, or the fast layers' own casts).
         kw = dict(bias=False, dtype=spec.dtype, device=base.weight.device)
         self.lora_A = nn.Linear(base.in_features, spec.r, **kw)  # (r, in)
         self.lora_B = nn.Linear(spec.r, base.out_features, **kw)  # (out, r)
@@ -93,7 +93,6 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm.to(spec.dtype))
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.merged = False
-        self.fused = False  # training forward through one autograd function (prepare_for_training(fused=True))
 
     def adapter_tensors(self) -> list[nn.Parameter]:
         """The trainable tensors, in spec.shapes' order: what every path that computes this layer must take."""
@@ -102,11 +101,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.fused and self.training and not torch.compiler.is_compiling():
-            # the same formula as one autograd function (minilora/kernels/lora4bit.py). Under torch.compile the
-            # plain formula is traced instead: inductor fuses it itself, and the fused function traced on CUDA
-            # gave zero LoRA gradients (benchmarks/check_fastpaths.py, torch 2.11).
-            return Projection([self])(x).to(x.dtype)
         h = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # autocast casts the weights to x's dtype itself
             h = h.to(self.lora_A.weight.dtype)

@@ -16,7 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .data import looks_local
 from .kernels.attention import ATTENTION_BACKENDS
 from .kernels.layer import FastLayer, attach_fast, detach_fast, unsupported
-from .lora import lora_layers, mark_only_lora_trainable, merge_lora
+from .lora import mark_only_lora_trainable, merge_lora
 from .plan import PlanOptions, plan_options
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -99,8 +99,7 @@ def load_model(name_or_dir: str, quant: str | None = "nf4", double_quant: bool =
     return model, tok
 
 
-def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = None, *, fused: bool = False,
-                         compile: bool = False, **fields):
+def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = None, **fields):
     """Freeze everything but LoRA and make each decoder layer train as `options` says; returns the model.
 
     options: a PlanOptions (choose_plan's), or its fields by name (gradient_checkpointing=True for every layer,
@@ -120,21 +119,12 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
     - fast: minilora's loss runs the decoder through kernels/layer.py, the same weights and formula in fewer
       kernels (cached_layers keep their dequantized weights for the run; keep_weights: a recompute keeps them
       for the backward). transformers' forward stays for everything else (generation, a direct model(...)).
-    Otherwise each transformers layer is wrapped (the benchmarks' variants):
-      fused: every LoRA layer trains through one autograd function (kernels/lora4bit.py); same numbers.
-      compile: torch.compile each decoder layer's forward. The checkpoint wraps the compiled forward, so its
-      recompute replays the very graph that ran forward, and its hooks and RNG bookkeeping stay in eager code.
-      Compiled layers trace the plain LoRA formula even with fused=True (see LoRALinear.forward).
     """
     options = plan_options(options or PlanOptions(fast=False), **fields)
-    if options.fast and (compile or fused):
-        raise ValueError("fast layers replace the forward that compile and fused change: pass fast=False with them")
     if options.fast and (why := unsupported(model)):
         raise ValueError(f"fast layers cannot train this model: {why}; use fast=False")
     mark_only_lora_trainable(model)
     model.config.use_cache = False  # a KV cache is useless in training and would be rebuilt on recompute
-    for lora in lora_layers(model).values():
-        lora.fused = fused
     layers = decoder_layers(model)
     n = options.layers_checkpointed(len(layers))
     on_host = options.host_embedding(len(layers), tied=model.get_input_embeddings().weight is model.lm_head.weight)
@@ -145,10 +135,10 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
         if options.fast:
             attach_fast(layer, FastLayer(layer, cache=i < options.cached_layers, checkpoint=i < n,
                                          keep_weights=options.keep_weights and i < n, offload=options.offload))
-        elif i < n or compile:
+        elif i < n:
             # SDPA restricted to flash, memory-efficient and math attention (see kernels/layer.py), the recompute too
-            train_forward = sdpa_kernel(ATTENTION_BACKENDS)(torch.compile(layer.forward) if compile else layer.forward)
-            layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, i < n, options.offload)
+            train_forward = sdpa_kernel(ATTENTION_BACKENDS)(layer.forward)
+            layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, options.offload)
     return model
 
 
@@ -160,14 +150,11 @@ def place_embedding(model: torch.nn.Module, device=None):
         w.data = w.data.to(device).pin_memory() if device.type == "cpu" else w.data.to(device)
 
 
-def _layer_forward(eager, train_forward, checkpointing: bool, offload: bool, *args, **kwargs):
-    """One transformers decoder layer. With grads on: the (compiled) forward, checkpointed if asked. Without
-    grads (evaluation, generation with a KV cache): eager, which needs no recompiles for the cache's changing
-    shapes and keeps nothing anyway."""
+def _layer_forward(eager, train_forward, offload: bool, *args, **kwargs):
+    """One checkpointed transformers decoder layer. With grads on: train_forward (its own SDPA backends),
+    checkpointed. Without grads (evaluation, generation with a KV cache): eager, which keeps nothing anyway."""
     if not torch.is_grad_enabled():
         return eager(*args, **kwargs)
-    if not checkpointing:
-        return train_forward(*args, **kwargs)
     # The inputs are saved through autograd's saved-tensor hooks, so save_on_cpu moves just them; the
     # layer's inner activations are never saved at all.
     pin = offload and torch.cuda.is_available()

@@ -76,7 +76,7 @@ def test_case_names_and_variants():
     case = step.parse_case("all-r16-a32-d0.05-2x2048", scale=0.5)
     assert case["targets"][-1] == "down_proj" and case["r"] == 16 and case["alpha"] == 32
     assert case["dropout"] == 0.05 and (case["batch"], case["seq"]) == (2, 1024)
-    assert step.variant_kwargs("minilora+fused+compile") == {"fused": True, "compile": True}
+    assert step.variant_kwargs("minilora+fast+offload") == {"fast": True, "offload": True}
     assert step.impl_budget("minilora@4.6") == 4.6 and step.variant_kwargs("minilora@4.6") == {}
     assert step.impl_budget("minilora+offload") is None and step.impl_budget("minilora@") is None
     assert [step.parse_case(n)["name"] for n in step.STANDARD] == step.STANDARD

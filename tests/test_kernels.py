@@ -1,4 +1,5 @@
-"""The speed options of prepare_for_training (fused LoRA autograd, torch.compile) against the plain path.
+"""The fused projection (kernels/lora4bit.Projection: a frozen linear plus its LoRA as one autograd function, as the
+fast layers run it) against LoRALinear's plain formula, the dequantizations a step costs, and offload's copies.
 
 Tolerances:
 - fp32, one layer: both paths multiply the same fp32 values (the same dequantized NF4 weight); only the order of
@@ -7,26 +8,20 @@ Tolerances:
   measured: 5e-7 and 4e-7.
 - bf16: each path rounds its products and sums to bf16 (2^-8 ~ 0.4% relative) at different points, and under
   autocast the plain path keeps the 4-bit base in fp32 on the CPU: <= 1e-2 relative; measured 2e-3 to 4e-3.
-- whole model, fp32: the same round-off through 2 layers and the loss: <= 1e-5 on the loss and relative on
-  every LoRA gradient; measured 0 and 1.2e-6. Under torch.compile inductor also fuses and reorders fp32
-  reductions (RMSNorm, softmax): <= 1e-5 on the loss, 1e-4 relative on the gradients; measured 1.4e-6, 6e-6.
+(Whole models through the fast layers against transformers': test_train.py, test_families.py, test_variants.py.)
 """
-
-import shutil
 
 import pytest
 import torch
-import torch._inductor.config
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
 import minilora as ml
-from minilora.lora import LoRALinear, LoraSpec, lora_layers
+from minilora.kernels.lora4bit import Projection
+from minilora.lora import LoRALinear, LoraSpec
 
 bnb = pytest.importorskip("bitsandbytes")
-
-ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def nf4(linear: nn.Linear) -> nn.Module:
@@ -47,10 +42,10 @@ def make_layer(kind: str, dtype=torch.float32, bias=False, dropout=0.0) -> LoRAL
 
 
 def run(layer: LoRALinear, x, dy, fused: bool, seed=0):
-    """(y, grad x, grad A, grad B) of one forward and backward with upstream gradient dy."""
-    layer.fused = fused
+    """(y, grad x, grad A, grad B) of one forward and backward with upstream gradient dy: through the layer as a
+    projection of one member (fused), or its own forward."""
     torch.manual_seed(seed)  # the same dropout mask for both paths
-    y = layer(x)
+    y = Projection([layer])(x).to(x.dtype) if fused else layer(x)
     return (y, *torch.autograd.grad(y, (x, layer.lora_A.weight, layer.lora_B.weight), dy))
 
 
@@ -124,8 +119,8 @@ def dequantizations(fn):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_dequantizations_per_step(fused):
-    layer = make_layer("nf4")
-    layer.fused = fused
+    plain = make_layer("nf4")
+    layer = (lambda x: Projection([plain])(x)) if fused else plain
     x = torch.randn(3, 7, 128, requires_grad=True)
 
     def step(forward, x):
@@ -140,66 +135,6 @@ def test_dequantizations_per_step(fused):
     assert step(lambda x: checkpoint(layer, x, use_reentrant=False), x) == (1, 2)
     # An input that needs no gradient (the first layer's projections): nothing to dequantize in the backward.
     assert step(layer, x.detach()) == (1, 0)
-
-
-def load(base_dir):
-    model, _ = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
-    ml.add_lora(model, targets=ALL_SEVEN, r=4, alpha=12, dropout=0.1)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.2)
-    return model.train()
-
-
-def model_step(model, x, seed=0):
-    torch.manual_seed(seed)  # the same dropout masks in every configuration
-    model.zero_grad(set_to_none=True)
-    loss = model(x, labels=x).loss
-    loss.backward()
-    return loss.detach(), {k: p.grad for k, p in ml.lora_state_dict(model).items()}
-
-
-def assert_same_step(got, ref, loss_bound, grad_bound):
-    assert (got[0] - ref[0]).abs() <= loss_bound
-    assert got[1].keys() == ref[1].keys()
-    for k in ref[1]:
-        assert rel(got[1][k], ref[1][k]) <= grad_bound, k
-
-
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_model_fused_matches_plain(base_dir, gradient_checkpointing):
-    model = load(base_dir)
-    x = torch.randint(3, 512, (2, 24))
-    ref = model_step(ml.prepare_for_training(model, gradient_checkpointing=False), x)
-    got = model_step(ml.prepare_for_training(model, gradient_checkpointing=gradient_checkpointing, fused=True), x)
-    assert_same_step(got, ref, 1e-5, 1e-5)
-
-
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU backend compiles C++")
-@pytest.mark.parametrize("fused", [False, True])
-def test_compiled_layers_match_eager(base_dir, fused):
-    # Inductor draws dropout masks with its own generator unless told to use eager's ops; with them, both
-    # paths see the same masks. A fresh dynamo cache keeps other tests' graphs out of the count below.
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch._inductor.config.patch(fallback_random=True):
-        model = load(base_dir)
-        xs = [torch.randint(3, 512, (2, t)) for t in (24, 17)]  # a new length: a dynamic-shape recompile
-        refs = [model_step(ml.prepare_for_training(model), x) for x in xs]
-        ml.prepare_for_training(model, fused=fused, compile=True)
-        for x, ref in zip(xs, refs):
-            assert_same_step(model_step(model, x), ref, 1e-5, 1e-4)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
-
-        # Traced by AOTAutograd, the fused function must still keep no dequantized W for the backward (merging
-        # the forward's and backward's dequantizations would). Checkpointing off, so that the hooks see the saves.
-        ml.prepare_for_training(model, gradient_checkpointing=False, fused=fused, compile=True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            model(xs[0], labels=xs[0])
-        weights = {tuple(m.weight.quant_state.shape) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
-        kept = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in weights]
-        assert saved and not kept, f"dequantized weights saved for the backward: {kept}"
 
 
 def test_swiglu_function_matches_autograd_and_writes_over_its_input():

@@ -5,7 +5,7 @@
 
 W is the members' frozen weights stacked along the output (an attention's q, k and v give one (q + 2 kv, hidden)
 matrix), so the base is one GEMM however many members there are. xl_j is x, or its dropped-out copy when the
-member has LoRA dropout. A single linear is a projection of one member (LoRALinear's `fused` path).
+member has LoRA dropout. A single linear is a projection of one member (o_proj, down_proj).
 
 Against the plain path (bitsandbytes' MatMul4Bit per linear, then two nn.Linear, a multiply and an add):
 - the scaled LoRA terms are added by GEMM epilogues (`addmm_(alpha=s)`) into the output's rows, and a residual
