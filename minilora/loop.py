@@ -15,24 +15,24 @@ from .adapter import model_lora, save_adapter, trains_own_adapter
 from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpoint
 from .config import TrainConfig, default_precision
 from .data import Collator, encoded
-from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .evaluate import shared_eval_loss
+from .feed import Feed
+from .forward import to_device
+from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .generate import shared_samples
 from .kernels.graphs import PAD_MULTIPLE, on_capture_stream
 from .kernels.layer import detach_fast, host_embedding
 from .kernels.offload import release_host_memory
 from .lora import add_lora, lora_layers, lora_state_dict
-from .forward import to_device
 from .metrics import Metrics
 from .model import place_embedding, prepare_for_training
+from .optimizer import apply_settings, make_optimizer, optimizer_step
 from .plan import PlanOptions
 from .plan_choice import plan_run
-from .rundir import claim, read_record
-from .stop import Interrupted, StopRequest, signal_name
-from .feed import Feed
-from .optimizer import apply_settings, make_optimizer, optimizer_step
 from .processes import in_process_group, rank_and_world
+from .rundir import claim, read_record
 from .step import Stepper, make_stepper
+from .stop import Interrupted, StopRequest, signal_name
 
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
