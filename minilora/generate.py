@@ -46,11 +46,11 @@ def _answers(model, tokenizer, prompts, max_new_tokens: int, precision: str | No
     precision = precision or next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")
     # a sharded model (fsdp.py) decodes through its own forward, which gathers each layer's weights
     longest = max(map(len, ids)) + max_new_tokens
-    llama = not is_sharded(model) and unsupported(model, longest) is None
-    fast = llama and is_fast(model)
+    servable = not is_sharded(model) and unsupported(model, longest) is None
+    fast = servable and is_fast(model)
     # on a GPU, fast layers attached for the call when train() holds none; on the CPU, bitsandbytes' own
     # inference kernel reads the 4-bit weights faster than a dequantization per token would
-    attach = llama and not fast and device.type == "cuda"
+    attach = servable and not fast and device.type == "cuda"
     was_training = model.training
     model.eval()
     try:

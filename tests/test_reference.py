@@ -103,8 +103,7 @@ def reference(base_dir, tok, init, hp, eps=ADAM["eps"], dropout=LORA["dropout"],
     model, _ = ml.load_model(base_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
     peft = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=list(TARGETS),
                                             lora_dropout=dropout, **variant))
-    params = {name.removeprefix("base_model.model.").replace(".default", "").replace("vector.weight", "vector"): p
-              for name, p in peft.named_parameters() if p.requires_grad}
+    params = peft_params(peft)
     assert params.keys() == init.keys()
     with torch.no_grad():
         for name, p in params.items():
@@ -153,6 +152,12 @@ def reference(base_dir, tok, init, hp, eps=ADAM["eps"], dropout=LORA["dropout"],
         log.append((loss_sum / sum(counts), norm, hp["lr"] * factor(step + 1, warmup, total, hp["schedule"])))
         weights.append({k: p.detach().clone() for k, p in params.items()})
     return log, weights
+
+
+def peft_params(peft) -> dict:
+    """A PEFT model's trainable tensors by minilora's names (lora_state_dict's)."""
+    return {name.removeprefix("base_model.model.").replace(".default", "").replace("vector.weight", "vector"): p
+            for name, p in peft.named_parameters() if p.requires_grad}
 
 
 def far(a, b, init) -> float:

@@ -16,7 +16,7 @@ import minilora as ml
 from minilora.data import Collator
 from minilora.loss import causal_lm_loss
 from minilora.tiny import instruction_rows
-from test_reference import MAIN, lora_model, reference
+from test_reference import MAIN, lora_model, peft_params, reference
 
 ROWS = instruction_rows(16, seed=3)
 VARIANTS = [dict(use_rslora=True), dict(use_dora=True), dict(use_dora=True, use_rslora=True)]
@@ -42,8 +42,7 @@ def peft_twin(base_dir, model, dropout=0.0, **variant):
     peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(TARGETS),
                                            **variant))
     mine = ml.lora_state_dict(model)
-    theirs = {n.removeprefix("base_model.model.").replace(".default", "").replace("vector.weight", "vector"): p
-              for n, p in peft.named_parameters() if p.requires_grad}
+    theirs = peft_params(peft)
     assert theirs.keys() == mine.keys()
     with torch.no_grad():
         for k, p in theirs.items():
