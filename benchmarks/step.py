@@ -298,18 +298,17 @@ def load_minilora(spec):
 def load_minilora_plan(spec):
     """train()'s step at a fixed shape: the memory plan train() chooses for the impl's budget (plan_choice.plan_run), the
     decoder prepared as it says, and each step as train() takes it: the batch copied from the host
-    (forward.to_device), forward and backward through minilora.step.Stepper (replayed CUDA graphs where train()
+    (FastPath.move), forward and backward through minilora.step.Stepper (replayed CUDA graphs where train()
     would use them), then minilora.optimizer.optimizer_step's clipping, the spec's optimizer (make_optimizer) and
     schedule. Returns (model, step): step(ids) takes one optimizer step and returns its mean loss."""
     import torch
 
     import minilora as ml
-    from minilora.kernels.layer import host_embedding
+    from minilora.fast_path import fast_path
     from minilora.plan_choice import plan_run
-    from minilora.forward import to_device
     from minilora.model import prepare_for_training
     from minilora.optimizer import make_optimizer, optimizer_step
-    from minilora.step import make_stepper
+    from minilora.step import Stepper
 
     model, _ = ml.load_model(spec["model_dir"], quant="nf4", double_quant=True, compute_dtype=torch.bfloat16,
                              device=spec["device"])
@@ -321,16 +320,14 @@ def load_minilora_plan(spec):
                          warmup_ratio=0.0, optimizer=spec["optimizer"])  # lr 2e-4 from the first step, as the others
     options, line, shape_plan = plan_run(model, cfg)
     prepare_for_training(model, options)
-    stepper = make_stepper(model, cfg, options, shape_plan)
-    graphs = stepper.graphs is not None
+    fast = fast_path(model, cfg, options, shape_plan)  # on a GPU: never None
+    stepper = Stepper(model, options.loss_chunk, cfg.precision, torch.amp.GradScaler(enabled=False), fast)
     opt, sched = make_optimizer(model, cfg, cfg.max_steps)
-    vocab, table = model.lm_head.weight.shape[0], host_embedding(model)
-    spec.update(loss_chunk=options.loss_chunk, memory_plan=line + f"; CUDA graphs {'on' if graphs else 'off'}",
+    spec.update(loss_chunk=options.loss_chunk, memory_plan=line + f"; CUDA graphs {'on' if fast.graphs else 'off'}",
                 plan_options=dataclasses.asdict(options))
 
     def step(ids):
-        ids = ids.cpu()
-        batch = to_device({"input_ids": ids, "labels": ids}, stepper.device, vocab, dense=graphs, embedding=table)
+        batch = fast.move({"input_ids": ids.cpu(), "labels": ids.cpu()})
         loss_sum, n, _ = optimizer_step(stepper, [(batch, batch["n_tokens"])], opt, sched, cfg.max_grad_norm)
         return loss_sum / n
 

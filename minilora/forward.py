@@ -1,5 +1,5 @@
-"""A collated batch made ready on the device (to_device), and the decoder run on it (final_hidden): minilora's
-fast layers where the model has them, else transformers' own decoder."""
+"""A collated batch made ready on the device (to_device: on_host, then copy_to), and the decoder run on it
+(final_hidden): minilora's fast layers where the model has them, else transformers' own decoder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from .kernels.attention import Segments, segment_mask
 from .kernels.layer import is_fast, model_forward
+from .kernels.offload import embed, host_embedding
 from .template import IGNORE
 
 
@@ -22,37 +23,31 @@ def supervised_positions(labels: torch.Tensor, vocab_size: int) -> tuple[torch.T
     return b * labels.shape[1] + t, y
 
 
-def to_device(batch: dict, device, vocab_size: int, dense: bool = False, embedding: torch.Tensor | None = None) -> dict:
-    """A collated CPU batch, ready for causal_lm_loss on `device`, without making the host wait for the GPU:
-    the supervised positions are found on the host, and the copies are asynchronous from pinned memory.
-
-    The loss then reads "rows" (indices of the supervised positions) and "targets", and "n_tokens" (an int)
-    counts them; with dense=True it reads every position instead, with "targets" (0 where unsupervised) and
-    0/1 "row_weights": shapes that depend on the batch's shape alone, as a CUDA graph needs.
-    A 2-D attention_mask that is right padding is dropped: a causal model never attends to later positions,
-    so right padding changes no supervised output, and without a mask attention runs as plain causal
-    (flash attention, no (T, T) mask). Any other mask (left padding) is kept; a packed row's segment_starts too.
-    embedding: a host-resident embedding table (kernels.layer.host_embedding): the batch's rows of it are
-    gathered here, into pinned memory, and copied as "inputs_embeds".
-    """
+def on_host(batch: dict, vocab_size: int) -> dict:
+    """A collated CPU batch made ready for causal_lm_loss, still on the host: "rows" (indices of the supervised
+    positions) and "targets" for the loss, "n_tokens" (an int) counting them, found here so that the host never
+    waits for the GPU. A 2-D attention_mask that is right padding is dropped: a causal model never attends to
+    later positions, so right padding changes no supervised output, and without a mask attention runs as plain
+    causal (flash attention, no (T, T) mask). Any other mask (left padding) is kept; a packed row's segment_starts
+    too."""
     rows, targets = supervised_positions(batch["labels"], vocab_size)
     out = {k: v for k, v in batch.items() if k != "labels"}
     mask = out.get("attention_mask")
     if mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
         del out["attention_mask"]
-    if dense:  # the same positions, as 0/1 weights over all B * (T - 1) of them
-        following = batch["labels"][:, 1:]  # (B, T - 1): what each position predicts
-        out.update(row_weights=(following != IGNORE).float().reshape(-1), targets=following.clamp(min=0).reshape(-1))
-    else:
-        out.update(targets=targets, rows=rows)
+    return {**out, "targets": targets, "rows": rows, "n_tokens": targets.numel()}
+
+
+def copy_to(batch: dict, device) -> dict:
+    """The batch's tensors on `device`; to a GPU through pinned memory, asynchronously (the host does not wait)."""
     pin = torch.device(device).type == "cuda"
-    if embedding is not None:
-        ids = batch["input_ids"]
-        out["inputs_embeds"] = torch.empty((*ids.shape, embedding.shape[1]), dtype=embedding.dtype, pin_memory=pin)
-        torch.index_select(embedding, 0, ids.reshape(-1), out=out["inputs_embeds"].view(-1, embedding.shape[1]))
-    out = {k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin) if torch.is_tensor(v)
-           else v for k, v in out.items()}
-    return {**out, "n_tokens": targets.numel()}
+    return {k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin) if torch.is_tensor(v)
+            else v for k, v in batch.items()}
+
+
+def to_device(batch: dict, device, vocab_size: int) -> dict:
+    """A collated CPU batch, ready for causal_lm_loss on `device` (on_host, then copy_to)."""
+    return copy_to(on_host(batch, vocab_size), device)
 
 
 def final_hidden(model, batch: dict) -> torch.Tensor:
@@ -61,11 +56,13 @@ def final_hidden(model, batch: dict) -> torch.Tensor:
     else transformers' base model. A packed row's examples attend each to itself alone."""
     mask, starts = batch.get("attention_mask"), batch.get("segment_starts")
     segments = Segments(starts, batch["segment_longest"]) if starts is not None else None
+    embeds = batch.get("inputs_embeds")
+    if embeds is None and host_embedding(model) is not None:
+        embeds = embed(model, batch["input_ids"])  # the table's rows, gathered where it is (a wait for the ids)
     if is_fast(model) and mask is None:
-        return model_forward(model, batch["input_ids"], segments, batch.get("position_ids"), batch.get("inputs_embeds"))
+        return model_forward(model, batch["input_ids"], segments, batch.get("position_ids"), embeds)
     if segments is not None:
         mask = segment_mask(starts, batch["input_ids"].shape[1])
-    embeds = batch.get("inputs_embeds")
     return model.base_model(input_ids=None if embeds is not None else batch["input_ids"], inputs_embeds=embeds,
                             attention_mask=mask, position_ids=batch.get("position_ids"),
                             use_cache=False).last_hidden_state

@@ -16,22 +16,20 @@ from .checkpoint import check_resume, resume, rng_state, run_shape, save_checkpo
 from .config import TrainConfig, default_precision
 from .data import Collator, encoded
 from .evaluate import shared_eval_loss
+from .fast_path import FastPath, fast_path
 from .feed import Feed
 from .forward import to_device
 from .fsdp import full_lora_weights, is_sharded, shard, training_device
 from .generate import shared_samples
-from .kernels.graphs import PAD_MULTIPLE, on_capture_stream
-from .kernels.layer import detach_fast, host_embedding
-from .kernels.offload import release_host_memory
 from .lora import add_lora, lora_layers, lora_state_dict
 from .metrics import Metrics
-from .model import place_embedding, prepare_for_training
+from .model import prepare_for_training
 from .optimizer import apply_settings, make_optimizer, optimizer_step
 from .plan import PlanOptions
 from .plan_choice import plan_run
 from .processes import in_process_group, rank_and_world
 from .rundir import claim, read_record
-from .step import Stepper, make_stepper
+from .step import Stepper
 from .stop import Interrupted, StopRequest, signal_name
 
 
@@ -58,10 +56,8 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     rank, world = rank_and_world()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
-        # on a GPU all of train()'s work (eager steps, evaluation, samples) runs on the stream that CUDA graphs are
-        # captured on: cuBLAS keeps a workspace per (thread, stream), and one stream keeps the two the plan counts
-        with on_capture_stream() if device.type == "cuda" else contextlib.nullcontext():
-            t = _setup(model, tokenizer, examples, cfg, run, own_adapter)
+        with contextlib.ExitStack() as fast:  # a FastPath's running(), entered by _setup (fast_path.py)
+            t = _setup(model, tokenizer, examples, cfg, run, own_adapter, fast)
             try:
                 with StopRequest(world) as stop:  # from here a signal stops the run at a step boundary, saved
                     if not t.step:
@@ -82,9 +78,6 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                 t.log.report_parts(t.step)
             finally:
                 t.log.close()
-                detach_fast(model)  # the fast layers' weight caches go with them; generation needs neither
-                release_host_memory()  # the offloaded steps' pinned host memory
-                place_embedding(model)  # back beside lm_head, where transformers' forward wants it
             if rank == 0:
                 t.log.plot()
             if world > 1:
@@ -154,17 +147,21 @@ class _Training:
     record: dict  # each checkpoint's run.json
 
 
-def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool) -> _Training:
+def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool,
+           cleanup: contextlib.ExitStack) -> _Training:
     """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
-    (eager or CUDA graphs), the micro-batch stream, optimizer and schedule, the resumed state, the log.
-    own_adapter: the run trains the adapter the model carries, not a fresh one."""
+    (with the plan's FastPath, whose running() `cleanup` enters), the micro-batch stream, optimizer and schedule,
+    the resumed state, the log. own_adapter: the run trains the adapter the model carries, not a fresh one."""
     rank, world = rank_and_world()
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world)
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line, shape_plan = _setup_model(model, cfg, world)
-    stepper = make_stepper(model, cfg, options, shape_plan)
-    graphs, scaler = stepper.graphs is not None, stepper.scaler
-    feed = _setup_feed(model, tokenizer, examples, cfg, options, dense=graphs)
+    fast = fast_path(model, cfg, options, shape_plan)
+    if fast:
+        cleanup.enter_context(fast.running())
+    scaler = torch.amp.GradScaler(model.lm_head.weight.device.type, enabled=cfg.precision == "fp16")
+    stepper = Stepper(model, options.loss_chunk, cfg.precision, scaler, fast)
+    feed = _setup_feed(model, tokenizer, examples, cfg, fast)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * feed.per_epoch / cfg.grad_accum))
     opt, sched = make_optimizer(model, cfg, total_steps)
     step = resume(model, run, opt, sched, scaler, rank, world)
@@ -173,7 +170,7 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool)
     start = "model" if own_adapter else "fresh"
     start = read_record(run.resume_from).get("adapter_start", start) if step else start
     log = Metrics(cfg, run, step, total_steps, scaler.is_enabled(), notes={"adapter_start": start})
-    plan_line += f"; CUDA graphs {'on' if graphs else 'off'}"
+    plan_line += f"; CUDA graphs {'on' if fast and fast.graphs else 'off'}"
     log.say(plan_line)
     if own_adapter and not step:
         log.say(f"training the adapter the model carries ({', '.join(model_lora(model).targets)}), not a "
@@ -218,16 +215,15 @@ def _setup_model(model, cfg: TrainConfig, world: int) -> tuple[PlanOptions, str,
     return options, line, shape_plan
 
 
-def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, options: PlanOptions, dense: bool) -> Feed:
-    """The micro-batch stream. On the GPU, lengths padded to a multiple of PAD_MULTIPLE make a few batch shapes
-    that recur: each CUDA graph and each of cuBLAS's per-shape GEMM choices is made once and reused. Packed
+def _setup_feed(model, tokenizer, examples, cfg: TrainConfig, fast: FastPath | None) -> Feed:
+    """The micro-batch stream, moved to the device as the fast path moves it (else forward.to_device). Packed
     micro-batches are one row of batch_size x max_len tokens, the plan's worst padded micro-batch."""
-    device, vocab, table = model.lm_head.weight.device, model.lm_head.weight.shape[0], host_embedding(model)
     pack_tokens = cfg.batch_size * cfg.max_len if cfg.pack else None
     collate = Collator(tokenizer.pad_token_id, pack_tokens=pack_tokens, max_len=cfg.max_len,
-                       pad_to_multiple_of=PAD_MULTIPLE if options.fast and device.type == "cuda" else None)
-    return Feed(examples, cfg.batch_size, cfg.seed, cfg.group_by_length, collate,
-                lambda batch: to_device(batch, device, vocab, dense=dense, embedding=table), *rank_and_world(),
+                       pad_to_multiple_of=fast.pad_multiple if fast else None)
+    move = fast.move if fast else functools.partial(to_device, device=model.lm_head.weight.device,
+                                                      vocab_size=model.lm_head.weight.shape[0])
+    return Feed(examples, cfg.batch_size, cfg.seed, cfg.group_by_length, collate, move, *rank_and_world(),
                 pack_tokens=pack_tokens)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from .forward import final_hidden, to_device
-from .kernels.layer import host_embedding
 from .template import IGNORE
 
 
@@ -104,8 +103,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
 def decoder_loss(model, batch: dict, chunk_size: int = 4096):
     """causal_lm_loss of a model whose weights are all present (not sharded)."""
     if "targets" not in batch:
-        batch = to_device(batch, model.lm_head.weight.device, model.lm_head.weight.shape[0],
-                          embedding=host_embedding(model))
+        batch = to_device(batch, model.lm_head.weight.device, model.lm_head.weight.shape[0])
     hidden = final_hidden(model, batch)
     loss = _ce(hidden, model.lm_head.weight, batch.get("rows"), batch["targets"], chunk_size, batch.get("row_weights"))
     return loss, batch["n_tokens"]

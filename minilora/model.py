@@ -114,7 +114,7 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
       halves, with inputs copied on a side stream and fetched one unit ahead (kernels/offload.py), and
       dequantizes its projections' weights one member at a time.
     - The embedding table waits in pinned host memory where options.host_embedding says; each batch's rows are
-      gathered on the host and copied (forward.to_device). Generation and transformers' forward need it on the
+      gathered on the host and copied (kernels.layer.embed). Generation and transformers' forward need it on the
       device: `place_embedding` moves it.
     - fast: minilora's loss runs the decoder through kernels/layer.py, the same weights and formula in fewer
       kernels (cached_layers keep their dequantized weights for the run; keep_weights: a recompute keeps them

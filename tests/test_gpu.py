@@ -18,7 +18,6 @@ import torch
 import minilora as ml
 from minilora.kernels import nf4
 from minilora.kernels.rmsnorm import FUSED_RMS_NORM, RMSNorm
-from minilora.forward import to_device
 from minilora.loss import causal_lm_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels and CUDA graphs need a GPU")
@@ -259,17 +258,19 @@ PREPARED = {"cached": dict(gradient_checkpointing=False, cached_layers=2),
 
 
 def _steps(base_dir, graphed: bool, layers: str, dropout: float):
-    """Six micro-batches (three shapes, each twice) through GraphedSteps or eagerly: (losses, LoRA grads, steps)."""
-    from minilora.kernels.graphs import GraphedSteps
-    from minilora.kernels.layer import host_embedding
+    """Six micro-batches (three shapes, each twice), moved as train()'s FastPath moves them (dense, the rows of a
+    host table), through its CUDA graphs or eagerly: (losses, LoRA grads, the GraphedSteps)."""
+    from minilora.fast_path import FastPath
+    from minilora.plan import PlanOptions, plan_options
 
     model, tok = _load(base_dir, dropout, fast=True, **PREPARED[layers])
-    steps = GraphedSteps([p for p in model.parameters() if p.requires_grad],
-                         lambda b: causal_lm_loss(model, b, 4096)[0], eager_first_per_shape="offloaded" in layers)
+    fast = FastPath(model, ml.TrainConfig(precision="bf16"), plan_options(PlanOptions(), **PREPARED[layers]))
+    steps = fast.graphed(lambda b: causal_lm_loss(model, b)[0])
+    assert steps is not None
     torch.cuda.manual_seed(7)
     losses = []
     for batch in _batches(tok, 3, packed="packed" in layers) * 2:  # three shapes, each replayed again
-        b = to_device(batch, "cuda", model.lm_head.weight.shape[0], dense=True, embedding=host_embedding(model))
+        b = fast.move(batch)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if graphed:
                 loss = steps(b, 1.0 / b["n_tokens"]).clone()

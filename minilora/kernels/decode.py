@@ -8,7 +8,7 @@ through the fast layers once (prefill), then each token's step (every layer with
 norm, lm_head, argmax) reads and writes fixed tensors only: each row's embedded input, its position and next
 token, and the cache, so that on CUDA it is captured once and replayed, one launch a token. The embedding comes
 before it, from the table where it is: on the device, or in host memory where the memory plan put it
-(layer.host_embedding), whose rows for the chosen tokens are gathered there and copied.
+(offload.embed: the chosen tokens' rows gathered there and copied).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .graphs import capture, on_capture_stream
-from .layer import capturable, fast_layer, host_embedding, mlp_block
+from .layer import capturable, fast_layer, mlp_block, rope_tables
+from .offload import embed
 from .rmsnorm import rms_norm
 from .rope import Rope
 
@@ -81,9 +82,7 @@ class Decoder:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The embedding of ids (B, T) on the device, in the compute dtype, gathered where the table is."""
-        table = host_embedding(self.model)
-        ids = ids.to(self.pos.device if table is None else "cpu")  # a host table: one wait for the chosen tokens
-        return self.model.model.embed_tokens(ids).to(self.pos.device, self.dtype, non_blocking=True)
+        return embed(self.model, ids).to(self.dtype)
 
     def _next(self):
         """One new token's step for every row: as a CUDA graph, captured at the first call, or eagerly."""
@@ -106,7 +105,7 @@ class Decoder:
         their keys and values into those rows' cache; the argmax after each row's last position goes to
         out[b, last + 1] and becomes its next step's input token."""
         inner = self.model.model
-        rope = [t.to(self.dtype)[:, :, None] for t in inner.rotary_emb(h, positions)]  # cos, sin (B, T, 1, hd)
+        rope = rope_tables(self.model, h, positions)
         # key j is visible to the query at position p when j <= p: the prompt's causal mask, and for one new
         # token every filled cache entry of its row
         visible = torch.arange(self.max_len, device=h.device) <= positions[:, :, None]  # (B, T, max_len)

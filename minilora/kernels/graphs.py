@@ -5,7 +5,7 @@ two thousand kernels, and at guanaco's ~1,600 tokens a step the GPU finishes the
 issue them. A replayed graph issues them all in one call. What that needs:
 - fixed shapes: the batches are padded to a multiple of PAD_MULTIPLE tokens, so a few shapes recur (a packed
   micro-batch has one shape, and a few counts of examples); the loss reads every position with 0/1 weights
-  (forward.to_device(dense=True)) instead of a variable number of rows;
+  (fast_path.FastPath.move) instead of a variable number of rows;
 - fixed addresses: inputs are copied into the graph's own tensors (views of one buffer per input, shared by
   every graph: the embedded rows of a host table take B x T x H each); the LoRA gradients are allocated before
   the first capture and accumulated into by every replay (the loop zeroes them, never frees them); the
@@ -52,7 +52,7 @@ class GraphedSteps:
 
     def __call__(self, batch: dict, scale: float) -> torch.Tensor:
         """Add the gradient of scale * loss_sum to the LoRA .grad and return loss_sum: a tensor that the next
-        call overwrites. batch: from forward.to_device(dense=True), right-padded (no attention_mask) or packed. Its
+        call overwrites. batch: dense, as FastPath.move makes it, right-padded (no attention_mask) or packed. Its
         tensors are the graph's inputs; its other values but n_tokens are constants of the graph. The batch is
         consumed (emptied once read), so that its tensors are not held through the step beside the graph's."""
         key = tuple((name, tuple(x.shape) if torch.is_tensor(x) else x) for name, x in batch.items()

@@ -27,7 +27,7 @@ from . import attention  # KEEP_ATTENTION and keep_attention are read through it
 from .attention import KeptAttention, Segments, attention_backends, segment_attention
 from .dora import computes
 from .lora4bit import Projection, compute_dtype
-from .offload import Offload
+from .offload import Offload, embed
 from .rmsnorm import rms_norm
 from .rope import Rope
 from .swiglu import SwiGLU
@@ -143,11 +143,10 @@ def capturable(model, dtype: torch.dtype) -> bool:
                                   for p in fast_layer(layer).projections())
 
 
-def host_embedding(model) -> torch.Tensor | None:
-    """The embedding table, when prepare_for_training(offload=True) keeps it in host memory (the rest of the
-    model on a GPU); else None."""
-    w = model.get_input_embeddings().weight
-    return w if w.device.type == "cpu" and model.lm_head.weight.is_cuda else None
+def rope_tables(model, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (1 or B, T, 1, head_dim) in h's dtype, at `positions` (1 or B, T): from the model's own
+    rotary embedding (any rope_type), shared by every layer."""
+    return tuple(t.to(h.dtype)[:, :, None] for t in model.model.rotary_emb(h, positions))
 
 
 def model_forward(model, input_ids, segments: Segments | None = None, position_ids=None,
@@ -156,17 +155,15 @@ def model_forward(model, input_ids, segments: Segments | None = None, position_i
 
     segments: None for right-padded rows (causal attention is exact for them), or where the examples of a
     packed row (B = 1) begin and end, with position_ids restarting at 0 in each. inputs_embeds: the embedded
-    input_ids, gathered on the host when the table is there (forward.to_device does it).
+    input_ids (embed's, when None).
     """
     inner = model.model
     if inputs_embeds is None:
-        table = host_embedding(model)
-        ids = input_ids if table is None else input_ids.cpu()  # a host table: gather there, then copy
-        inputs_embeds = inner.embed_tokens(ids).to(model.lm_head.weight.device)  # (B, T, H)
+        inputs_embeds = embed(model, input_ids)  # (B, T, H)
     h = inputs_embeds.to(compute_dtype(inputs_embeds))
     if position_ids is None:
         position_ids = torch.arange(h.shape[1], device=h.device)[None]
-    cos, sin = (t.to(h.dtype)[:, :, None] for t in inner.rotary_emb(h, position_ids))  # (1 or B, T, 1, hd)
+    cos, sin = rope_tables(model, h, position_ids)
     copies = Offload(h.device) if torch.is_grad_enabled() and any(
         fast_layer(layer).offload for layer in inner.layers) else None
     with attention_backends(h.shape[1]):

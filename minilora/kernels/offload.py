@@ -26,6 +26,9 @@ replay as a CUDA graph (kernels/graphs.py). A step reuses the host blocks of the
 copies out wait for its compute, which waited for every copy back of the step before.
 
 On a CPU there are no streams: the same bookkeeping runs with plain copies, so the CPU tests check it.
+
+The lean mode keeps the embedding table in pinned host memory too (host_embedding); `embed` gathers a batch's rows
+there and copies them.
 """
 
 from __future__ import annotations
@@ -157,3 +160,22 @@ class Offload:
             self.ready[slot] = torch.cuda.Event()
             self.ready[slot].record()
         self.gpu[slot] = tensors  # allocated on the compute stream, which waits for `ready` before it uses them
+
+
+def host_embedding(model) -> torch.Tensor | None:
+    """The embedding table, when prepare_for_training(offload=True) keeps it in host memory (the rest of the
+    model on a GPU); else None."""
+    w = model.get_input_embeddings().weight
+    return w if w.device.type == "cpu" and model.lm_head.weight.is_cuda else None
+
+
+def embed(model, ids: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of ids (B, T) on lm_head's device. A table in host memory (host_embedding) is read
+    there: the ids come to the host (a wait, if they are on the GPU), their rows are gathered into pinned memory and
+    copied without another wait."""
+    table, device = host_embedding(model), model.lm_head.weight.device
+    if table is None:
+        return model.get_input_embeddings()(ids.to(device))
+    rows = torch.empty((*ids.shape, table.shape[1]), dtype=table.dtype, pin_memory=True)
+    torch.index_select(table, 0, ids.reshape(-1).cpu(), out=rows.view(-1, table.shape[1]))
+    return rows.to(device, non_blocking=True)
