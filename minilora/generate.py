@@ -6,7 +6,8 @@ import torch
 from .config import PRECISIONS, autocast
 from .fsdp import is_sharded
 from .kernels.decode import Decoder
-from .kernels.layer import FastLayer, attach_fast, detach_fast, host_embedding, is_fast, unsupported
+from .kernels.layer import FastLayer, attach_fast, detach_fast, is_fast, unsupported
+from .kernels.offload import host_embedding
 from .model import place_embedding
 from .processes import rank_and_world
 from .template import encode_prompt, get_template

@@ -52,12 +52,13 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     # a new config, checked again when made (its fields may have changed since the first was), precision settled
     cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
     examples, stats, evals = _setup_data(model, tokenizer, train_rows, eval_rows, cfg)
-    own_adapter = trains_own_adapter(model, cfg.lora())
+    trains_own_adapter(model, cfg.lora())  # LoRA settings that differ from the model's are refused here, before the
+    # output directory exists; _setup asks again for the answer
     rank, world = rank_and_world()
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
         with contextlib.ExitStack() as fast:  # a FastPath's running(), entered by _setup (fast_path.py)
-            t = _setup(model, tokenizer, examples, cfg, run, own_adapter, fast)
+            t = _setup(model, tokenizer, examples, cfg, run, fast)
             try:
                 with StopRequest(world) as stop:  # from here a signal stops the run at a step boundary, saved
                     if not t.step:
@@ -147,12 +148,12 @@ class _Training:
     record: dict  # each checkpoint's run.json
 
 
-def _setup(model, tokenizer, examples, cfg: TrainConfig, run, own_adapter: bool,
-           cleanup: contextlib.ExitStack) -> _Training:
+def _setup(model, tokenizer, examples, cfg: TrainConfig, run, cleanup: contextlib.ExitStack) -> _Training:
     """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
     (with the plan's FastPath, whose running() `cleanup` enters), the micro-batch stream, optimizer and schedule,
-    the resumed state, the log. own_adapter: the run trains the adapter the model carries, not a fresh one."""
+    the resumed state, the log."""
     rank, world = rank_and_world()
+    own_adapter = trains_own_adapter(model, cfg.lora())  # the run trains the adapter the model carries
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world)
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
     options, plan_line, shape_plan = _setup_model(model, cfg, world)
