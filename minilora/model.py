@@ -15,7 +15,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .data import looks_local
 from .kernels.attention import ATTENTION_BACKENDS
-from .kernels.layer import FastLayer, attach_fast, detach_fast, unsupported
+from .kernels.layer import FastLayer, attach_fast, detach_fast, fast_layer, unsupported
+from .kernels.stream import stream_weights, unstream
 from .lora import mark_only_lora_trainable, merge_lora
 from .plan import PlanOptions, plan_options
 
@@ -116,6 +117,9 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
     - The embedding table waits in pinned host memory where options.host_embedding says; each batch's rows are
       gathered on the host and copied (kernels.layer.embed). Generation and transformers' forward need it on the
       device: `place_embedding` moves it.
+    - stream: every layer's 4-bit weights wait in pinned host memory and are copied to the GPU a few layers ahead
+      of their use (kernels/stream.py): a model whose weights do not fit the card trains on it. It needs fast
+      layers, every one checkpointed, none cached; the weights stay streamed until a call without stream.
     - fast: minilora's loss runs the decoder through kernels/layer.py, the same weights and formula in fewer
       kernels (cached_layers keep their dequantized weights for the run; keep_weights: a recompute keeps them
       for the backward). transformers' forward stays for everything else (generation, a direct model(...)).
@@ -130,6 +134,10 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
     on_host = options.host_embedding(len(layers), tied=model.get_input_embeddings().weight is model.lm_head.weight)
     place_embedding(model, "cpu" if on_host and model.lm_head.weight.is_cuda else None)
     detach_fast(model)
+    if options.stream and (not options.fast or n < len(layers) or options.cached_layers):
+        raise ValueError("stream=True needs fast=True, every layer checkpointed and no cached_layers")
+    if not options.stream:
+        unstream(layers)  # weights an earlier call streamed come back to the device
     for i, layer in enumerate(layers):
         layer.__dict__.pop("forward", None)  # undo an earlier call: back to the class's forward
         if options.fast:
@@ -139,6 +147,10 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
             # SDPA restricted to flash, memory-efficient and math attention (see kernels/layer.py), the recompute too
             train_forward = sdpa_kernel(ATTENTION_BACKENDS)(layer.forward)
             layer.forward = functools.partial(_layer_forward, layer.forward, train_forward, options.offload)
+    if options.stream:
+        if not all(p.quantized for layer in layers for p in fast_layer(layer).projections()):
+            raise ValueError("stream=True streams 4-bit weights: load the model with quant='nf4'")
+        stream_weights(layers, model.lm_head.weight.device)
     return model
 
 

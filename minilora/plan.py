@@ -44,6 +44,7 @@ class PlanOptions:
     embedding_on_host: bool | None = None  # the embedding table in pinned host memory; None: in the lean mode
     loss_chunk: int = 4096  # supervised rows per chunk of the vocabulary projection
     graphs: bool = True  # fast steps replayed as CUDA graphs (on a GPU), which keep their inputs and LoRA grads
+    stream: bool = False  # the layers' 4-bit weights in pinned host memory, copied in as they run (kernels/stream.py)
 
     def layers_checkpointed(self, num_layers: int) -> int:
         return num_layers if self.checkpointed is None else min(self.checkpointed, num_layers)

@@ -23,6 +23,7 @@ from .layer import capturable, fast_layer, mlp_block, rope_tables
 from .offload import embed
 from .rmsnorm import rms_norm
 from .rope import Rope
+from .stream import streamed
 
 CHECK_EVERY = 16  # new tokens between two looks for a stop id (each look waits for the GPU)
 
@@ -110,6 +111,8 @@ class Decoder:
         # token every filled cache entry of its row
         visible = torch.arange(self.max_len, device=h.device) <= positions[:, :, None]  # (B, T, max_len)
         for layer, (keys, values) in zip(inner.layers, self.cache):
+            if stream := streamed(layer):  # every token's step copies every layer's 4-bit weights in turn
+                stream[0].use(stream[1], +1)
             h = mlp_block(layer, _attention_block(layer, h, rope, (keys[rows], values[rows]), positions, visible))
         logits = self.model.lm_head(rms_norm(h[:, -1:], inner.norm))  # (B, 1, vocab)
         token = self.token[rows]

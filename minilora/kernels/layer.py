@@ -30,6 +30,7 @@ from .lora4bit import Projection, compute_dtype
 from .offload import Offload, embed
 from .rmsnorm import rms_norm
 from .rope import Rope
+from .stream import streamed
 from .swiglu import SwiGLU
 
 
@@ -174,6 +175,8 @@ def model_forward(model, input_ids, segments: Segments | None = None, position_i
 def _layers(layers, h, cos, sin, segments, copies):
     for layer in layers:
         spec = fast_layer(layer)
+        if stream := streamed(layer):  # its 4-bit weights come from host memory (stream.py)
+            stream[0].use(stream[1], +1)
         if not (spec.checkpoint and torch.is_grad_enabled()):
             h = layer_forward(layer, h, cos, sin, segments)
             continue
@@ -224,6 +227,8 @@ class Recomputed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if stream := streamed(ctx.layer):
+            stream[0].use(stream[1], -1)
         x, *kept = ctx.copies.load(ctx.slot) if ctx.copies else ctx.saved_tensors
         cos, sin = ctx.cos_sin
         params = fast_layer(ctx.layer).params[ctx.part]

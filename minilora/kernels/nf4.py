@@ -28,7 +28,8 @@ BLOCK = 1024  # packed bytes per program: 2048 values
 def supported(weight, dtype: torch.dtype) -> bool:
     """Whether the kernel can dequantize this Params4bit into a contiguous tensor of `dtype`."""
     qs = weight.quant_state
-    return (triton is not None and weight.data.is_cuda and qs.quant_type == "nf4"
+    on_device = weight.data.is_cuda or weight.data.is_pinned()  # pinned: streamed to the device (stream.py)
+    return (triton is not None and on_device and qs.quant_type == "nf4"
             and dtype in (torch.bfloat16, torch.float16, torch.float32) and qs.blocksize % 2 == 0
             and (not qs.nested or qs.offset.is_cuda) and weight.data.is_contiguous())
 
