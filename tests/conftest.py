@@ -90,6 +90,12 @@ def mha_dir(tok_dir, tmp_path_factory):
     return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("mha"), num_key_value_heads=4)
 
 
+@pytest.fixture(scope="session")
+def deep_dir(tok_dir, tmp_path_factory):
+    """The same with 7 layers: more than the streamed weights' device slots (kernels/stream.SLOTS)."""
+    return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("deep"), num_hidden_layers=7)
+
+
 @pytest.fixture(scope="session", params=["llama3", "mistral", "qwen2"])
 def family_dir(request, tok_dir, tmp_path_factory):
     """A tiny checkpoint of each LLaMA family the fast layers serve besides LLaMA 2 (conftest.FAMILIES)."""

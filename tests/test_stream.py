@@ -1,6 +1,7 @@
 """Streamed 4-bit weights (kernels/stream.py) on the CPU, where the same bookkeeping runs as on a GPU with plain
 copies, and a layer that is out has NaN block scales: a step that read a layer outside its window would give a NaN
-loss or gradient. A model of 7 layers: more than stream.SLOTS, so that the slots are reused in both directions."""
+loss or gradient. A model of 7 layers (deep_dir): more than stream.SLOTS, so that the slots are reused in both
+directions."""
 
 import importlib
 
@@ -11,13 +12,7 @@ import minilora as ml
 from minilora.kernels import stream as weights
 from minilora.kernels.lora4bit import is_4bit
 
-from conftest import _tiny_checkpoint
 from test_train import adapter, losses, run
-
-
-@pytest.fixture(scope="module")
-def deep_dir(tok_dir, tmp_path_factory):
-    return _tiny_checkpoint(tok_dir, tmp_path_factory.mktemp("deep"), num_hidden_layers=7)
 
 
 def _model(deep_dir, **prepare):
