@@ -22,6 +22,7 @@ import torch
 
 from .config import OPTIMIZERS
 from .kernels.attention import KEEP_ATTENTION
+from .kernels.stream import SLOTS
 from .lora import LoraSpec
 from .plan_layers import StepSizes, fast_layer_bytes, hf_layer_bytes, linear_shapes, optimizer_bytes
 
@@ -111,7 +112,9 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     transformers' layers, every one checkpointed, when not given); setup: the base and the adapter (Setup).
     fields: any of either's fields by name, e.g. lora_r=16, offload=True, or gradient_checkpointing=True.
     Returns a dict: `breakdown` {term: bytes}, `total` (their sum, the predicted peak), `phase` (the moment
-    it happens), `phases` (both candidates' transient bytes), `cpu` (pinned host bytes when offloading),
+    it happens), `phases` (both candidates' transient bytes), `cpu` (pinned host bytes: offloaded inputs, a host
+    embedding table, streamed weights), `streamed_host` and `streamed_per_step` (the streamed weights' host bytes,
+    and the bytes a training step copies of them),
     `cuda_context` and `paged_optimizer` (outside `total`) and `inputs`.
     """
     c = as_config(config)
@@ -120,7 +123,8 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     step = _Step(z, options, quantized=setup.quant is not None)
     tied = getattr(c, "tie_word_embeddings", False)
     host_table = options.host_embedding(z.L, tied)
-    b = _persistent(z, setup, step.cached, tied, host_table)
+    stream = options.stream and setup.quant is not None
+    b = _persistent(z, setup, step.cached, tied, host_table, stream)
     # a paged optimizer's paged states are CUDA managed memory, which torch's counters never see: the GPU holds
     # them while it has room (bitsandbytes prefetches them there for each update) and the driver may migrate them
     # to the host when it has not, so they are reported beside the total
@@ -138,14 +142,19 @@ def plan_memory(config, batch, seq_len, options: PlanOptions | None = None, setu
     b["lora_grads"] = z.lora_bytes if phase == "backward" else kept_grads
     b["layer_backward"] = extra - z.lora_bytes if phase == "backward" else 0
     b["loss"] = extra if phase == "loss" else 0
-    plan = {"breakdown": b, "total": sum(b.values()), "phase": phase, "phases": phases, "cpu": step.cpu(host_table),
+    # Streamed: every layer's codes and scales in pinned host memory; a step copies each layer in for the forward,
+    # and again for the backward but the last SLOTS, which the forward leaves on the device.
+    streamed = z.L * sum(layer_4bit_bytes(z, setup.double_quant)[:2]) if stream else 0
+    plan = {"breakdown": b, "total": sum(b.values()), "phase": phase, "phases": phases,
+            "cpu": step.cpu(host_table) + streamed, "streamed_host": streamed,
+            "streamed_per_step": streamed * (2 * z.L - min(SLOTS, z.L)) // z.L,
             "cuda_context": CUDA_CONTEXT, "paged_optimizer": paged,
             "inputs": dict(batch=batch, seq_len=seq_len, lora_r=setup.lora.r, lora_targets=z.targets,
                            quant=setup.quant, offload=options.offload, lora_dropout=setup.lora.dropout,
                            use_dora=setup.lora.use_dora,
                            fast=options.fast, checkpointed=step.ckpt, cached_layers=step.cached,
                            keep_weights=options.keep_weights, loss_chunk=options.loss_chunk, layers=z.L,
-                           embedding_on_host=host_table, graphs=graphs, optimizer=setup.optimizer)}
+                           embedding_on_host=host_table, graphs=graphs, optimizer=setup.optimizer, stream=stream)}
     return plan
 
 
@@ -166,20 +175,31 @@ def _sizes(c, batch, seq_len, setup: Setup) -> StepSizes:
                      dora=setup.lora.use_dora)
 
 
-def _persistent(z: StepSizes, setup: Setup, cached: int, tied: bool, host_table: bool) -> dict:
+def layer_4bit_bytes(z: StepSizes, double_quant: bool) -> tuple[int, int, int]:
+    """(codes, block scales, code tables) of one decoder layer's 4-bit linears. Two weights per byte; one absmax per
+    64-block, fp32; with double quant that absmax is itself 8-bit (1 byte per 64 weights) plus an fp32 absmax per
+    256 of those, and each linear has a 256-entry fp32 code beside its 16-entry one. The codes and scales stream."""
+    sizes = [i * o for i, o in z.lin.values()]
+    codes = sum(math.ceil(n / 2) for n in sizes)
+    if double_quant:
+        return codes, sum(n // 64 + 4 * math.ceil(n / 64 / 256) for n in sizes), 1024 * len(sizes)
+    return codes, sum(4 * (n // 64) for n in sizes), 0
+
+
+def _persistent(z: StepSizes, setup: Setup, cached: int, tied: bool, host_table: bool, stream: bool) -> dict:
     """The bytes that stay through the run, but the optimizer's state: the frozen base, embeddings, norms, the
     adapters, cuBLAS's workspaces."""
     b = {}
-    # Frozen base. 4-bit: two weights per byte. Quant state: one absmax per 64-block, fp32; with double quant
-    # that absmax is itself 8-bit (1 byte per 64 weights) plus an fp32 absmax per 256 of those and a 256-entry
-    # fp32 code per weight. quant=None keeps every linear in the compute dtype (4x the 4-bit bytes for bf16).
-    sizes = [i * o for i, o in z.lin.values()]
+    # Frozen base: 4-bit (layer_4bit_bytes), or quant=None: every linear in the compute dtype.
+    # Streamed (kernels/stream.py): the codes and block scales of SLOTS layers are on the device, the code tables
+    # of every layer.
     if setup.quant is None:
         b["weights"], b["quant_state"] = z.L * z.layer_weights, 0
     else:
-        b["weights"] = z.L * sum(math.ceil(n / 2) for n in sizes)
-        b["quant_state"] = z.L * sum(n // 64 + 4 * math.ceil(n / 64 / 256) + 1024 if setup.double_quant
-                                     else 4 * (n // 64) for n in sizes)
+        codes, scales, tables = layer_4bit_bytes(z, setup.double_quant)
+        on_device = min(SLOTS, z.L) if stream else z.L
+        b["weights"] = on_device * codes
+        b["quant_state"] = on_device * scales + z.L * tables
     b["cached_weights"] = cached * z.layer_weights if setup.quant is not None else 0
     # Embeddings and lm_head stay in the compute dtype (no fp32 upcast); one matrix if they are tied. An
     # embedding table in host memory leaves lm_head alone on the GPU.

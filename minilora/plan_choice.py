@@ -14,6 +14,7 @@ from .config import PRECISIONS
 from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import unsupported
 from .kernels.lora4bit import is_4bit
+from .kernels.stream import SLOTS, host_link_gbps
 from .plan import GiB, LOSS_CHUNKS, PlanOptions, Setup, as_config, plan_memory, plan_options, split_fields
 
 # shape_options keeps a shorter micro-batch's predicted peak this share of the budget under the longest one's: on
@@ -46,17 +47,28 @@ def choose_plan(config, batch, seq_len, budget: float, fixed: dict | None = None
         return plan_memory(config, batch, seq_len, plan_options(options, **fixed), setup)["total"]
 
     opts = PlanOptions(fast=fast, checkpointed=L, loss_chunk=LOSS_CHUNKS[-1])
-    # leaner and slower: checkpointed inputs and the embedding table in host memory, then eager steps too
-    for lean in ({"offload": True}, {"graphs": False})[:2 if fast else 1]:
-        if peak(opts) > budget and not lean.keys() & fixed.keys():
+    # leaner and slower: checkpointed inputs and the embedding table in host memory, then the 4-bit weights too
+    # (streamed; every layer stays checkpointed, none cached), then eager steps
+    def helps(lean: dict) -> bool:  # a step the caller leaves open, which lowers the peak
+        stream_closed = "stream" in lean and fixed.keys() & {"gradient_checkpointing", "checkpointed", "cached_layers"}
+        return not (lean.keys() & fixed.keys() or stream_closed) and peak(change(opts, **lean)) < peak(opts)
+
+    for lean in ({"offload": True}, {"stream": True}, {"graphs": False}) if fast else ({"offload": True},):
+        if peak(opts) > budget and helps(lean):
             opts = change(opts, **lean)
+    # streamed weights may leave room for the activations on the device: then they stay (the host link carries
+    # the weights alone)
+    if opts.stream and "offload" not in fixed and peak(change(opts, offload=False)) <= budget:
+        opts = change(opts, offload=False)
     if peak(opts) <= budget:
         if fast and peak(change(opts, keep_weights=True)) <= budget:
             opts = change(opts, keep_weights=True)
-        if fast:
+        if fast and not opts.stream:
             opts = change(opts, cached_layers=max(n for n in range(L + 1)
                                                   if peak(change(opts, cached_layers=n)) <= budget))
-        opts = change(opts, checkpointed=min(n for n in range(L + 1) if peak(change(opts, checkpointed=n)) <= budget))
+        if not opts.stream:
+            opts = change(opts, checkpointed=min(n for n in range(L + 1)
+                                                 if peak(change(opts, checkpointed=n)) <= budget))
         # Larger chunks launch fewer, larger GEMMs, but the loss should not become the peak where memory is
         # tight: the largest chunk that fits and leaves the peak where it was (or a peak well inside the budget).
         ceiling = min(budget, max(peak(opts), 0.9 * budget))
@@ -76,7 +88,8 @@ def shape_options(config, batch, seq_len, choice: dict, fixed: dict | None = Non
     L = as_config(config).num_hidden_layers
     worst, setup = choice["plan"], split_fields(None, setup, fields)[1]
     options = dataclasses.replace(choice["options"], embedding_on_host=worst["inputs"]["embedding_on_host"])
-    if not options.fast or {"checkpointed", "gradient_checkpointing", "keep_weights"} & (fixed or {}).keys():
+    if not options.fast or options.stream or {"checkpointed", "gradient_checkpointing", "keep_weights"} & (
+            fixed or {}).keys():  # streamed layers are all checkpointed: their backward is where their copies go
         return options
     ceiling = min(choice["budget"], worst["total"]) - SHAPE_SLACK * choice["budget"]
     inputs = worst["breakdown"].get("graph_inputs", 0)
@@ -124,7 +137,12 @@ def plan_run(model, cfg) -> tuple[PlanOptions, str, functools.partial | None]:
     detail = (" (their recompute keeps its weights)" if o.keep_weights and n else "") + (
         f", {shortest} at {cfg.batch_size} x {PAD_MULTIPLE} tokens" if shortest < n else "") + (
         f", their inputs{' and the embedding table' if plan['inputs']['embedding_on_host'] else ''} in "
-        f"host memory ({plan['cpu'] / GiB:.2f} GiB pinned)" if o.offload and n else "")
+        f"host memory ({(plan['cpu'] - plan['streamed_host']) / GiB:.2f} GiB pinned)" if o.offload and n else "")
+    if o.stream:  # the host link's floor: what a step copies, at the speed a copy takes now
+        per_step, gbps = plan["streamed_per_step"], host_link_gbps(device)
+        detail += (f"; every layer's 4-bit weights streamed from host memory ({plan['streamed_host'] / GiB:.1f} GiB "
+                   f"pinned, {SLOTS} layers at a time on the GPU): {per_step / 1e9:.1f} GB a step over a "
+                   f"{gbps:.0f} GB/s host link, at least {per_step / 1e9 / gbps:.2f} s a step")
     cached = f", {o.cached_layers}/{L} layers' weights kept dequantized" if o.fast else ""
     line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): {path}{cached}, {n}/{L} "
             f"checkpointed{detail}, loss chunk {o.loss_chunk}; predicted peak {plan['total'] / GiB:.2f} GiB at "

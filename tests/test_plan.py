@@ -119,22 +119,69 @@ def test_choose_plan_offloads_only_when_nothing_else_fits():
     tight = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB)
     assert roomy["fits"] and not roomy["options"].offload
     assert tight["fits"] and tight["options"].offload and tight["plan"]["total"] <= leanest - 0.5 * GiB
-    refused = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB, fixed={"offload": False})
+    refused = choose_plan(LLAMA2_7B, 4, 1024, leanest - 0.5 * GiB, fixed={"offload": False, "stream": False})
     assert not refused["fits"] and not refused["options"].offload
 
 
+LLAMA2_70B = LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                         intermediate_size=28672, vocab_size=32000)
+
+
+def test_streamed_weights_leave_slots_on_the_device_and_every_layer_in_host_memory():
+    """Llama-2-70B's shape, by hand: a layer's seven 4-bit linears hold H(2H + 2 kv) + 3 H I weights, two a byte,
+    and double-quantized scales of one byte a 64-block plus an fp32 scale a 256 of those; each linear keeps its code
+    tables (1 KiB) on the device. Streamed, SLOTS layers' codes and scales are on the device, every layer's in host
+    memory, and a step copies each layer in twice but the last SLOTS (the forward leaves them for the backward)."""
+    from minilora.kernels.stream import SLOTS
+
+    H, I, kv, L = 8192, 28672, 1024, 80
+    sizes = [H * H, H * kv, H * kv, H * H, H * I, H * I, I * H]
+    codes = sum(n // 2 for n in sizes)
+    scales = sum(n // 64 + 4 * -(-n // (64 * 256)) for n in sizes)
+    options = PlanOptions(fast=True, offload=True, loss_chunk=512)
+    resident = plan_memory(LLAMA2_70B, 4, 1024, options)
+    streamed = plan_memory(LLAMA2_70B, 4, 1024, dataclasses.replace(options, stream=True))
+    assert resident["breakdown"]["weights"] == L * codes and streamed["breakdown"]["weights"] == SLOTS * codes
+    assert streamed["breakdown"]["quant_state"] == SLOTS * scales + L * 7 * 1024
+    assert resident["breakdown"]["quant_state"] == L * (scales + 7 * 1024)
+    assert streamed["streamed_host"] == L * (codes + scales) and resident["streamed_host"] == 0
+    assert streamed["cpu"] - resident["cpu"] == L * (codes + scales)
+    assert streamed["streamed_per_step"] == (2 * L - SLOTS) * (codes + scales)
+    assert resident["total"] - streamed["total"] == (L - SLOTS) * (codes + scales)
+
+
+def test_choose_plan_streams_only_when_nothing_resident_fits():
+    """A 70B model at 4 x 1024 tokens: at 48 GiB the weights stay on the device; at 20 GiB nothing resident fits
+    (every resident plan holds its 34 GiB of 4-bit weights), and the plan streams them, every layer checkpointed,
+    none cached, with CUDA graphs; the checkpointed inputs stay on the device where they fit (20 GiB), and go to
+    host memory too where they do not (8 GiB). A config that fixes the checkpointing leaves streaming closed."""
+    resident = choose_plan(LLAMA2_70B, 4, 1024, 48 * GiB)
+    assert resident["fits"] and not resident["options"].stream
+    leanest_resident = plan_memory(LLAMA2_70B, 4, 1024, PlanOptions(fast=True, offload=True, loss_chunk=512))
+    assert leanest_resident["total"] > 34 * GiB
+    lean = choose_plan(LLAMA2_70B, 4, 1024, 20 * GiB)
+    o = lean["options"]
+    assert lean["fits"] and lean["plan"]["total"] <= 20 * GiB
+    assert o.stream and not o.offload and o.graphs and o.checkpointed == 80 and o.cached_layers == 0
+    leaner = choose_plan(LLAMA2_70B, 4, 1024, 8 * GiB)
+    assert leaner["fits"] and leaner["options"].stream and leaner["options"].offload
+    assert not choose_plan(LLAMA2_70B, 4, 1024, 20 * GiB, fixed={"gradient_checkpointing": True})["options"].stream
+    shorter = shape_options(LLAMA2_70B, 4, 128, lean)  # shorter batches: still every layer checkpointed
+    assert shorter.stream and shorter.checkpointed == 80
+
+
 def test_choose_plan_gives_up_graphs_last_and_returns_the_leanest_when_nothing_fits():
-    """At 1 x 32768 tokens the offloaded plan fits 7.5 GiB only with eager steps: CUDA graphs keep their own copy
-    of the embedded rows (256 MiB here). With less, nothing fits, and the leanest plan comes back, flagged; a
-    config without CUDA graphs (fixed) never counts their copy."""
+    """At 1 x 32768 tokens, weights resident (stream fixed off), the offloaded plan fits 7.5 GiB only with eager
+    steps: CUDA graphs keep their own copy of the embedded rows (256 MiB here). With less, nothing fits, and the
+    leanest plan comes back, flagged; a config without CUDA graphs (fixed) never counts their copy."""
     rows = 32768 * 4096 * 2
     graphed = plan_memory(LLAMA2_7B, 1, 32768, PlanOptions(fast=True, offload=True, loss_chunk=512))
     eager = plan_memory(LLAMA2_7B, 1, 32768, PlanOptions(fast=True, offload=True, loss_chunk=512, graphs=False))
     assert graphed["breakdown"]["graph_inputs"] == rows and "graph_inputs" not in eager["breakdown"]
     assert eager["total"] <= 7.5 * GiB < graphed["total"]
-    fits = choose_plan(LLAMA2_7B, 1, 32768, 7.5 * GiB)
+    fits = choose_plan(LLAMA2_7B, 1, 32768, 7.5 * GiB, fixed={"stream": False})
     assert fits["fits"] and fits["options"].offload and not fits["options"].graphs
-    leanest = choose_plan(LLAMA2_7B, 1, 32768, 6 * GiB)
+    leanest = choose_plan(LLAMA2_7B, 1, 32768, 6 * GiB, fixed={"stream": False})
     assert not leanest["fits"] and leanest["plan"]["total"] == eager["total"]
     assert leanest["plan"]["total"] < plan_memory(LLAMA2_7B, 1, 32768, PlanOptions(fast=True, loss_chunk=512))["total"]
     roomy = choose_plan(LLAMA2_7B, 4, 1024, 40 * GiB, fixed={"graphs": False})

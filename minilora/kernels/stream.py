@@ -141,3 +141,16 @@ def unstream(layers):
 def streamed(layer) -> tuple[WeightStream, int] | None:
     """(the stream, the layer's index in it) for a layer whose weights stream, else None."""
     return layer.__dict__.get(_STREAM)
+
+
+def host_link_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """GB/s of a copy from pinned host memory to `device` (a GPU), timed once after a warm-up copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=device)
+    dst.copy_(src, non_blocking=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return nbytes / start.elapsed_time(end) / 1e6  # bytes per ms -> GB/s
