@@ -71,8 +71,14 @@ SHAPES = {  # a config's model_type and fields; "tiny" is minilora.tiny.tiny_con
                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), use_sliding_window=False,
                        **TOKENS),
+    # Llama 2 70B: 80 layers, 8 key-value heads. Never written in bf16 (140 GB): its NF4 linears are made on the
+    # device one at a time from random bf16 weights (random_nf4_model), 35 GB in all
+    "llama2-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, **TOKENS),
     "tiny": dict(max_position_embeddings=4096),
 }
+NF4_ONLY = {"llama2-70b"}  # shapes built as random NF4 on the device at load time, not saved: minilora's impls only
 TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 STANDARD = ["qv-r64-4x512", "qv-r64-2x2048", "all-r16-2x2048", "qv-r64-d0.1-4x512"]  # the last: the seed config
@@ -164,7 +170,12 @@ def prepare(spec: dict) -> dict:
         reuse = json.load(open(marker)) == json.loads(json.dumps(want))
     except (OSError, ValueError):
         reuse = False
-    if not reuse:
+    if not reuse and spec["shape"] in NF4_ONLY:  # the config alone: each load makes its weights
+        os.makedirs(out, exist_ok=True)
+        config.save_pretrained(out)
+        write_tokenizer(out)
+        json.dump(want, open(marker, "w"))
+    elif not reuse:
         from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
@@ -295,6 +306,40 @@ def load_minilora(spec):
     return model, loss_fn
 
 
+def random_nf4_model(model_dir: str, device: str):
+    """The causal LM of model_dir's config with random weights: each decoder linear made in bf16 on the device and
+    quantized there to NF4 (double quant) before the next is made, the rest in bf16 (norms 1). What ml.load_model
+    gives for a 4-bit checkpoint, without a bf16 copy of the whole model anywhere."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        for name, m in list(layer.named_modules()):
+            if isinstance(m, torch.nn.Linear):
+                parent = layer.get_submodule(name.rsplit(".", 1)[0])
+                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4", compress_statistics=True, device="meta")
+                w = torch.empty(m.out_features, m.in_features, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(device)
+                setattr(parent, name.rsplit(".", 1)[1], q)
+    for m in model.modules():  # embeddings, lm_head and norms
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.is_meta:
+                t = torch.empty(p.shape, dtype=torch.bfloat16, device=device)
+                setattr(m, name, torch.nn.Parameter(t.normal_(0, 0.02) if p.dim() > 1 else t.fill_(1.0),
+                                                    requires_grad=False))
+    with torch.device(device):  # its inverse frequencies, computed there
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    model.name_or_path = model_dir
+    return model
+
+
 def load_minilora_plan(spec):
     """train()'s step at a fixed shape: the memory plan train() chooses for the impl's budget (plan_choice.plan_run), the
     decoder prepared as it says, and each step as train() takes it: the batch copied from the host
@@ -310,8 +355,11 @@ def load_minilora_plan(spec):
     from minilora.optimizer import make_optimizer, optimizer_step
     from minilora.step import Stepper
 
-    model, _ = ml.load_model(spec["model_dir"], quant="nf4", double_quant=True, compute_dtype=torch.bfloat16,
-                             device=spec["device"])
+    if spec["shape"] in NF4_ONLY:
+        model = random_nf4_model(spec["model_dir"], spec["device"])
+    else:
+        model, _ = ml.load_model(spec["model_dir"], quant="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+                                 device=spec["device"])
     torch.manual_seed(spec["seed"])
     ml.add_lora(model, targets=spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"])
     cfg = ml.TrainConfig(batch_size=spec["batch"], max_len=spec["seq"], lora_r=spec["r"], lora_alpha=spec["alpha"],
@@ -597,6 +645,7 @@ def main(argv=None):
     for case in cases:
         for impl in case.pop("impls") or impls:
             spec = dict(case, impl=impl, case=case["name"], model_dir=model_dir, device=args.device, seed=args.seed,
+                        shape=args.shape,
                         steps=args.steps, warmup=args.warmup, peak_tensors=args.peak_tensors, optimizer=args.optimizer)
             row = {k: spec[k] for k in ("case", "impl", "lora", "targets", "r", "alpha", "dropout", "batch", "seq",
                                         "optimizer")}
@@ -606,6 +655,8 @@ def main(argv=None):
                     "@" in impl and impl_budget(impl) is None):
                 row["status"] = (f"unknown impl {impl!r}: use peft, unsloth, minilora, "
                                  "minilora+<prepare_for_training flag> or minilora@<GiB>")
+            elif args.shape in NF4_ONLY and impl_budget(impl) is None:
+                row["status"] = f"unavailable: {args.shape} is made as random NF4 at load, for minilora@GiB impls"
             elif missing:
                 row["status"] = f"unavailable: prepare_for_training has no {sorted(missing)}"
             elif args.optimizer != "adamw" and impl_budget(impl) is None:
