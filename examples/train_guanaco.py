@@ -26,7 +26,7 @@ from minilora.data import check_eval_size
 from minilora.checkpoint import check_resume, run_shape
 from minilora.lora import check_targets
 from minilora.kernels.layer import unsupported
-from minilora.model import linear_names, load_config, meta_model
+from minilora.model import linear_names, load_config, meta_model, place_for_streaming
 from minilora.plan_choice import memory_budget, plannable
 from minilora.rundir import claim, latest_checkpoint
 from minilora.config import PRECISIONS, default_precision
@@ -180,11 +180,12 @@ def encode(rows, index, tok, cfg):
     return examples, stats
 
 
-def check_memory(config, cfg, quant, fast: bool):
+def check_memory(config, cfg, quant, fast: bool, device: str) -> bool:
     """Before the weights load: warn when even the leanest plan that the flags allow (every layer checkpointed
-    unless they say otherwise, nothing cached) exceeds the budget. train() prints the plan it picks once the
-    model is there."""
-    budget, _ = memory_budget(cfg, torch.device("cuda", torch.cuda.current_device()))
+    unless they say otherwise, nothing cached) exceeds the budget; refuse when the plan streams the 4-bit weights
+    from host memory and the host has not that much free. Returns whether it streams (the model then loads in
+    host memory). train() prints the plan it picks once the model is there."""
+    budget, _ = memory_budget(cfg, torch.device(device))
     setup = ml.Setup(lora=cfg.lora(), quant=quant, compute_dtype=PRECISIONS[cfg.precision], optimizer=cfg.optimizer)
     choice = ml.choose_plan(config, cfg.batch_size, cfg.max_len, budget, fixed=cfg.fixed_plan(), setup=setup,
                             fast=fast)
@@ -193,6 +194,12 @@ def check_memory(config, cfg, quant, fast: bool):
         print(f"warning: a step at batch {cfg.batch_size} x {cfg.max_len} tokens needs at least {need:.2f} GiB, "
               f"more than the {budget / 2**30:.2f} GiB budget; lower --batch-size or --max-len",
               file=sys.stderr)
+    host, free = choice["plan"]["cpu"], os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if choice["options"].stream and host > free:
+        fail(f"the plan for a {budget / 2**30:.1f} GiB budget streams the 4-bit weights from host memory: it needs "
+             f"{host / 2**30:.1f} GiB pinned there, and this machine has {free / 2**30:.1f} GiB free; give it a "
+             "larger --memory-budget-gib, or a machine with more memory")
+    return choice["options"].stream
 
 
 def setup_device() -> str:
@@ -231,11 +238,14 @@ def main(argv=None):
     quant = None if args.quant == "none" else args.quant
     try:
         source, config, tok, train_data, eval_data = load_data(args, cfg)
-        check_before_loading(cfg, run, (source, config, train_data[0], world), quant, device)
-        # sharded: each process loads the model into host memory, and train() sends only its shards to the GPU
+        streams = check_before_loading(cfg, run, (source, config, train_data[0], world), quant, device)
+        # sharded: each process loads the model into host memory, and train() sends only its shards to the GPU;
+        # streamed: it loads there, and all but its 4-bit weights go to the GPU
         model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
-            source, quant=quant, compute_dtype=PRECISIONS[cfg.precision], device="cpu" if cfg.fsdp else device,
-            tokenizer=tok, config=config))
+            source, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
+            device="cpu" if cfg.fsdp or streams else device, tokenizer=tok, config=config))
+        if streams:
+            place_for_streaming(model, device)
         history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
     except KeyboardInterrupt as e:
         return interrupted(e, cfg, argv, world)
@@ -248,9 +258,10 @@ def main(argv=None):
     return report(history, cfg, args.preset == "tiny")
 
 
-def check_before_loading(cfg, run, what: tuple, quant, device: str):
+def check_before_loading(cfg, run, what: tuple, quant, device: str) -> bool:
     """The targets against the architecture, a resumed checkpoint against this run, the length and the memory,
-    all without weights. what: (model source, its config, the encoded training examples, process count)."""
+    all without weights; whether the memory plan streams the weights. what: (model source, its config, the
+    encoded training examples, process count)."""
     source, config, examples, world = what
     architecture = meta_model(config)  # its modules, on the meta device: no memory, no weights
     try:
@@ -265,7 +276,8 @@ def check_before_loading(cfg, run, what: tuple, quant, device: str):
         print(f"warning: --max-len {cfg.max_len} is beyond the {config.max_position_embeddings} positions this "
               "model was trained on; longer examples may train poorly", file=sys.stderr)
     if device.startswith("cuda") and not cfg.fsdp and plannable(architecture):  # one GPU's memory, unsharded
-        check_memory(config, cfg, quant, fast=not why)
+        return check_memory(config, cfg, quant, not why, device)
+    return False
 
 
 def interrupted(e: KeyboardInterrupt, cfg, argv, world: int) -> int:

@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         # fp32 by default: these are the master weights that AdamW updates; an update of lr 2e-4 on a weight
         # near 1e-2 is below bf16's resolution, and bf16 adapters measurably fall behind PEFT's fp32 ones.
         # The matmuls still run in the compute dtype (autocast, or the fast layers' own casts).
-        kw = dict(bias=False, dtype=spec.dtype, device=base.weight.device)
+        kw = dict(bias=False, dtype=spec.dtype, device=compute_device(base))
         self.lora_A = nn.Linear(base.in_features, spec.r, **kw)  # (r, in)
         self.lora_B = nn.Linear(spec.r, base.out_features, **kw)  # (out, r)
         # A as nn.Linear's default init (Kaiming-uniform, a=sqrt(5)) and B = 0, as in the LoRA paper's reference
@@ -135,6 +135,13 @@ class LoRALinear(nn.Module):
         return (f"r={self.spec.r}, alpha={self.spec.alpha}, scaling={self.scaling:g}"
                 f"{', rsLoRA' if self.spec.use_rslora else ''}"
                 f"{', DoRA' if self.spec.use_dora else ''}, merged={self.merged}")
+
+
+def compute_device(base: nn.Module) -> torch.device:
+    """Where a base linear computes: its weight's device, or for a 4-bit base its code table's (the codes of a
+    model loaded for streaming wait in host memory: model.place_for_streaming)."""
+    state = getattr(base.weight, "quant_state", None) if is_4bit(base) else None
+    return state.code.device if state is not None else base.weight.device
 
 
 @torch.no_grad()

@@ -142,7 +142,8 @@ def plan_run(model, cfg) -> tuple[PlanOptions, str, functools.partial | None]:
         per_step, gbps = plan["streamed_per_step"], host_link_gbps(device)
         detail += (f"; every layer's 4-bit weights streamed from host memory ({plan['streamed_host'] / GiB:.1f} GiB "
                    f"pinned, {SLOTS} layers at a time on the GPU): {per_step / 1e9:.1f} GB a step over a "
-                   f"{gbps:.0f} GB/s host link, at least {per_step / 1e9 / gbps:.2f} s a step")
+                   f"{gbps:.0f} GB/s host link, at least {per_step / 1e9 / gbps:.2f} s a step, and "
+                   f"{plan['streamed_host'] / 1e9 / gbps:.2f} s a sampled token")
     cached = f", {o.cached_layers}/{L} layers' weights kept dequantized" if o.fast else ""
     line = (f"memory plan for a budget of {budget / GiB:.1f} GiB ({source}): {path}{cached}, {n}/{L} "
             f"checkpointed{detail}, loss chunk {o.loss_chunk}; predicted peak {plan['total'] / GiB:.2f} GiB at "

@@ -335,3 +335,26 @@ def test_the_examples_flags_are_trainconfigs_fields_with_their_defaults(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--lr LR the peak learning rate (default: 0.0002)" in help_text
     assert "--no-fast turn off: minilora's decoder layers" in help_text
+
+
+def test_a_plan_that_streams_loads_in_host_memory_or_is_refused_when_the_host_lacks_it(monkeypatch, capsys):
+    """Before anything loads: a 70B model under a 20 GiB budget streams its 4-bit weights (the resident plans need
+    over 34 GiB), so the example loads it in host memory; where the host has less free memory than the plan pins
+    there, it stops with one line that names both and the fix. (The plan alone: no GPU is touched.)"""
+    from transformers import LlamaConfig
+
+    script = example()
+    config = LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                         intermediate_size=28672, vocab_size=32000)
+    cfg = script.ml.TrainConfig(memory_budget_gib=20, precision="bf16", lora_r=64)
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(script.os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE" else 200 * 2**30 // page)
+    assert script.check_memory(config, cfg, "nf4", True, "cuda") is True
+    assert script.check_memory(config, script.ml.TrainConfig(memory_budget_gib=60, precision="bf16"), "nf4", True,
+                                "cuda") is False
+    monkeypatch.setattr(script.os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE" else 16 * 2**30 // page)
+    with pytest.raises(SystemExit):
+        script.check_memory(config, cfg, "nf4", True, "cuda")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "streams the 4-bit weights from host memory" in err[0] and "16.0 GiB free" in err[0]
+    assert "--memory-budget-gib" in err[0]

@@ -131,11 +131,16 @@ def stream_weights(layers, device: torch.device) -> WeightStream:
 
 
 def unstream(layers):
-    """The weights of streamed layers back on the device (nothing for layers that do not stream)."""
+    """The layers' 4-bit weights on the device their code tables are on, in tensors of their own: streamed ones
+    back from their stream, ones loaded into host memory (model.place_for_streaming) copied there."""
     if _STREAM in layers[0].__dict__:
         layers[0].__dict__[_STREAM][0].restore()
         for layer in layers:
             del layer.__dict__[_STREAM]
+    for m in (m for layer in layers for m in layer.modules() if is_4bit(m)):
+        for owner, name in streamed_tensors(m.weight):
+            if getattr(owner, name).device != m.weight.quant_state.code.device:
+                setattr(owner, name, getattr(owner, name).to(m.weight.quant_state.code.device))
 
 
 def streamed(layer) -> tuple[WeightStream, int] | None:
