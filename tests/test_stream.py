@@ -11,6 +11,7 @@ import torch
 import minilora as ml
 from minilora.kernels import stream as weights
 from minilora.kernels.lora4bit import is_4bit
+from minilora.plan import PlanOptions, plan_memory
 
 from test_train import adapter, losses, run
 
@@ -74,8 +75,11 @@ def test_only_the_layers_in_their_slots_are_on_the_device(deep_dir):
         in_slot = i >= L - weights.SLOTS
         assert torch.isfinite(scales).all() == in_slot
         assert any(scales is t for t in stream.slots[i % weights.SLOTS]) == in_slot
-    assert stream.host_bytes == len(model.model.layers) * weights.layer_bytes(
-        [m.weight for m in model.model.layers[0].modules() if is_4bit(m)])
+    # the host holds every layer's codes and scales, as many bytes as the planner counts
+    layer = sum(getattr(o, n).nbytes for m in model.model.layers[0].modules() if is_4bit(m)
+                for o, n in weights.streamed_tensors(m.weight))
+    planned = plan_memory(model.config, 2, 16, PlanOptions(fast=True, stream=True), lora_r=4)["streamed_host"]
+    assert sum(t.nbytes for ts in stream.host for t in ts) == len(model.model.layers) * layer == planned
 
 
 def test_streaming_is_refused_where_a_layer_would_be_read_out_of_its_window(deep_dir):

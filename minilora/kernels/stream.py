@@ -38,11 +38,6 @@ def streamed_tensors(weight) -> list[tuple[object, str]]:
     return [(weight, "data"), (qs, "absmax")] + ([(qs.state2, "absmax")] if qs.nested else [])
 
 
-def layer_bytes(weights) -> int:
-    """The bytes of a layer's 4-bit weights that stream (each copy of it crosses the host link)."""
-    return sum(getattr(o, n).nbytes for w in weights for o, n in streamed_tensors(w))
-
-
 class WeightStream:
     """The streamed 4-bit weights of a model's decoder layers: `layers` holds each layer's 4-bit weights (Params4bit,
     on `device`), which move to host memory here."""
@@ -55,20 +50,18 @@ class WeightStream:
             raise ValueError("streamed layers must hold 4-bit weights of the same shapes")
         like = [getattr(o, n) for o, n in self.refs[0]]
         self.slots = [[torch.empty_like(t, device=device) for t in like] for _ in range(min(SLOTS, len(layers)))]
-        # per layer: its tensors in host memory, and what its parameters point to while it is out
-        self.host = [[getattr(o, n).to("cpu", copy=True).pin_memory() if self.cuda else getattr(o, n).clone()
-                      for o, n in refs] for refs in self.refs]
-        self.away = self.host if self.cuda else [[torch.full_like(t, float("nan")) if t.is_floating_point() else t
-                                                  for t in ts] for ts in self.host]
         self.holds = [None] * len(self.slots)  # the layer each slot holds
         self.ready = [None] * len(self.slots)  # its copy's event, until compute has waited for it
         self.copies = torch.cuda.Stream(device) if self.cuda else None
-        for i in range(len(layers)):
+        # per layer: its tensors in host memory, and what its parameters point to while it is out; a layer at a
+        # time, so that its tensors of before are freed before the next layer's copies are made
+        self.host, self.away = [], []
+        for i, refs in enumerate(self.refs):
+            self.host.append([getattr(o, n).cpu().pin_memory() if self.cuda else getattr(o, n).clone()
+                              for o, n in refs])
+            self.away.append(self.host[i] if self.cuda else [torch.full_like(t, float("nan"))
+                                                              if t.is_floating_point() else t for t in self.host[i]])
             self._point(i, self.away[i])
-
-    @property
-    def host_bytes(self) -> int:
-        return sum(t.nbytes for ts in self.host for t in ts)
 
     def use(self, i: int, direction: int):
         """Layer i is about to run: its weights in place once its copy has arrived (compute waits for it), and the
