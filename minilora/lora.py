@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .kernels.dora import dora_scale
 from .kernels.lora4bit import dequantize, is_4bit
+from .kernels.stream import streamed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +246,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     `model.save_pretrained(dir)` writes an ordinary checkpoint that `LlamaForCausalLM.from_pretrained` loads.
     Idempotent: merging a merged model changes nothing.
     """
+    if any(streamed(m) for m in model.modules()):
+        raise ValueError("the model's 4-bit weights stream from host memory (prepare_for_training(stream=True)), "
+                         "so most of them are not on the device: merge a copy loaded with load_model(device='cpu') "
+                         "and the saved adapter, or prepare_for_training(model) without stream first if they fit")
     for name, layer in lora_layers(model).items():
         _replace(model, name, layer.merge())
         model.lora_merged = True  # is_merged: no adapter trained from here applies to the base model

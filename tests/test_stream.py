@@ -97,6 +97,14 @@ def test_streaming_is_refused_where_a_layer_would_be_read_out_of_its_window(deep
         ml.prepare_for_training(plain, fast=True, stream=True)
 
 
+def test_a_streamed_model_is_not_merged(deep_dir):
+    """Most of a streamed model's 4-bit weights are not on the device (on the CPU here: NaN scales), so a merge
+    would fold garbage into the weights: it is refused, with what to do instead."""
+    model, _ = _model(deep_dir, stream=True)
+    with pytest.raises(ValueError, match="stream from host memory.*load_model\\(device='cpu'\\)"):
+        ml.merge_lora(model)
+
+
 def test_prepared_again_without_stream_the_weights_come_back(deep_dir):
     """prepare_for_training without stream puts every layer's weights back in tensors of their own, and transformers'
     forward then reads them all: the logits of the model never streamed."""
