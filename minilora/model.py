@@ -116,7 +116,7 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
       halves, with inputs copied on a side stream and fetched one unit ahead (kernels/offload.py), and
       dequantizes its projections' weights one member at a time.
     - The embedding table waits in pinned host memory where options.host_embedding says; each batch's rows are
-      gathered on the host and copied (kernels.layer.embed). Generation and transformers' forward need it on the
+      gathered on the host and copied (kernels.offload.embed). Generation and transformers' forward need it on the
       device: `place_embedding` moves it.
     - stream: every layer's 4-bit weights wait in pinned host memory and are copied to the GPU a few layers ahead
       of their use (kernels/stream.py): a model whose weights do not fit the card trains on it. It needs fast
