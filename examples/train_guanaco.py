@@ -26,7 +26,8 @@ from minilora.data import check_eval_size
 from minilora.checkpoint import check_resume, run_shape
 from minilora.lora import check_targets
 from minilora.kernels.layer import unsupported
-from minilora.model import linear_names, load_config, meta_model, place_for_streaming
+from minilora.host_load import load_streamed
+from minilora.model import linear_names, load_config, meta_model
 from minilora.plan_choice import memory_budget, plannable
 from minilora.rundir import claim, latest_checkpoint
 from minilora.config import PRECISIONS, default_precision
@@ -240,12 +241,11 @@ def main(argv=None):
         source, config, tok, train_data, eval_data = load_data(args, cfg)
         streams = check_before_loading(cfg, run, (source, config, train_data[0], world), quant, device)
         # sharded: each process loads the model into host memory, and train() sends only its shards to the GPU;
-        # streamed: it loads there, and all but its 4-bit weights go to the GPU
-        model, _ = attempt(f"model {source!r}", lambda: ml.load_model(
-            source, quant=quant, compute_dtype=PRECISIONS[cfg.precision],
-            device="cpu" if cfg.fsdp or streams else device, tokenizer=tok, config=config))
-        if streams:
-            place_for_streaming(model, device)
+        # streamed: each linear is quantized on the GPU and parked in host memory, the rest goes to the GPU
+        load = load_streamed if streams else ml.load_model
+        model, _ = attempt(f"model {source!r}", lambda: load(
+            source, quant=quant, compute_dtype=PRECISIONS[cfg.precision], device="cpu" if cfg.fsdp else device,
+            tokenizer=tok, config=config))
         history = ml.train(model, tok, train_data, cfg, eval_rows=eval_data)
     except KeyboardInterrupt as e:
         return interrupted(e, cfg, argv, world)

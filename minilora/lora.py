@@ -140,7 +140,7 @@ class LoRALinear(nn.Module):
 
 def compute_device(base: nn.Module) -> torch.device:
     """Where a base linear computes: its weight's device, or for a 4-bit base its code table's (the codes of a
-    model loaded for streaming wait in host memory: model.place_for_streaming)."""
+    model loaded for streaming wait in host memory: host_load.load_streamed)."""
     state = getattr(base.weight, "quant_state", None) if is_4bit(base) else None
     return state.code.device if state is not None else base.weight.device
 

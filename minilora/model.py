@@ -16,7 +16,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .data import looks_local
 from .kernels.attention import ATTENTION_BACKENDS
 from .kernels.layer import FastLayer, attach_fast, detach_fast, fast_layer, unsupported
-from .kernels.lora4bit import is_4bit
 from .kernels.stream import stream_weights, unstream
 from .lora import mark_only_lora_trainable, merge_lora
 from .plan import PlanOptions, plan_options
@@ -152,22 +151,6 @@ def prepare_for_training(model: torch.nn.Module, options: PlanOptions | None = N
         if not all(p.quantized for layer in layers for p in fast_layer(layer).projections()):
             raise ValueError("stream=True streams 4-bit weights: load the model with quant='nf4'")
         stream_weights(layers, model.lm_head.weight.device)
-    return model
-
-
-def place_for_streaming(model: torch.nn.Module, device) -> torch.nn.Module:
-    """Every tensor of a model loaded in 4-bit on the CPU moved to `device`, but its 4-bit linears' codes and block
-    scales: those stay in host memory, for prepare_for_training(stream=True) to stream. So a model whose 4-bit
-    weights do not fit the card loads: load_model(..., device="cpu"), then this. Returns the model."""
-    for m in model.modules():
-        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-            if not (is_4bit(m) and name == "weight"):
-                t.data = t.data.to(device)
-        if is_4bit(m):  # the code tables and offset go beside the compute, as in a streamed model
-            qs = m.weight.quant_state
-            qs.code, qs.offset = qs.code.to(device), qs.offset.to(device) if qs.offset is not None else None
-            if qs.nested:
-                qs.state2.code = qs.state2.code.to(device)
     return model
 
 

@@ -729,12 +729,12 @@ def test_a_streamed_train_equals_a_resident_one_on_the_gpu(deep_dir, tmp_path, m
     resident fits the budget), offloaded, with CUDA graphs, evaluation and samples: each step's loss within 1e-2
     of the resident run's (bf16). Afterwards the model stays streamed, and generate decodes through the slots the
     tokens it decodes once the weights are back on the device (the same kernels on the same weights: exactly). The
-    streamed run's model loads in host memory (model.place_for_streaming), as one too large for the card would."""
+    streamed run's model loads as one too large for the card would (host_load.load_streamed)."""
     import dataclasses
     import importlib
 
     from minilora.kernels.stream import streamed
-    from minilora.model import place_for_streaming
+    from minilora.host_load import load_streamed
     from minilora.tiny import instruction_rows
 
     loop = importlib.import_module("minilora.loop")
@@ -747,12 +747,10 @@ def test_a_streamed_train_equals_a_resident_one_on_the_gpu(deep_dir, tmp_path, m
                 line, None
 
         monkeypatch.setattr(loop, "plan_run", planned)
-        # streamed, the model loads as one too large for the card would: in host memory, then all but its 4-bit
-        # codes and scales to the GPU
-        model, tok = ml.load_model(deep_dir, quant="nf4", compute_dtype=torch.bfloat16,
-                                   device="cpu" if stream else "cuda")
-        if stream:
-            place_for_streaming(model, "cuda")
+        # streamed, the model loads as one too large for the card would: each linear quantized on the GPU and parked
+        # in host memory (load_streamed)
+        load = load_streamed if stream else ml.load_model
+        model, tok = load(deep_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
         cfg = ml.TrainConfig(output_dir=str(tmp_path / out), max_steps=6, batch_size=2, max_len=128, lr=1e-3,
                              lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=1, progress=False,
                              sample_prompts=("What is the capital of France?",), sample_max_new_tokens=12)

@@ -135,3 +135,47 @@ def test_a_streamed_train_equals_a_resident_one(deep_dir, tmp_path, monkeypatch)
     a, b = adapter(tmp_path / "resident" / "adapter"), adapter(tmp_path / "streamed" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert weights.streamed(model.model.layers[0]) is not None
+
+
+@pytest.mark.parametrize("which", ["deep", "qwen2"])
+def test_loaded_for_streaming_the_weights_are_load_models(which, deep_dir, qwen2_dir):
+    """load_streamed quantizes each decoder linear on its own and parks its codes and scales in host memory: the
+    same 4-bit codes and scales, bit for bit, as load_model's, and the same logits once prepared (resident or
+    streamed). Qwen2: q, k and v biases, and an lm_head tied to the embedding."""
+    from minilora.host_load import load_streamed
+
+    source = deep_dir if which == "deep" else qwen2_dir
+    ref, _ = ml.load_model(source, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    got, _ = load_streamed(source, compute_dtype=torch.float32, device="cpu")
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    for m, n in zip(ref.modules(), got.modules()):
+        if is_4bit(m):
+            assert all(torch.equal(getattr(o, k), getattr(p, k)) for (o, k), (p, _) in zip(
+                weights.streamed_tensors(m.weight), weights.streamed_tensors(n.weight)))
+    ids = torch.randint(3, 500, (1, 12))
+    for model in (ref, got):
+        ml.add_lora(model, r=4, alpha=8)
+    ml.prepare_for_training(got, fast=True, gradient_checkpointing=True, stream=True)
+    with torch.no_grad():
+        assert torch.equal(ml.causal_lm_loss(ref.eval(), {"input_ids": ids, "labels": ids})[0],
+                           ml.causal_lm_loss(got.eval(), {"input_ids": ids, "labels": ids})[0])
+
+
+def test_a_checkpoint_without_safetensors_or_a_weight_is_named(deep_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from minilora.host_load import load_streamed
+
+    bare = tmp_path / "bare"
+    shutil.copytree(deep_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ValueError, match="holds no .safetensors files; load it with load_model"):
+        load_streamed(str(bare), device="cpu")
+    tensors = load_file(f"{deep_dir}/model.safetensors")
+    del tensors["model.layers.3.mlp.down_proj.weight"]
+    save_file(tensors, str(bare / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 weights .*layers\.3\.mlp\.down_proj"):
+        load_streamed(str(bare), device="cpu")

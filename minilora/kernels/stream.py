@@ -125,7 +125,7 @@ def stream_weights(layers, device: torch.device) -> WeightStream:
 
 def unstream(layers):
     """The layers' 4-bit weights on the device their code tables are on, in tensors of their own: streamed ones
-    back from their stream, ones loaded into host memory (model.place_for_streaming) copied there."""
+    back from their stream, ones loaded into host memory (host_load.load_streamed) copied there."""
     if _STREAM in layers[0].__dict__:
         layers[0].__dict__[_STREAM][0].restore()
         for layer in layers:
