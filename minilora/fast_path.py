@@ -16,6 +16,7 @@ from .forward import copy_to, on_host
 from .kernels.graphs import PAD_MULTIPLE, GraphedSteps, on_capture_stream
 from .kernels.layer import capturable, detach_fast, set_checkpointing
 from .kernels.offload import embed, host_embedding, release_host_memory
+from .kernels.stream import streamed
 from .model import place_embedding
 from .plan import PlanOptions
 from .template import IGNORE
@@ -29,8 +30,9 @@ class FastPath:
     - `prepare`: each batch shape's checkpointing (shape_plan: (rows, tokens a row) -> its PlanOptions);
     - `graphed`: each batch shape's forward and backward as a replayed CUDA graph (kernels/graphs.py), where
       `graphs` says the run takes them;
-    - `running()`: the run's work on the capture stream, and afterwards the fast layers, the offload's pinned
-      host memory and the host table let go of (generation and transformers' forward want none of them).
+    - `running()`: the run's work on the capture stream, and afterwards the fast layers (unless the weights
+      stream: then they stay, for evaluation and generation), the offload's pinned host memory and the host table
+      let go of (transformers' forward wants none of them).
     pad_multiple: what the collator pads lengths to, so that a few batch shapes recur (None: exact padding).
     """
 
@@ -82,7 +84,8 @@ class FastPath:
             with on_capture_stream() if self.device.type == "cuda" else contextlib.nullcontext():
                 yield self
         finally:
-            detach_fast(self.model)  # the fast layers' weight caches go with them
+            if not streamed(self.model.model.layers[0]):  # streamed weights are read through the fast layers alone
+                detach_fast(self.model)  # the fast layers' weight caches go with them
             release_host_memory()  # the offloaded steps' pinned host memory
             place_embedding(self.model)  # back beside lm_head, where transformers' forward wants it
 

@@ -135,6 +135,15 @@ def test_a_streamed_train_equals_a_resident_one(deep_dir, tmp_path, monkeypatch)
     a, b = adapter(tmp_path / "resident" / "adapter"), adapter(tmp_path / "streamed" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert weights.streamed(model.model.layers[0]) is not None
+    # the fast layers stay for a streamed model, so that evaluation after train() reads the weights through them:
+    # the resident model's loss through transformers' layers, within fp32 round-off (1e-5)
+    resident, tok = ml.load_model(deep_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ml.add_lora(resident, r=8, alpha=16)
+    ml.load_adapter(resident, str(tmp_path / "resident" / "adapter"))
+    batch = {"input_ids": torch.randint(3, 500, (2, 24)), "labels": torch.randint(3, 500, (2, 24))}
+    with torch.no_grad():
+        assert ml.causal_lm_loss(model.eval(), batch)[0].item() == pytest.approx(
+            ml.causal_lm_loss(resident.eval(), batch)[0].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("which", ["deep", "qwen2"])
