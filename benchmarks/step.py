@@ -307,12 +307,14 @@ def load_minilora(spec):
 
 
 def random_nf4_model(model_dir: str, device: str):
-    """The causal LM of model_dir's config with random weights: each decoder linear made in bf16 on the device and
-    quantized there to NF4 (double quant) before the next is made, the rest in bf16 (norms 1). What ml.load_model
-    gives for a 4-bit checkpoint, without a bf16 copy of the whole model anywhere."""
-    import bitsandbytes as bnb
+    """The causal LM of model_dir's config with random weights, as host_load.load_streamed gives a checkpoint: each
+    decoder linear made in bf16 on the device, quantized there to NF4 (double quant) and its codes and scales parked
+    in pinned host memory before the next is made; the rest in bf16 on the device (norms 1). The plan then streams
+    them, or prepare_for_training copies them to the device. No bf16 copy of the whole model exists anywhere."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minilora.host_load import parked_4bit
 
     config = AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(0)
@@ -321,13 +323,10 @@ def random_nf4_model(model_dir: str, device: str):
     for layer in model.model.layers:
         for name, m in list(layer.named_modules()):
             if isinstance(m, torch.nn.Linear):
-                parent = layer.get_submodule(name.rsplit(".", 1)[0])
-                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      quant_type="nf4", compress_statistics=True, device="meta")
                 w = torch.empty(m.out_features, m.in_features, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
-                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True).to(device)
-                setattr(parent, name.rsplit(".", 1)[1], q)
+                parent, attr = name.rsplit(".", 1)
+                setattr(layer.get_submodule(parent), attr, parked_4bit(m, w, "nf4", True, torch.bfloat16,
+                                                                       torch.device(device)))
     for m in model.modules():  # embeddings, lm_head and norms
         for name, p in list(m.named_parameters(recurse=False)):
             if p.is_meta:

@@ -40,7 +40,7 @@ def load_streamed(name_or_dir: str, quant: str = "nf4", double_quant: bool = Tru
             for key in f.keys():
                 if key in linears:
                     name = linears.pop(key)
-                    _set_module(model, name, _quantized(model.get_submodule(name), f.get_tensor(key), quant, double_quant,
+                    _set_module(model, name, parked_4bit(model.get_submodule(name), f.get_tensor(key), quant, double_quant,
                                                         compute_dtype, device))
                 elif key in params:
                     p = params.pop(key)
@@ -60,9 +60,10 @@ def load_streamed(name_or_dir: str, quant: str = "nf4", double_quant: bool = Tru
     return model, tok
 
 
-def _quantized(linear: torch.nn.Linear, weight: torch.Tensor, quant: str, double_quant: bool, dtype: torch.dtype,
+def parked_4bit(linear: torch.nn.Linear, weight: torch.Tensor, quant: str, double_quant: bool, dtype: torch.dtype,
                device: torch.device):
-    """A bnb Linear4bit holding `weight` quantized on `device`, its codes and block scales parked in host memory."""
+    """A bnb Linear4bit in place of `linear`, holding `weight` quantized on `device`, its codes and block scales
+    parked in (pinned) host memory."""
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
                           compress_statistics=double_quant, quant_type=quant, quant_storage=torch.uint8, device="meta")
     q.weight = bnb.nn.Params4bit(weight.to(device, dtype), requires_grad=False, quant_type=quant,
