@@ -4,6 +4,7 @@
     python examples/chat.py --model NousResearch/Llama-2-7b-chat-hf --adapter out/adapter   # interactive
     python examples/chat.py --model out/tiny/base --adapter out/tiny/adapter --save-merged out/tiny/merged
     python examples/chat.py --model out/tiny/merged --prompt "Which is bigger, 3 or 8?"   # the merged model alone
+    python examples/chat.py --model meta-llama/Llama-2-70b-hf --adapter out/adapter --stream   # larger than the card
 """
 
 import argparse
@@ -15,6 +16,7 @@ import torch
 import minilora as ml
 from minilora.adapter import check_adapter
 from minilora.config import PRECISIONS, default_precision
+from minilora.host_load import load_streamed
 
 
 def main(argv=None):
@@ -30,6 +32,9 @@ def main(argv=None):
                    help="fold the adapter in and write the model with its tokenizer to DIR, a checkpoint that "
                         "--model DIR loads alone; then answer --prompt, if given")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
+    p.add_argument("--stream", action="store_true",
+                   help="keep the 4-bit weights in host memory and copy each layer to the GPU as it runs: a model "
+                        "larger than the card (every new token then copies all of them)")
     p.add_argument("--precision", choices=list(PRECISIONS),
                    help="default: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on a CPU")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -40,6 +45,9 @@ def main(argv=None):
         p.error(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     if (args.merge or args.save_merged) and not args.adapter:
         p.error("--merge and --save-merged fold an adapter in: give --adapter DIR")
+    if args.stream and (args.merge or args.save_merged or args.quant == "none"):
+        p.error("--stream streams 4-bit weights, which stay unmerged: leave out --merge, --save-merged and "
+                "--quant none")
     try:  # before the model loads: an adapter dir that is not one fails in a second
         if args.adapter:
             check_adapter(args.adapter)
@@ -50,9 +58,9 @@ def main(argv=None):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = PRECISIONS[args.precision or default_precision(device)]
-    try:
-        model, tok = ml.load_model(args.model, quant=None if args.quant == "none" else args.quant,
-                                   compute_dtype=dtype, device=device)
+    try:  # streamed: each linear quantized on the device and parked in host memory (host_load.py)
+        model, tok = (load_streamed if args.stream else ml.load_model)(
+            args.model, quant=None if args.quant == "none" else args.quant, compute_dtype=dtype, device=device)
     except (OSError, ValueError) as e:
         p.exit(2, f"error: could not load model {args.model!r}: {str(e).splitlines()[0]}\n")
     if args.adapter:
@@ -61,6 +69,8 @@ def main(argv=None):
             print(f"merged model and tokenizer: {ml.save_merged(model, tok, args.save_merged)}")
         elif args.merge:
             ml.merge_lora(model)
+    if args.stream:  # the fast layers read the streamed weights (kernels/stream.py)
+        ml.prepare_for_training(model, fast=True, gradient_checkpointing=True, stream=True)
     model.eval()
 
     turns = [{"role": "system", "content": args.system}] if args.system else []
