@@ -40,8 +40,8 @@ def load_streamed(name_or_dir: str, quant: str = "nf4", double_quant: bool = Tru
             for key in f.keys():
                 if key in linears:
                     name = linears.pop(key)
-                    _set_module(model, name, parked_4bit(model.get_submodule(name), f.get_tensor(key), quant, double_quant,
-                                                        compute_dtype, device))
+                    _set_module(model, name, parked_4bit(model.get_submodule(name), f.get_tensor(key), quant,
+                                                         double_quant, compute_dtype, device))
                 elif key in params:
                     p = params.pop(key)
                     _set_param(model, key, f.get_tensor(key).to(device, p.dtype))

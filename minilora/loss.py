@@ -91,8 +91,8 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 4096):
 
     Logits are never materialised: it runs the decoder (`model.base_model`, not the model's own forward) and
     projects only the supervised positions onto lm_head's weight, a chunk of chunk_size rows at a time
-    (ChunkedCrossEntropy). A model prepared with fast=True runs through minilora's own layers (kernels/layer.py), unless the batch
-    keeps a 2-D (left-padding) mask. A packed row's examples attend each to itself alone
+    (ChunkedCrossEntropy). A model prepared with fast=True runs through minilora's own layers (kernels/layer.py),
+    unless the batch keeps a 2-D (left-padding) mask. A packed row's examples attend each to itself alone
     (Collator(pack_tokens=...)). A model that fsdp.shard sharded runs through the method it registered with
     FSDP (`sharded_loss`: decoder_loss, with the root's weights gathered around it).
     """

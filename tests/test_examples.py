@@ -50,8 +50,9 @@ def test_tiny_preset_trains_and_writes_an_adapter_peft_loads(demo):
 
 def test_chat_answers_alike_with_the_adapter_merged_and_saved_merged(demo, tmp_path):
     """The adapter on the 4-bit base, folded in (--merge), and written out with its tokenizer (--save-merged) then
-    loaded alone, and with the 4-bit weights streamed from host memory (--stream): greedy answers are the same words. (fp32 on the CPU: the merged weight W + s B A differs from
-    the unmerged sum by rounding alone, ~1e-7, far below any gap between the top two logits here.)"""
+    loaded alone, and with the 4-bit weights streamed from host memory (--stream): greedy answers are the same
+    words. (fp32 on the CPU: the merged weight W + s B A differs from the unmerged sum by rounding alone, ~1e-7, far
+    below any gap between the top two logits here.)"""
     out, _ = demo
     ask = ["--prompt", "Which is bigger, 3 or 8?", "--max-new-tokens", "12"]
     base = ["examples/chat.py", "--model", str(out / "base"), "--adapter", str(out / "adapter")]

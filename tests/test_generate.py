@@ -44,8 +44,8 @@ def transformers_answer(model, tok, prompt, n, eos_id=None):
 def test_fast_decoding_equals_transformers_generate(model_dir, request):
     """ml.generate on the CPU runs transformers' generate and leaves the model as it was; a model prepared for
     training (weights kept dequantized, or the lean plan's projections dequantizing one member at a time; layers
-    checkpointed) decodes through its own fast layers, and samples() shares one Decoder (cache) across prompts. Each answer is transformers' greedy answer, to the token. (On a
-    GPU, fast layers attached for the call: test_gpu.py.)"""
+    checkpointed) decodes through its own fast layers, and samples() shares one Decoder (cache) across prompts. Each
+    answer is transformers' greedy answer, to the token. (On a GPU, fast layers attached for the call: test_gpu.py.)"""
     model, tok = adapted(request.getfixturevalue(model_dir))
     expected = [tok.decode(transformers_answer(model, tok, p, 24)[1], skip_special_tokens=True).strip()
                 for p in PROMPTS]

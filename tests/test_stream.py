@@ -117,6 +117,23 @@ def test_prepared_again_without_stream_the_weights_come_back(deep_dir):
         assert torch.equal(model.eval()(ids).logits, ref.eval()(ids).logits)
 
 
+def test_transformers_forward_of_a_streamed_model_reads_through_the_window(deep_dir):
+    """transformers' own forward (a user's `model(ids)`, its generate) fetches each decoder layer as it runs: the
+    resident model's logits and greedy tokens exactly. With grad enabled, where its backward would read layers that
+    are out by then, it is refused; prepared again without stream, the hooks are gone and it trains as before."""
+    ids = torch.randint(3, 500, (2, 12))
+    ref, _ = _model(deep_dir)
+    model, _ = _model(deep_dir, stream=True)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, ref.eval()(ids).logits)
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **greedy), ref.generate(ids, **greedy))
+    with pytest.raises(RuntimeError, match=r"runs under torch.no_grad\(\) only"):
+        model(ids)
+    ml.prepare_for_training(model, fast=True)
+    assert torch.isfinite(model(ids).logits).all()
+
+
 def test_a_streamed_train_equals_a_resident_one(deep_dir, tmp_path, monkeypatch):
     """train() under a plan that streams (on a GPU the plan chooses it when nothing resident fits; here the plan is
     given) trains the adapter the resident run trains, bit for bit, and leaves the model streamed."""

@@ -17,6 +17,9 @@ Copies run on one side stream, forked from the compute stream (a copy waits for 
 includes the last reader of its slot) and joined back by an event per slot that compute waits on before the
 layer's first read: within one step, so that a captured step forks and joins inside its capture.
 
+transformers' own forward of the model (its generate, a user's `model(ids)`) reads the layers through the same
+window, under torch.no_grad() only: a backward through transformers' layers would read weights that are out by then.
+
 A read of a layer that is out fails loudly: on a GPU its parameters are pinned host tensors (a device mismatch); on
 a CPU, where the same bookkeeping runs with plain copies, the block scales of a layer that is out are NaN, so that
 such a read makes the loss NaN (the CPU tests check it).
@@ -53,6 +56,7 @@ class WeightStream:
         self.holds = [None] * len(self.slots)  # the layer each slot holds
         self.ready = [None] * len(self.slots)  # its copy's event, until compute has waited for it
         self.copies = torch.cuda.Stream(device) if self.cuda else None
+        self.hooks = []  # stream_weights' hooks on the decoder layers
         # per layer: its tensors in host memory, and what its parameters point to while it is out; a layer at a
         # time, so that its tensors of before are freed before the next layer's copies are made
         self.host, self.away = [], []
@@ -120,14 +124,28 @@ def stream_weights(layers, device: torch.device) -> WeightStream:
     stream = WeightStream([[m.weight for m in layer.modules() if is_4bit(m)] for layer in layers], device)
     for i, layer in enumerate(layers):
         layer.__dict__[_STREAM] = stream, i
+        stream.hooks.append(layer.register_forward_pre_hook(_own_forward))
     return stream
+
+
+def _own_forward(layer, args):
+    """Before transformers' forward of a streamed layer (minilora's fast layers call no decoder layer itself)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the model's weights stream from host memory: its own forward runs under torch.no_grad() "
+                           "only (evaluation, generation); train through ml.train or ml.causal_lm_loss, or load "
+                           "the weights back with prepare_for_training(model, stream=False)")
+    stream, i = layer.__dict__[_STREAM]
+    stream.use(i, +1)
 
 
 def unstream(layers):
     """The layers' 4-bit weights on the device their code tables are on, in tensors of their own: streamed ones
     back from their stream, ones loaded into host memory (host_load.load_streamed) copied there."""
     if _STREAM in layers[0].__dict__:
-        layers[0].__dict__[_STREAM][0].restore()
+        stream = layers[0].__dict__[_STREAM][0]
+        stream.restore()
+        for hook in stream.hooks:
+            hook.remove()
         for layer in layers:
             del layer.__dict__[_STREAM]
     for m in (m for layer in layers for m in layer.modules() if is_4bit(m)):
