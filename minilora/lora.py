@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .kernels.dora import dora_scale
 from .kernels.lora4bit import dequantize, is_4bit
-from .kernels.stream import streamed
+from .kernels.stream import fetched, parked, streamed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         if spec.use_dora:  # the magnitude starts at ||W||_row, as B = 0 makes W + s B A: again the base model at step 0
-            with torch.no_grad():
+            with torch.no_grad(), fetched(base):  # (a weight loaded for streaming waits in host memory)
                 norm = torch.linalg.vector_norm(dequantize(base, torch.float32), dim=1)  # (out,)
             self.lora_magnitude_vector = nn.Parameter(norm.to(spec.dtype))
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -246,10 +246,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     `model.save_pretrained(dir)` writes an ordinary checkpoint that `LlamaForCausalLM.from_pretrained` loads.
     Idempotent: merging a merged model changes nothing.
     """
-    if any(streamed(m) for m in model.modules()):
-        raise ValueError("the model's 4-bit weights stream from host memory (prepare_for_training(stream=True)), "
-                         "so most of them are not on the device: merge a copy loaded with load_model(device='cpu') "
-                         "and the saved adapter, or prepare_for_training(model) without stream first if they fit")
+    if any(streamed(m) or parked(m) for m in model.modules()):
+        raise ValueError("the model's 4-bit weights wait in host memory (load_streamed, or prepare_for_training("
+                         "stream=True)), so most of them are not on the device: merge a copy loaded with "
+                         "load_model(device='cpu') and the saved adapter, or prepare_for_training(model) without "
+                         "stream first if they fit")
     for name, layer in lora_layers(model).items():
         _replace(model, name, layer.merge())
         model.lora_merged = True  # is_merged: no adapter trained from here applies to the base model

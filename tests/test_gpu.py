@@ -724,17 +724,21 @@ def test_streamed_steps_equal_resident_steps(deep_dir, layers, graphed):
     assert all(rel(got[k], ref[k]) <= 1e-2 for k in ref)
 
 
-def test_a_streamed_train_equals_a_resident_one_on_the_gpu(deep_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_a_streamed_train_equals_a_resident_one_on_the_gpu(deep_dir, tmp_path, monkeypatch, dora):
     """train() under a plan that streams the 4-bit weights (given here; the memory plan chooses it when nothing
     resident fits the budget), offloaded, with CUDA graphs, evaluation and samples: each step's loss within 1e-2
-    of the resident run's (bf16). Afterwards the model stays streamed, and generate decodes through the slots the
-    tokens it decodes once the weights are back on the device (the same kernels on the same weights: exactly). The
-    streamed run's model loads as one too large for the card would (host_load.load_streamed)."""
+    of the resident run's (bf16). Afterwards the model stays streamed, and ml.generate (fast layers) and
+    transformers' generate (its own layers) decode through the slots the tokens they decode once the weights are
+    back on the device (the same kernels on the same weights: exactly). The streamed run's model loads as one too
+    large for the card would (host_load.load_streamed): its codes wait in host memory, DoRA's first magnitudes are
+    read from them, and a merge is refused."""
     import dataclasses
     import importlib
 
-    from minilora.kernels.stream import streamed
     from minilora.host_load import load_streamed
+    from minilora.kernels.lora4bit import is_4bit
+    from minilora.kernels.stream import parked, streamed
     from minilora.tiny import instruction_rows
 
     loop = importlib.import_module("minilora.loop")
@@ -751,8 +755,12 @@ def test_a_streamed_train_equals_a_resident_one_on_the_gpu(deep_dir, tmp_path, m
         # in host memory (load_streamed)
         load = load_streamed if stream else ml.load_model
         model, tok = load(deep_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cuda")
+        assert all(parked(m) == stream for m in model.modules() if is_4bit(m))
+        if stream:
+            with pytest.raises(ValueError, match="wait in host memory"):
+                ml.merge_lora(model)
         cfg = ml.TrainConfig(output_dir=str(tmp_path / out), max_steps=6, batch_size=2, max_len=128, lr=1e-3,
-                             lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=1, progress=False,
+                             lora_r=8, lora_alpha=16, lora_dropout=0.0, use_dora=dora, log_every=1, progress=False,
                              sample_prompts=("What is the capital of France?",), sample_max_new_tokens=12)
         history = ml.train(model, tok, instruction_rows(24, seed=3), cfg, eval_rows=instruction_rows(4, seed=9))
         return model, tok, history
@@ -765,6 +773,12 @@ def test_a_streamed_train_equals_a_resident_one_on_the_gpu(deep_dir, tmp_path, m
     assert "CUDA graphs on" in got[0]["memory_plan"] and len([h for h in got if "sample" in h]) == 2
     assert streamed(model.model.layers[0]) is not None
     answer = ml.generate(model, tok, "Name three colours.", max_new_tokens=24)
+    ids = tok("Name three colours.", return_tensors="pt").input_ids.cuda()
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        tokens = model.eval().generate(ids, **greedy)
     ml.prepare_for_training(model, fast=True)  # the weights back on the device
     assert streamed(model.model.layers[0]) is None
     assert ml.generate(model, tok, "Name three colours.", max_new_tokens=24) == answer
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(model.eval().generate(ids, **greedy), tokens)

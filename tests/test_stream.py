@@ -101,7 +101,7 @@ def test_a_streamed_model_is_not_merged(deep_dir):
     """Most of a streamed model's 4-bit weights are not on the device (on the CPU here: NaN scales), so a merge
     would fold garbage into the weights: it is refused, with what to do instead."""
     model, _ = _model(deep_dir, stream=True)
-    with pytest.raises(ValueError, match="stream from host memory.*load_model\\(device='cpu'\\)"):
+    with pytest.raises(ValueError, match="wait in host memory.*load_model\\(device='cpu'\\)"):
         ml.merge_lora(model)
 
 

@@ -27,6 +27,8 @@ such a read makes the loss NaN (the CPU tests check it).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .lora4bit import is_4bit
@@ -39,6 +41,30 @@ def streamed_tensors(weight) -> list[tuple[object, str]]:
     """(owner, attribute) of the tensors of a 4-bit weight (a Params4bit) that stream: its codes and block scales."""
     qs = weight.quant_state
     return [(weight, "data"), (qs, "absmax")] + ([(qs.state2, "absmax")] if qs.nested else [])
+
+
+def parked(module) -> bool:
+    """Whether `module` is a 4-bit linear whose codes wait in host memory, away from its code table's device (loaded
+    by host_load.load_streamed, or streamed and out of its window on a GPU)."""
+    return is_4bit(module) and module.weight.device != module.weight.quant_state.code.device
+
+
+@contextlib.contextmanager
+def fetched(module):
+    """A parked 4-bit linear's codes and block scales on its code table's device for the block, then parked again:
+    for a one-off read of its weight (DoRA's first magnitudes)."""
+    if not parked(module):
+        yield
+        return
+    refs = streamed_tensors(module.weight)
+    host = [getattr(o, n) for o, n in refs]
+    for (owner, name), t in zip(refs, host):
+        setattr(owner, name, t.to(module.weight.quant_state.code.device))
+    try:
+        yield
+    finally:
+        for (owner, name), t in zip(refs, host):
+            setattr(owner, name, t)
 
 
 class WeightStream:
