@@ -15,6 +15,7 @@ from .kernels.graphs import PAD_MULTIPLE
 from .kernels.layer import unsupported
 from .kernels.lora4bit import is_4bit
 from .kernels.stream import SLOTS, host_link_gbps
+from .lora import LoRALinear
 from .plan import GiB, LOSS_CHUNKS, PlanOptions, Setup, as_config, plan_memory, plan_options, split_fields
 
 # shape_options keeps a shorter micro-batch's predicted peak this share of the budget under the longest one's: on
@@ -166,8 +167,10 @@ def memory_budget(cfg, device) -> tuple[float, str]:
 
 def plannable(model) -> bool:
     """Whether plan_memory can read the model's sizes: a config with LLaMA's size fields, decoder layers with its
-    seven linears (Qwen3 and Gemma qualify; their norms and biases are within the plan's margin)."""
+    seven linears, LoRA on them or not (Qwen3 and Gemma qualify; their norms and biases are within the plan's
+    margin)."""
     c = model.config
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_4bit(m)}
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, LoRALinear)) or is_4bit(m)}
     return all(hasattr(c, f) for f in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")) \
         and {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names

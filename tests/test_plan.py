@@ -511,3 +511,21 @@ def test_graphed_and_data_parallel_steps_hold_their_grads_at_the_loss_moment():
     assert eager["total"] <= parallel["total"] <= eager["total"] + lora_bytes
     for plan in (graphed, eager, parallel):
         assert plan["total"] == sum(plan["breakdown"].values())
+
+def test_the_plan_reads_each_family_with_lora_on_any_linear(base_dir, family_dir):
+    """plan_run plans a GPU run only for a model whose sizes plan_memory reads (plan_choice.plannable): LLaMA's
+    seven linears by name. LoRA wraps a linear in a LoRALinear whose `base` is the linear, so the model that
+    train() plans for still has them; a GPT-2 has none of them and trains with every layer checkpointed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minilora.plan_choice import plannable
+
+    for source in (base_dir, family_dir):
+        model, _ = ml.load_model(source, quant="nf4", compute_dtype=torch.float32, device="cpu")
+        assert plannable(model)
+        ml.add_lora(model, r=4, alpha=8)
+        assert plannable(model)
+        ml.add_lora(model, targets=("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), r=4, alpha=8)
+        assert plannable(model)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16))
+    assert not plannable(gpt2)
