@@ -389,22 +389,24 @@ def test_train_under_every_plan_outcome_equals_transformers_layers(base_dir, tmp
     assert losses == pytest.approx(reference, rel=2e-2)
 
 
-def _offload_every_layer(monkeypatch) -> list:
+def _offload_every_layer(monkeypatch, **fields) -> list:
     """From here, train()'s plan offloads every layer's halves, CUDA graphs kept (the leanest plan with graphs),
-    whatever the budget: at these tiny shapes a tied embedding table stays on the GPU, and the offload alone then
-    saves too little for the plan to choose it. Returns the list that receives the options each run used."""
+    whatever the budget, with `fields` (PlanOptions) changed too: at these tiny shapes a tied embedding table stays
+    on the GPU, and the offload alone then saves too little for the plan to choose it. Returns the list that
+    receives the options each run used."""
     import dataclasses
     import importlib
 
-    loop, used = importlib.import_module("minilora.loop"), []
-    plan = loop.plan_run
+    from minilora.plan_choice import plan_run
+
+    used = []
 
     def offloaded(model, cfg):
-        options, line, _ = plan(model, cfg)
-        used.append(dataclasses.replace(options, checkpointed=None, cached_layers=0, offload=True))
+        options, line, _ = plan_run(model, cfg)
+        used.append(dataclasses.replace(options, checkpointed=None, cached_layers=0, offload=True, **fields))
         return used[-1], line, None
 
-    monkeypatch.setattr(loop, "plan_run", offloaded)
+    monkeypatch.setattr(importlib.import_module("minilora.loop"), "plan_run", offloaded)
     return used
 
 
@@ -755,24 +757,13 @@ def test_a_streamed_train_equals_a_resident_one_on_the_gpu(deep_dir, tmp_path, m
     back on the device (the same kernels on the same weights: exactly). The streamed run's model loads as one too
     large for the card would (host_load.load_streamed): its codes wait in host memory, DoRA's first magnitudes are
     read from them, and a merge is refused."""
-    import dataclasses
-    import importlib
-
     from minilora.host_load import load_streamed
     from minilora.kernels.lora4bit import is_4bit
     from minilora.kernels.stream import parked, streamed
     from minilora.tiny import instruction_rows
 
-    loop = importlib.import_module("minilora.loop")
-    plan = loop.plan_run
-
     def run(out, stream):
-        def planned(model, cfg):
-            options, line, _ = plan(model, cfg)
-            return dataclasses.replace(options, checkpointed=None, cached_layers=0, offload=True, stream=stream), \
-                line, None
-
-        monkeypatch.setattr(loop, "plan_run", planned)
+        _offload_every_layer(monkeypatch, stream=stream)
         # streamed, the model loads as one too large for the card would: each linear quantized on the GPU and parked
         # in host memory (load_streamed)
         load = load_streamed if stream else ml.load_model

@@ -512,6 +512,7 @@ def test_graphed_and_data_parallel_steps_hold_their_grads_at_the_loss_moment():
     for plan in (graphed, eager, parallel):
         assert plan["total"] == sum(plan["breakdown"].values())
 
+
 def test_the_plan_reads_each_family_with_lora_on_any_linear(base_dir, family_dir):
     """plan_run plans a GPU run only for a model whose sizes plan_memory reads (plan_choice.plannable): LLaMA's
     seven linears by name. LoRA wraps a linear in a LoRALinear whose `base` is the linear, so the model that

@@ -174,10 +174,9 @@ def unstream(layers):
             hook.remove()
         for layer in layers:
             del layer.__dict__[_STREAM]
-    for m in (m for layer in layers for m in layer.modules() if is_4bit(m)):
+    for m in (m for layer in layers for m in layer.modules() if parked(m)):
         for owner, name in streamed_tensors(m.weight):
-            if getattr(owner, name).device != m.weight.quant_state.code.device:
-                setattr(owner, name, getattr(owner, name).to(m.weight.quant_state.code.device))
+            setattr(owner, name, getattr(owner, name).to(m.weight.quant_state.code.device))
 
 
 def streamed(layer) -> tuple[WeightStream, int] | None:
