@@ -34,7 +34,8 @@ Impls, each in its own process on the same model files:
   unsloth-nockpt  the same with use_gradient_checkpointing=False (and gradient_checkpointing=False in SFTConfig)
 The unsloth impls need Unsloth 2026.10.9 + TRL + datasets on the path, before anything else (the GPU kit's
 ../shared/device/stage-peers unpacks them into .peer-site); without them their rows say unavailable.
-minilora's runs train with the example's two sample prompts, answered greedily before and after training, as a
+minilora's runs load the model as the example does (layer by layer into host memory when the budget's plan streams
+the 4-bit weights) and train with the example's two sample prompts, answered greedily before and after training, as a
 user of examples/train_guanaco.py waits for them (--no-samples: without).
 Reported per impl: the loop's wall time (train() for minilora, from its first to its last step for PEFT,
 trainer.train() for Unsloth), and for minilora where it went (train()'s own account: set-up, steps, eval,
@@ -116,13 +117,19 @@ def guanaco_rows(n_rows: int, vocab_size: int, seed: int = 0, lengths: list | No
     return ["".join(f"<s>[INST] {words(p - 3)} [/INST] {words(a - 1)} </s>" for p, a in row) for row in lengths]
 
 
+def minilora_config(spec):
+    import minilora as ml
+
+    return ml.TrainConfig(output_dir=spec["out_dir"], progress=False, sample_prompts=spec["prompts"],
+                          **{**RECIPE, **spec["overrides"]})
+
+
 def run_minilora(spec, model, tok, rows):
     import torch
 
     import minilora as ml
 
-    cfg = ml.TrainConfig(output_dir=spec["out_dir"], progress=False, sample_prompts=spec["prompts"],
-                         **{**RECIPE, **spec["overrides"]})
+    cfg = minilora_config(spec)
     with _profiled(spec.get("profile")):
         t0 = time.perf_counter()
         history = ml.train(model, tok, rows, cfg)
@@ -269,7 +276,10 @@ def worker(spec: dict) -> dict | None:
     import minilora as ml
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    from train_guanaco import GUANACO_PROMPTS, setup_device
+    from train_guanaco import GUANACO_PROMPTS, check_memory, setup_device
+
+    from minilora.host_load import load_streamed
+    from minilora.model import load_config
 
     spec["prompts"] = GUANACO_PROMPTS if spec["samples"] else ()  # the example's greedy samples, before and after
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -286,8 +296,13 @@ def worker(spec: dict) -> dict | None:
         res = run_unsloth(spec, rows)
         res["load_s"] = time.perf_counter() - t0 - res["wall_s"]  # model, LoRA and the trainer's tokenizing
     else:
-        model, _ = ml.load_model(spec["model_dir"], quant="nf4", compute_dtype=torch.bfloat16, device=spec["device"],
-                                 tokenizer=spec["tok_dir"])
+        # as the example loads: layer by layer into host memory when the budget's plan streams the 4-bit weights
+        cfg = minilora_config(spec)
+        streams = spec["device"].startswith("cuda") and not cfg.fsdp and check_memory(
+            load_config(spec["model_dir"]), cfg, "nf4", cfg.fast, spec["device"])
+        model, _ = (load_streamed if streams else ml.load_model)(
+            spec["model_dir"], quant="nf4", compute_dtype=torch.bfloat16, device=spec["device"],
+            tokenizer=spec["tok_dir"])
         load_s = time.perf_counter() - t0
         if world > 1:
             dist.barrier()  # every process has loaded: train() starts, and is timed, together
