@@ -14,7 +14,7 @@ import sys
 import torch
 
 import minilora as ml
-from minilora.adapter import check_adapter
+from minilora.adapter import check_adapter, save_template, saved_template
 from minilora.config import PRECISIONS, default_precision
 from minilora.host_load import load_streamed
 
@@ -25,8 +25,9 @@ def main(argv=None):
     p.add_argument("--adapter", help="adapter dir (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
     p.add_argument("--system", help="system prompt for the conversation")
-    p.add_argument("--template", default="auto", choices=ml.TEMPLATES, help="the chat template the adapter was "
-                   "trained with (TrainConfig.template; auto: the tokenizer's own, else llama2)")
+    p.add_argument("--template", choices=ml.TEMPLATES, help="the chat template to answer in; default: the one "
+                   "train() recorded beside the adapter (or in a merged --model dir), else auto (the tokenizer's "
+                   "own, else llama2)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the (dequantized) weights first")
     p.add_argument("--save-merged", metavar="DIR",
                    help="fold the adapter in and write the model with its tokenizer to DIR, a checkpoint that "
@@ -51,6 +52,7 @@ def main(argv=None):
     try:  # before the model loads: an adapter dir that is not one fails in a second
         if args.adapter:
             check_adapter(args.adapter)
+        trained = saved_template(args.adapter or args.model) if args.adapter or os.path.isdir(args.model) else None
         if args.save_merged and os.path.exists(os.path.join(args.save_merged, "config.json")):
             raise ValueError(f"{args.save_merged} already holds a model; choose another --save-merged dir")
     except (OSError, ValueError) as e:
@@ -63,10 +65,16 @@ def main(argv=None):
             args.model, quant=None if args.quant == "none" else args.quant, compute_dtype=dtype, device=device)
     except (OSError, ValueError) as e:
         p.exit(2, f"error: could not load model {args.model!r}: {str(e).splitlines()[0]}\n")
+    try:  # the template, and the special tokens it needs in this tokenizer
+        template = chat_template(args.template, trained, tok)
+        ml.encode_prompt([{"role": "user", "content": "hi"}], tok, template)
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
     if args.adapter:
         ml.load_adapter(model, args.adapter)
         if args.save_merged:
             print(f"merged model and tokenizer: {ml.save_merged(model, tok, args.save_merged)}")
+            save_template(args.save_merged, trained or template.name)
         elif args.merge:
             ml.merge_lora(model)
     if args.stream:  # the fast layers read the streamed weights (kernels/stream.py)
@@ -77,7 +85,7 @@ def main(argv=None):
 
     def answer(message: str) -> str:
         turns.append({"role": "user", "content": message})
-        reply = ml.generate(model, tok, turns, args.max_new_tokens, template=args.template)  # in the model's dtype
+        reply = ml.generate(model, tok, turns, args.max_new_tokens, template=template)  # in the model's dtype
         turns.append({"role": "assistant", "content": reply})  # an empty reply is a turn too
         return reply
 
@@ -95,6 +103,26 @@ def main(argv=None):
             break
         print(f"bot> {answer(message)}")
     return 0
+
+
+def chat_template(asked: str | None, trained: str | None, tok) -> ml.Template:
+    """The template to answer in: the one asked for (--template), else the one the weights were trained under
+    (recorded by train(): a built-in's name, or "jinja:<hash>" for the tokenizer's own), else auto."""
+    if asked is not None:
+        template = ml.get_template(asked, tok)
+        if trained is not None and template.name != trained:
+            print(f"warning: the weights were trained under the chat template {trained!r}; answering in "
+                  f"{template.name!r} as --template asks", file=sys.stderr)
+        return template
+    if trained is None:
+        return ml.get_template("auto", tok)
+    if trained in ml.TEMPLATES:
+        return ml.get_template(trained, tok)
+    own = ml.get_template("auto", tok) if trained.startswith("jinja:") else None
+    if own is None or own.name != trained:
+        raise ValueError(f"the weights were trained under the chat template {trained!r}, which this model's "
+                         "tokenizer does not have; pass --template")
+    return own
 
 
 if __name__ == "__main__":

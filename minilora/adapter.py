@@ -2,6 +2,7 @@
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with keys such as
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so PEFT loads it and minilora loads PEFT's.
+train() adds `minilora_template.json`, the chat template it trained under, which examples/chat.py then answers in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .lora import LoraSpec, add_lora, is_merged, lora_layers, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+TEMPLATE_NAME = "minilora_template.json"  # {"template": the chat template's name the weights were trained under}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -70,13 +72,15 @@ def _as_fields(spec: LoraSpec) -> str:
             + "".join(f", {k}=True" for k in ("use_rslora", "use_dora") if getattr(spec, k)))
 
 
-def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = None) -> str:
+def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = None, template: str | None = None
+                 ) -> str:
     """Write the LoRA weights and config in PEFT's format into `out_dir`; returns out_dir.
 
-    Only the two adapter files are written, each to a temporary file that is then renamed over its name, so
-    a crash leaves the old file or the new one, never half of one; nothing else in out_dir is touched.
+    Only the adapter's files are written, each to a temporary file that is then renamed over its name, so a
+    crash leaves the old file or the new one, never half of one; nothing else in out_dir is touched.
     weights: the LoRA tensors to write, keyed as lora_state_dict's (a sharded model's, gathered: fsdp.py);
-    None: the model's own.
+    None: the model's own. template: the name of the chat template the adapter was trained under (a Template's
+    `name`), recorded for saved_template.
     """
     config = adapter_config(model)  # a model without LoRA fails here, before anything is written
     weights = lora_state_dict(model) if weights is None else weights
@@ -90,7 +94,32 @@ def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = No
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
     write_atomic(os.path.join(out_dir, CONFIG_NAME), json.dumps(config, indent=2).encode())
+    if template is not None:
+        save_template(out_dir, template)
     return out_dir
+
+
+def save_template(out_dir: str, template: str):
+    """Record in out_dir (an adapter's, or a merged model's) the name of the chat template its weights were
+    trained under."""
+    write_atomic(os.path.join(out_dir, TEMPLATE_NAME), json.dumps({"template": template}).encode())
+
+
+def saved_template(model_dir: str) -> str | None:
+    """The chat template's name recorded in an adapter's or a merged model's directory (save_template): a built-in
+    ("llama2", "llama3", "chatml"), or "jinja:<hash>" for the tokenizer's own; None where there is no record
+    (PEFT's adapters, hub ids)."""
+    path = os.path.join(model_dir, TEMPLATE_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            name = json.load(f)["template"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptFile(f"{path} is corrupt ({e!r}); delete it and name the chat template yourself") from e
+    if not isinstance(name, str):
+        raise CorruptFile(f"{path} names the template {name!r}; delete it and name the chat template yourself")
+    return name
 
 
 def write_atomic(path: str, data):

@@ -117,7 +117,7 @@ def save_checkpoint(model, run: Run, step: int, training: tuple, record: dict, k
         # run.json first: what a kill mid-save leaves says whose it is, and the next claim of the run removes it
         write_atomic(os.path.join(tmp, RECORD_NAME), json.dumps({"run_id": run.run_id, "step": step, **record},
                                                                 indent=2, default=str).encode())
-        save_adapter(model, tmp, weights)
+        save_adapter(model, tmp, weights, record.get("chat_template"))
         write_atomic(os.path.join(tmp, STATE_NAME), lambda f: torch.save(state, f))
         if os.path.exists(path):
             _replacing(run, path)

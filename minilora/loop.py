@@ -31,6 +31,7 @@ from .processes import in_process_group, rank_and_world
 from .rundir import claim, read_record
 from .step import Stepper
 from .stop import Interrupted, StopRequest, signal_name
+from .template import get_template
 
 
 def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> list[dict]:
@@ -74,7 +75,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
                     with t.log.timed("save"):
                         weights = full_lora_weights(model) if is_sharded(model) else None  # every process gathers
                         if rank == 0:
-                            save_adapter(model, f"{cfg.output_dir}/adapter", weights)
+                            save_adapter(model, f"{cfg.output_dir}/adapter", weights, t.record["chat_template"])
                 t.log.parts["steps"] = time.perf_counter() - start - sum(t.log.parts.values())
                 t.log.report_parts(t.step)
             finally:
@@ -182,7 +183,8 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run, cleanup: contextli
         log.log({"step": step, "resumed_from": run.resume_from, "changed": changed})
     return _Training(model, tokenizer, cfg, run, stepper.device, world, stepper, feed, opt, sched, scaler, log, step,
                      total_steps, plan_line,
-                     {"shape": shape, "config": dataclasses.asdict(cfg), "adapter_start": start})
+                     {"shape": shape, "config": dataclasses.asdict(cfg), "adapter_start": start,
+                      "chat_template": get_template(cfg.template, tokenizer).name})
 
 
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):

@@ -1,5 +1,6 @@
 """The examples as a user runs them: in a subprocess, offline."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -88,6 +89,51 @@ def test_chat_refuses_bad_input_before_the_model_loads(demo, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_the_adapter_and_its_checkpoints_record_their_chat_template_and_chat_answers_in_it(demo, tmp_path):
+    """train() records the template it trained under (the tiny tokenizer has no chat_template: auto is llama2)
+    beside the adapter and in each checkpoint; chat.py answers in a recorded template without being told, so an
+    adapter whose record says chatml is refused on this tokenizer, which lacks ChatML's tokens, where auto would
+    silently answer in llama2; --save-merged carries the record into the merged model's directory."""
+    from minilora.adapter import saved_template
+
+    out, _ = demo
+    assert saved_template(str(out / "adapter")) == "llama2"
+    assert [saved_template(str(c)) for c in sorted(out.glob("checkpoint-*"))] == ["llama2"] * len(
+        list(out.glob("checkpoint-*"))) and list(out.glob("checkpoint-*"))
+    chatml = tmp_path / "chatml"
+    chatml.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (chatml / name).write_bytes((out / "adapter" / name).read_bytes())
+    (chatml / "minilora_template.json").write_text('{"template": "chatml"}')
+    result = run("examples/chat.py", "--model", str(out / "base"), "--adapter", str(chatml), "--prompt", "hi")
+    assert result.returncode == 2 and "template 'chatml' needs the special token '<|im_start|>'" in result.stderr
+    result = run("examples/chat.py", "--model", str(out / "base"), "--adapter", str(out / "adapter"),
+                 "--save-merged", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert saved_template(str(tmp_path / "merged")) == "llama2"
+
+
+def test_chat_picks_the_asked_then_the_recorded_template(tokenizer, capsys):
+    """--template first (a warning where the record differs), then the record, then auto; a record of the tokenizer's
+    own template (jinja:<hash>) must be this tokenizer's, and an unknown name is refused with what to pass."""
+    chat = module("chat")
+    assert chat.chat_template(None, None, tokenizer).name == "llama2"  # auto, without a chat_template
+    assert chat.chat_template(None, "chatml", tokenizer).name == "chatml"
+    assert capsys.readouterr().err == ""
+    assert chat.chat_template("llama3", "chatml", tokenizer).name == "llama3"
+    assert "trained under the chat template 'chatml'; answering in 'llama3'" in capsys.readouterr().err
+    for record in ("jinja:0123456789ab", "mine"):
+        with pytest.raises(ValueError, match=f"trained under the chat template '{record}', which this model's "
+                                             "tokenizer does not have; pass --template"):
+            chat.chat_template(None, record, tokenizer)
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    own = chat.chat_template(None, None, tok)
+    assert own.name.startswith("jinja:") and chat.chat_template(None, own.name, tok) is own
+
+
 def test_the_demo_fails_its_quality_gate_below_30_percent(capsys):
     ex = example()
     cfg = ex.ml.TrainConfig(output_dir="unused", sample_prompts=())
@@ -112,12 +158,17 @@ def test_unreachable_model_gives_a_message_not_a_traceback(tmp_path):
 
 # ---------------------------------------------------------------- real-world data and bad input
 
+def module(name: str):
+    """examples/NAME.py as a module, to call its parts without a subprocess."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
 def example():
-    """examples/train_guanaco.py as a module, to call its parts without a subprocess."""
-    spec = importlib.util.spec_from_file_location("train_guanaco", os.path.join(ROOT, "examples", "train_guanaco.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """examples/train_guanaco.py as a module."""
+    return module("train_guanaco")
 
 
 @pytest.fixture(scope="module")

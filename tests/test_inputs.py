@@ -152,6 +152,21 @@ def test_failed_load_adapter_leaves_the_model_as_it_was(base_dir, tmp_path):
     assert_unchanged(model, before)
 
 
+def test_a_recorded_chat_template_reads_back_or_is_named_corrupt(tmp_path):
+    """save_template's record: read back as written, None where there is none (PEFT's adapters), and a damaged one
+    a CorruptFile naming its path, never a guess."""
+    from minilora.adapter import save_template, saved_template
+
+    assert saved_template(str(tmp_path)) is None
+    save_template(str(tmp_path), "jinja:0123456789ab")
+    assert saved_template(str(tmp_path)) == "jinja:0123456789ab"
+    record = tmp_path / "minilora_template.json"
+    for damaged in ('{"template": "llama', '{"template": 3}', '["llama2"]', "{}"):
+        record.write_text(damaged)
+        with pytest.raises(CorruptFile, match=f"^{record} .*; delete it and name the chat template yourself$"):
+            saved_template(str(tmp_path))
+
+
 def test_resume_names_corrupt_checkpoints_and_falls_back_bit_exactly(base_dir, tmp_path, capsys):
     rows = ROWS + [EMPTY_Q, EMPTY_A, "not a chat row"]
     model, tok = load(base_dir)
