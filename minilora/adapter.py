@@ -80,7 +80,7 @@ def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = No
     crash leaves the old file or the new one, never half of one; nothing else in out_dir is touched.
     weights: the LoRA tensors to write, keyed as lora_state_dict's (a sharded model's, gathered: fsdp.py);
     None: the model's own. template: the name of the chat template the adapter was trained under (a Template's
-    `name`), recorded for saved_template.
+    `name`), recorded for saved_template; without it, an earlier record in out_dir is removed.
     """
     config = adapter_config(model)  # a model without LoRA fails here, before anything is written
     weights = lora_state_dict(model) if weights is None else weights
@@ -96,6 +96,8 @@ def save_adapter(model: torch.nn.Module, out_dir: str, weights: dict | None = No
     write_atomic(os.path.join(out_dir, CONFIG_NAME), json.dumps(config, indent=2).encode())
     if template is not None:
         save_template(out_dir, template)
+    elif os.path.exists(os.path.join(out_dir, TEMPLATE_NAME)):  # an earlier adapter's record, not these weights'
+        os.remove(os.path.join(out_dir, TEMPLATE_NAME))
     return out_dir
 
 
