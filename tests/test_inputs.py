@@ -152,12 +152,18 @@ def test_failed_load_adapter_leaves_the_model_as_it_was(base_dir, tmp_path):
     assert_unchanged(model, before)
 
 
-def test_a_recorded_chat_template_reads_back_or_is_named_corrupt(tmp_path):
+def test_a_recorded_chat_template_reads_back_or_is_named_corrupt(base_dir, tmp_path):
     """save_template's record: read back as written, None where there is none (PEFT's adapters), and a damaged one
-    a CorruptFile naming its path, never a guess."""
+    a CorruptFile naming its path, never a guess. An adapter saved without a template over one saved with it
+    leaves no record of the earlier weights' template."""
     from minilora.adapter import save_template, saved_template
 
-    assert saved_template(str(tmp_path)) is None
+    model, _ = load(base_dir)
+    ml.add_lora(model, r=4, alpha=8)
+    ml.save_adapter(model, tmp_path / "a", template="chatml")
+    assert saved_template(str(tmp_path / "a")) == "chatml"
+    ml.save_adapter(model, tmp_path / "a")
+    assert saved_template(str(tmp_path / "a")) is None
     save_template(str(tmp_path), "jinja:0123456789ab")
     assert saved_template(str(tmp_path)) == "jinja:0123456789ab"
     record = tmp_path / "minilora_template.json"
