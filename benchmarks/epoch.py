@@ -18,6 +18,7 @@ Impls, each in its own process on the same model files:
   budget6   the same with memory_budget_gib=6
   budget4.8 the same with memory_budget_gib=4.8 (the plan offloads)
   eager     the same with cuda_graphs=False
+  dora, rslora, budget6-dora  fast (or budget6) with the adapter variant on (use_dora=True, use_rslora=True)
   budget6-eager, budget4.8-eager  those two with cuda_graphs=False
   plain     the same with fast=False and every layer checkpointed: transformers' layers, the earlier default
   pack, budget6-pack, budget4.8-pack  fast, budget6 and budget4.8 with pack=True (micro-batches filled with whole
@@ -76,7 +77,8 @@ LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guanaco-leng
 IMPLS = {"fast": {}, "budget6": {"memory_budget_gib": 6.0}, "budget4.8": {"memory_budget_gib": 4.8},
          "budget6-eager": {"memory_budget_gib": 6.0, "cuda_graphs": False},
          "budget4.8-eager": {"memory_budget_gib": 4.8, "cuda_graphs": False},
-         "eager": {"cuda_graphs": False},
+         "eager": {"cuda_graphs": False}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True},
+         "budget6-dora": {"memory_budget_gib": 6.0, "use_dora": True},
          "plain": {"fast": False, "gradient_checkpointing": True},
          "pack": {"pack": True}, "budget6-pack": {"memory_budget_gib": 6.0, "pack": True},
          "budget4.8-pack": {"memory_budget_gib": 4.8, "pack": True},
