@@ -52,7 +52,7 @@ def main(argv=None):
     try:  # before the model loads: an adapter dir that is not one fails in a second
         if args.adapter:
             check_adapter(args.adapter)
-        trained = saved_template(args.adapter or args.model) if args.adapter or os.path.isdir(args.model) else None
+        trained = saved_template(args.adapter or args.model)  # None for a hub id, or a dir without the record
         if args.save_merged and os.path.exists(os.path.join(args.save_merged, "config.json")):
             raise ValueError(f"{args.save_merged} already holds a model; choose another --save-merged dir")
     except (OSError, ValueError) as e:

@@ -98,8 +98,8 @@ def test_the_adapter_and_its_checkpoints_record_their_chat_template_and_chat_ans
 
     out, _ = demo
     assert saved_template(str(out / "adapter")) == "llama2"
-    assert [saved_template(str(c)) for c in sorted(out.glob("checkpoint-*"))] == ["llama2"] * len(
-        list(out.glob("checkpoint-*"))) and list(out.glob("checkpoint-*"))
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints and all(saved_template(str(c)) == "llama2" for c in checkpoints)
     chatml = tmp_path / "chatml"
     chatml.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
