@@ -119,19 +119,11 @@ def guanaco_rows(n_rows: int, vocab_size: int, seed: int = 0, lengths: list | No
     return ["".join(f"<s>[INST] {words(p - 3)} [/INST] {words(a - 1)} </s>" for p, a in row) for row in lengths]
 
 
-def minilora_config(spec):
-    import minilora as ml
-
-    return ml.TrainConfig(output_dir=spec["out_dir"], progress=False, sample_prompts=spec["prompts"],
-                          **{**RECIPE, **spec["overrides"]})
-
-
-def run_minilora(spec, model, tok, rows):
+def run_minilora(spec, cfg, model, tok, rows):
     import torch
 
     import minilora as ml
 
-    cfg = minilora_config(spec)
     with _profiled(spec.get("profile")):
         t0 = time.perf_counter()
         history = ml.train(model, tok, rows, cfg)
@@ -299,7 +291,8 @@ def worker(spec: dict) -> dict | None:
         res["load_s"] = time.perf_counter() - t0 - res["wall_s"]  # model, LoRA and the trainer's tokenizing
     else:
         # as the example loads: layer by layer into host memory when the budget's plan streams the 4-bit weights
-        cfg = minilora_config(spec)
+        cfg = ml.TrainConfig(output_dir=spec["out_dir"], progress=False, sample_prompts=spec["prompts"],
+                             **{**RECIPE, **spec["overrides"]})
         streams = spec["device"].startswith("cuda") and not cfg.fsdp and check_memory(
             load_config(spec["model_dir"]), cfg, "nf4", cfg.fast, spec["device"])
         model, _ = (load_streamed if streams else ml.load_model)(
@@ -308,7 +301,7 @@ def worker(spec: dict) -> dict | None:
         load_s = time.perf_counter() - t0
         if world > 1:
             dist.barrier()  # every process has loaded: train() starts, and is timed, together
-        res = run_minilora(spec, model, tok, rows)
+        res = run_minilora(spec, cfg, model, tok, rows)
         res["load_s"] = load_s
     if world > 1:
         dist.destroy_process_group()
