@@ -29,7 +29,7 @@ from minilora.kernels.layer import unsupported
 from minilora.host_load import load_streamed
 from minilora.model import linear_names, load_config, meta_model
 from minilora.plan_choice import memory_budget, plannable
-from minilora.rundir import claim, latest_checkpoint
+from minilora.rundir import begun_on, claim, latest_checkpoint
 from minilora.config import PRECISIONS, default_precision
 
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
@@ -159,7 +159,9 @@ def load_data(args, cfg):
             fail(str(e))
     config = attempt(f"model {source!r}", lambda: load_config(source))
     tok = attempt(f"tokenizer of {source!r}", lambda: ml.load_tokenizer(source))
-    train_data, eval_data = (encode(rows, index, tok, cfg) if index else None for index in parts)
+    # a resumed run's chat template writes the date its examples had (Llama 3.1's "Today Date")
+    template = ml.get_template(cfg.template, tok).dated(begun_on(cfg.output_dir, cfg.resume))
+    train_data, eval_data = (encode(rows, index, tok, cfg, template) if index else None for index in parts)
     malformed = sorted(m for data in (train_data, eval_data) if data for m in data[1].malformed)
     if malformed:
         shown = ", ".join(f"{i} ({reason})" for i, reason in malformed[:5]) + (" ..." if len(malformed) > 5 else "")
@@ -167,11 +169,10 @@ def load_data(args, cfg):
     return source, config, tok, train_data, eval_data
 
 
-def encode(rows, index, tok, cfg):
+def encode(rows, index, tok, cfg, template):
     """encode_rows over rows[i] for i in index; a malformed row is named by its place in the whole dataset."""
     try:
-        examples, stats = ml.encode_rows([rows[i] for i in index], tok, cfg.max_len, cfg.skip_malformed,
-                                         cfg.template)
+        examples, stats = ml.encode_rows([rows[i] for i in index], tok, cfg.max_len, cfg.skip_malformed, template)
     except ml.MalformedRow as e:
         e.index = index[e.index]
         fail(str(e))

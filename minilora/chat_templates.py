@@ -33,6 +33,12 @@ class Template:
     question that prompts generation. Subclass it for a template that pieces cannot write (jinja_template.py)."""
 
     name: str
+    day: str | None = None  # the day it renders as today ("2026-12-07"), for a template that writes the date
+
+    def dated(self, day: str | None) -> Template:
+        """This template rendering `day` (ISO, "2026-12-07") as today; None leaves it as it is. A built-in writes no
+        date: it is itself."""
+        return self
 
     def render(self, system: str | None, pairs: Pairs) -> str:
         """The conversation as text, special tokens written out; a last open question ends with the generation

@@ -124,17 +124,21 @@ def batches(examples: list[dict], batch_size: int, seed: int = 0, group_by_lengt
 _FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-def encoded(rows, tokenizer, max_len: int, skip_malformed: bool = False, template="auto"
+def encoded(rows, tokenizer, max_len: int, skip_malformed: bool = False, template="auto", day: str | None = None
             ) -> tuple[list[dict], DataStats]:
-    """(examples, stats): encode_rows' result as it is (checked against max_len and the template), or rows encoded
-    under the template (a name or a Template, as encode_rows takes)."""
+    """(examples, stats): encode_rows' result as it is (checked against max_len, the template and the day), or rows
+    encoded under the template (a name or a Template, as encode_rows takes), dated `day` if it writes the date."""
     if not (isinstance(rows, tuple) and len(rows) == 2 and isinstance(rows[1], DataStats)):
-        return encode_rows(rows, tokenizer, max_len, skip_malformed, template)
+        return encode_rows(rows, tokenizer, max_len, skip_malformed, get_template(template, tokenizer).dated(day))
     name = get_template(template, tokenizer).name
     if rows[1].template and rows[1].template != name:  # generation would then prompt in another template
         raise ValueError(f"the examples were encoded with template {rows[1].template!r}, and template={template!r} "
                          f"is {name!r} for this tokenizer; pass the template they were encoded with (TrainConfig("
                          f"template=...)), or encode_rows with template={template!r}")
+    if day and rows[1].day and rows[1].day != day:  # the resumed run's examples wrote another date
+        raise ValueError(f"the examples were encoded with the chat template's date {rows[1].day}, and the run they "
+                         f"resume began on {day}; encode_rows with template=get_template({template!r}, tokenizer)"
+                         f".dated({day!r})")
     longest = max(len(ex["input_ids"]) for ex in rows[0])
     if longest > max_len:
         raise ValueError(f"an encoded example has {longest} tokens, more than max_len={max_len}; "

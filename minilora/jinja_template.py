@@ -14,10 +14,16 @@ characters to tokens.
 
 A template whose renders are not prefixes of each other (it rewrites earlier turns when one is added) is refused:
 no token of it can be told to be an answer's.
+
+A template may write today's date: Llama 3.1 to 3.3 write "Today Date: 07 Dec 2026" from the clock unless given
+`date_string`. `dated(day)` gives it that day, so that encoding the same rows tomorrow gives the same ids (a run
+resumed on a later day encodes its examples with the day it began, DataStats.day).
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import hashlib
 import re
 import weakref
@@ -78,6 +84,15 @@ class JinjaTemplate(Template):
                             key=len, reverse=True)  # longest first: the first match is the longest
         self.markers: list[str] | None = None  # the end-of-turn markers found after the probes' answers
 
+    def dated(self, day: str | None) -> JinjaTemplate:
+        """A copy rendering `day` as today, where the template takes the date as `date_string` (Llama 3.1 to 3.3's,
+        as "07 Dec 2026"); itself where it does not, or for None."""
+        if day is None or day == self.day or "date_string" not in self.source:
+            return self
+        dated = copy.copy(self)
+        dated.day = day
+        return dated
+
     def probed(self) -> JinjaTemplate:
         """Self, with the end-of-turn markers of the probe conversations found; refuses a template that rewrites
         earlier turns, or that does not write an answer as it is, and a tokenizer without offsets."""
@@ -106,8 +121,9 @@ class JinjaTemplate(Template):
         from jinja2 import TemplateError
 
         try:
+            date = {"date_string": f"{datetime.date.fromisoformat(self.day):%d %b %Y}"} if self.day else {}
             return self.tokenizer.apply_chat_template(messages, chat_template=self.source, tokenize=False,
-                                                      add_generation_prompt=generation)
+                                                      add_generation_prompt=generation, **date)
         except (TemplateError, TypeError, ValueError, KeyError, IndexError) as e:  # raise_exception(...), say
             raise MalformedRow(f"the tokenizer's chat template refuses it ({str(e).splitlines()[0]})",
                                messages) from None

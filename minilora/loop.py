@@ -28,7 +28,7 @@ from .optimizer import apply_settings, make_optimizer, optimizer_step
 from .plan import PlanOptions
 from .plan_choice import plan_run
 from .processes import in_process_group, rank_and_world
-from .rundir import claim, read_record
+from .rundir import begun_on, claim, read_record
 from .step import Stepper
 from .stop import Interrupted, StopRequest, signal_name
 from .template import get_template
@@ -59,7 +59,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
         with contextlib.ExitStack() as fast:  # a FastPath's running(), entered by _setup (fast_path.py)
-            t = _setup(model, tokenizer, examples, cfg, run, fast)
+            t = _setup(model, tokenizer, examples, stats.day, cfg, run, fast)
             try:
                 with StopRequest(world) as stop:  # from here a signal stops the run at a step boundary, saved
                     if not t.step:
@@ -149,10 +149,10 @@ class _Training:
     record: dict  # each checkpoint's run.json
 
 
-def _setup(model, tokenizer, examples, cfg: TrainConfig, run, cleanup: contextlib.ExitStack) -> _Training:
+def _setup(model, tokenizer, examples, day: str, cfg: TrainConfig, run, cleanup: contextlib.ExitStack) -> _Training:
     """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
     (with the plan's FastPath, whose running() `cleanup` enters), the micro-batch stream, optimizer and schedule,
-    the resumed state, the log."""
+    the resumed state, the log. day: the date the examples' template wrote (DataStats.day), kept in run.json."""
     rank, world = rank_and_world()
     own_adapter = trains_own_adapter(model, cfg.lora())  # the run trains the adapter the model carries
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world)
@@ -184,13 +184,14 @@ def _setup(model, tokenizer, examples, cfg: TrainConfig, run, cleanup: contextli
     return _Training(model, tokenizer, cfg, run, stepper.device, world, stepper, feed, opt, sched, scaler, log, step,
                      total_steps, plan_line,
                      {"shape": shape, "config": dataclasses.asdict(cfg), "adapter_start": start,
-                      "chat_template": get_template(cfg.template, tokenizer).name})
+                      "chat_template": get_template(cfg.template, tokenizer).name, "day": day})
 
 
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):
     """(examples, stats, eval examples or None), checked before the model is touched."""
-    examples, stats = encoded(train_rows, tokenizer, cfg.max_len, cfg.skip_malformed, cfg.template)
-    evals = (encoded(eval_rows, tokenizer, cfg.max_len, cfg.skip_malformed, cfg.template)[0]
+    day = begun_on(cfg.output_dir, cfg.resume)  # a resumed run's template writes the date its examples had
+    examples, stats = encoded(train_rows, tokenizer, cfg.max_len, cfg.skip_malformed, cfg.template, day)
+    evals = (encoded(eval_rows, tokenizer, cfg.max_len, cfg.skip_malformed, cfg.template, stats.day)[0]
              if eval_rows is not None else None)
     if cfg.precision == "fp16" and any(p.dtype != torch.float32 for p in lora_state_dict(model).values()):
         raise ValueError("fp16 needs fp32 LoRA weights; add_lora(..., dtype=torch.float32) or use precision='bf16'")

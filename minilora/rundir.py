@@ -247,6 +247,15 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def begun_on(output_dir: str, resume: str | None) -> str | None:
+    """The day the run that `resume` continues began, as its checkpoints record it (run.json's "day": the date its
+    chat template wrote), or None: no resume, or a run whose template writes no date."""
+    if not resume:
+        return None
+    found = reversed(checkpoints(output_dir)) if resume == "latest" else [resume]
+    return next((day for path in found if (day := read_record(path).get("day"))), None)
+
+
 def read_history(output_dir: str, step: float) -> list[dict]:
     """The records of output_dir/metrics.jsonl up to `step` (none for step 0). A line cut short at the end (a
     kill mid-write) is dropped; a bad line before the end raises RunDirError naming it."""

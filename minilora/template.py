@@ -8,6 +8,7 @@ conversation.py, whatever the template: guanaco's `<s>[INST] ...` text rows trai
 
 from __future__ import annotations
 
+import datetime
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -122,20 +123,22 @@ class DataStats:
     skipped: Counter = field(default_factory=Counter)  # reason -> number of rows
     malformed: list = field(default_factory=list)  # (index, reason) of each malformed row skipped
     template: str = ""  # the name of the chat template that encoded the examples
+    day: str = ""  # the day it wrote as today ("2026-12-07"), for a template that writes the date
 
     def summary(self, max_len: int) -> str:
         """One line: what was kept, truncated, empty and skipped, and the template."""
         return (f"{self.rows - sum(self.skipped.values())} examples from {self.rows} rows, {self.supervised} "
                 f"supervised tokens; {self.truncated} truncated to {max_len} tokens; empty questions: "
                 f"{self.empty_questions}, empty answers: {self.empty_answers}; skipped: {dict(self.skipped) or 'none'}"
-                f"; template: {self.template or 'unknown'}")
+                f"; template: {self.template or 'unknown'}{f', dated {self.day}' if self.day else ''}")
 
     def record(self) -> dict:
         """The counts as the first line of metrics.jsonl holds them."""
         return {"train_rows": self.rows, "examples": self.rows - sum(self.skipped.values()),
                 "skipped_rows": dict(self.skipped), "truncated_rows": self.truncated,
                 "supervised_tokens": self.supervised, "empty_questions": self.empty_questions,
-                "empty_answers": self.empty_answers, "template": self.template}
+                "empty_answers": self.empty_answers, "template": self.template,
+                **({"day": self.day} if self.day else {})}
 
 
 def encode_rows(rows: Iterable, tokenizer, max_len: int = 1024, skip_malformed: bool = False,
@@ -145,9 +148,11 @@ def encode_rows(rows: Iterable, tokenizer, max_len: int = 1024, skip_malformed: 
     A malformed row raises, or with skip_malformed=True is skipped and counted (with its index in
     stats.malformed); a row with no room for an answer is always skipped and counted. train() takes the
     returned (examples, stats) as they are, so data checked before the model loads is not encoded again.
+    A template that writes the date writes the template's day, else today's, the same in every row (stats.day).
     """
     template = get_template(template, tokenizer)
-    examples, stats = [], DataStats(template=template.name)
+    template = template if template.day else template.dated(today())
+    examples, stats = [], DataStats(template=template.name, day=template.day or "")
     for i, row in enumerate(rows):
         stats.rows += 1
         try:
@@ -167,6 +172,11 @@ def encode_rows(rows: Iterable, tokenizer, max_len: int = 1024, skip_malformed: 
         raise ValueError(f"no example left out of {stats.rows} rows (skipped: {dict(stats.skipped)}); "
                          "check the rows' format, or raise max_len")
     return examples, stats
+
+
+def today() -> str:
+    """Today's date, as a template's day is written: "2026-12-07"."""
+    return datetime.date.today().isoformat()
 
 
 def _count(stats: DataStats, ex: dict, pairs: Pairs):

@@ -229,3 +229,62 @@ def test_a_run_that_fails_before_training_leaves_no_directory(base_dir, tmp_path
     (out / "notes.txt").write_text("kept")
     held.release()
     assert (tmp_path / "mine").is_dir() and os.listdir(out) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- a run resumed on another day
+
+@pytest.fixture(scope="module")
+def dated_base(tmp_path_factory):
+    """A tiny Llama whose tokenizer's chat template writes today's date, as Llama 3.1's does."""
+    from transformers import AutoModelForCausalLM
+
+    from minilora.tiny import tiny_config
+    from test_templates import LLAMA31_DATED, llama3_tokenizer
+
+    base = tmp_path_factory.mktemp("dated")
+    tok = llama3_tokenizer(LLAMA31_DATED)
+    tok.save_pretrained(base)
+    AutoModelForCausalLM.from_config(tiny_config(len(tok), bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id)).save_pretrained(base)
+    return base
+
+
+def by_train(base, out, **overrides):
+    model, tok = ml.load_model(str(base), quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ml.train(model, tok, ROWS, config(out, max_steps=4, **overrides))
+
+
+def by_example(base, out, resume=None):
+    """examples/train_guanaco.py, which encodes the rows before train() is called."""
+    rows = out.parent / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": r}) + "\n" for r in ROWS))
+    spec = importlib.util.spec_from_file_location("train_guanaco", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_guanaco.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--model", str(base), "--dataset", str(rows), "--output-dir", str(out), "--eval-size", "0",
+                         "--lora-r", "4", "--max-steps", "4", "--save-every", "2",
+                         *(["--resume", resume] if resume else [])]) == 0
+
+
+@pytest.mark.parametrize("trainer", [by_train, by_example], ids=["train", "example"])
+def test_a_run_resumed_on_a_later_day_encodes_the_date_it_began_with(dated_base, tmp_path, monkeypatch, trainer):
+    """A chat template that writes today's date (Llama 3.1's "Today Date") gives tomorrow's rows other ids than
+    today's. The checkpoints record the day the run's examples were encoded with, and a resumed run encodes with
+    it, in train() and in the example (which encodes before train()): resumed the next day, it ends with the
+    adapter of the run that nothing stopped."""
+    import minilora.template
+
+    monkeypatch.setattr(minilora.template, "today", lambda: "2026-12-07")
+    trainer(dated_base, tmp_path / "straight")
+    record = read_record(tmp_path / "straight" / "checkpoint-2")
+    assert record["day"] == "2026-12-07"
+    monkeypatch.setattr(minilora.template, "today", lambda: "2026-12-08")
+    copy_checkpoints(tmp_path / "straight", tmp_path / "resumed", "checkpoint-2")
+    trainer(dated_base, tmp_path / "resumed", resume="latest")
+    assert read_record(tmp_path / "resumed" / "checkpoint-4")["day"] == "2026-12-07"
+    assert same(adapter(tmp_path / "resumed" / "adapter"), adapter(tmp_path / "straight" / "adapter"))
+    # the day matters: encoded as of today, the rows are other data than the run began with
+    tok = ml.load_tokenizer(str(dated_base))
+    today = checkpoint_module.data_fingerprint(ml.encode_rows(ROWS, tok, record["config"]["max_len"])[0])
+    assert today != record["shape"]["data"]

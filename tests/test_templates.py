@@ -96,6 +96,10 @@ QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assista
 # Rewrites earlier turns: the system prompt goes into the last user message, as Mistral's later templates do.
 SYSTEM_LAST = r"""{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}{%- set loop_messages = messages[1:] if system else messages %}{%- set last_user = loop_messages | selectattr('role', 'equalto', 'user') | list | last %}{%- for m in loop_messages %}{%- if m['role'] == 'user' %}{{ '<|im_start|>user\n' + (system + '\n\n' if system and m is sameas last_user else '') + m['content'] + '<|im_end|>\n' }}{%- else %}{{ '<|im_start|>assistant\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"""  # noqa: E501
 
+# Writes today's date in its system header, as Llama 3.1 to 3.3 do: from the clock (transformers' strftime_now)
+# unless the caller gives date_string.
+LLAMA31_DATED = r"""{%- if date_string is not defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- endif %}{{- bos_token + '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + date_string + '\n\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] | trim }}{%- set messages = messages[1:] %}{%- endif %}{{- '<|eot_id|>' }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"""  # noqa: E501
+
 GENERATION_PROMPT = {"llama2": "[/INST]", "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
                      "chatml": "<|im_start|>assistant\n"}
 MARKER = {"llama2": "</s>", "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
@@ -453,3 +457,32 @@ def test_a_template_of_ones_own(toks):
     assert [tok.decode(ex["input_ids"][s:e]) for s, e in supervised_runs(ex["labels"])] == ["Hello!<|eot_id|>"]
     assert stop_ids(tok, zephyr) == [tok.convert_tokens_to_ids("<|eot_id|>")]
     assert CHATML.render(None, [("q", None)]) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_template_that_writes_the_date_encodes_the_day_it_is_given(monkeypatch):
+    """Encoded examples do not change with the day: encode_rows dates a template that writes the date with today
+    (DataStats.day), and a template dated another day writes that day, whatever the clock says."""
+    from datetime import datetime
+
+    import minilora.template
+
+    tok = llama3_tokenizer(LLAMA31_DATED)
+    auto = get_template("auto", tok)
+    assert isinstance(auto, JinjaTemplate) and auto.day is None  # the date header makes it no built-in
+    pairs = [("Hi", "Hello!")]
+    assert f"Today Date: {datetime.now():%d %b %Y}\n" in auto.render(None, pairs)  # undated: the clock's day
+    assert "Today Date: 26 Jul 2024\n" in auto.dated("2024-07-26").render(None, pairs)
+    rows = [messages(None, [("What is 2 + 2?", "It is 4.")])]
+    monkeypatch.setattr(minilora.template, "today", lambda: "2026-12-07")
+    first, stats = encode_rows(rows, tok)
+    assert stats.day == stats.record()["day"] == "2026-12-07" and "dated 2026-12-07" in stats.summary(64)
+    monkeypatch.setattr(minilora.template, "today", lambda: "2026-12-08")
+    assert encode_rows(rows, tok)[0] != first  # a day later the header's ids differ
+    assert encode_rows(rows, tok, template=auto.dated("2026-12-07")) == (first, stats)
+    with pytest.raises(ValueError, match=r"date 2026-12-07, and the run they resume began on 2026-12-08; encode_rows "
+                                         r"with template=get_template\('auto', tokenizer\).dated\('2026-12-08'\)"):
+        encoded((first, stats), tok, 64, day="2026-12-08")
+    # a template without date_string, and a built-in, write no date to pin: they are themselves
+    qwen = JinjaTemplate(qwen_tokenizer(QWEN25_INSTRUCT))
+    assert qwen.dated("2026-12-07") is qwen
+    assert LLAMA2.dated("2026-12-07") is LLAMA2 and encode_rows(rows, tok, template="llama3")[1].day == ""
