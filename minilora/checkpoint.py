@@ -71,8 +71,10 @@ def check_resume(run: Run, shape: dict, cfg) -> dict:
     diffs = [f"{k} {old_shape[k]!r} -> {shape[k]!r}" for k in shape
              if k in old_shape and old_shape[k] != _jsonable(shape[k])]
     if diffs:
-        raise ResumeMismatch(f"cannot resume from {run.resume_from}: this run differs in {'; '.join(diffs)}; resume "
-                             "with the settings it was trained with, or start a new run in another output_dir")
+        why = (" (the encoded examples: other rows, tokenizer or chat template, or a template that writes today's "
+               "date and cannot be given the run's day)") if any(d.startswith("data ") for d in diffs) else ""
+        raise ResumeMismatch(f"cannot resume from {run.resume_from}: this run differs in {'; '.join(diffs)}{why}; "
+                             "resume with the settings it was trained with, or start a new run in another output_dir")
     old = record.get("config") or {}
     new = _jsonable(dataclasses.asdict(cfg))
     return {k: (old[k], new[k]) for k in new if k in old and k not in NOT_SETTINGS and old[k] != new[k]}

@@ -131,7 +131,7 @@ def test_resume_refuses_a_checkpoint_of_another_shape(base_dir, tmp_path):
         with pytest.raises(ml.ResumeMismatch, match=f"cannot resume from .*checkpoint-2: this run differs in .*"
                                                      f"{message}"):
             run(base_dir, tmp_path, max_steps=4, resume="latest", **change)
-    with pytest.raises(ml.ResumeMismatch, match="data '[0-9a-f]+' -> '[0-9a-f]+'"):
+    with pytest.raises(ml.ResumeMismatch, match="data '[0-9a-f]+' -> '[0-9a-f]+' \\(the encoded examples: other rows"):
         run(base_dir, tmp_path, rows=instruction_rows(16, seed=4), max_steps=4, resume="latest")
     rec = checkpoint_module.run_shape(config(tmp_path), [], None, 2)
     held = claim(str(tmp_path), "latest")
