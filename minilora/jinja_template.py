@@ -15,9 +15,11 @@ characters to tokens.
 A template whose renders are not prefixes of each other (it rewrites earlier turns when one is added) is refused:
 no token of it can be told to be an answer's.
 
-A template may write today's date: Llama 3.1 to 3.3 write "Today Date: 07 Dec 2026" from the clock unless given
-`date_string`. `dated(day)` gives it that day, so that encoding the same rows tomorrow gives the same ids (a run
-resumed on a later day encodes its examples with the day it began, DataStats.day).
+A template may write today's date from the clock, transformers' `strftime_now(format)`: Llama 3.1 to 3.3 write
+"Today Date: 07 Dec 2026", Mistral Small 3 its own. `dated(day)` renders another day: the template is rendered with
+a `strftime_now` of its own defined before it, which writes that day in each format the template names. So the
+same rows encode to the same ids tomorrow, and a run resumed on a later day encodes its examples with the day it
+began (DataStats.day).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ INSTEAD = "pass template='llama2', 'llama3' or 'chatml' instead"
 _QA = [("Hi there! Who are you?", "I am an assistant."), ("What is 2 + 2?", "It is 4.")]
 PROBES = [(system, pairs) for system in (None, "Answer briefly.")
           for pairs in (_QA, _QA[:1], _QA[:1] + [("And 3 + 3?", None)], [("Hello.", None)])]
+
+_CLOCK = re.compile(r"strftime_now\s*\(")  # a call of the clock
+_CLOCK_FORMAT = re.compile(r"""strftime_now\s*\(\s*("[^"]*"|'[^']*')\s*\)""")  # a call with a literal format
+# defined before a dated template, it shadows transformers' clock: each format's text comes in `minilora_day`
+_DATED_CLOCK = "{% macro strftime_now(format) %}{{ minilora_day[format] }}{% endmacro %}"
 
 _auto: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its chat_template, Template)
 
@@ -83,11 +90,14 @@ class JinjaTemplate(Template):
         self.added = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip()),
                             key=len, reverse=True)  # longest first: the first match is the longest
         self.markers: list[str] | None = None  # the end-of-turn markers found after the probes' answers
+        formats = [f[1:-1] for f in _CLOCK_FORMAT.findall(self.source)]
+        # the formats in which it reads the clock; None if it computes one (then it cannot be given a day)
+        self.clock_formats = formats if len(formats) == len(_CLOCK.findall(self.source)) else None
 
     def dated(self, day: str | None) -> JinjaTemplate:
-        """A copy rendering `day` as today, where the template takes the date as `date_string` (Llama 3.1 to 3.3's,
-        as "07 Dec 2026"); itself where it does not, or for None."""
-        if day is None or day == self.day or "date_string" not in self.source:
+        """A copy rendering `day` (ISO, "2026-12-07") as today; itself for None, and for a template that does not
+        read the clock, or reads it in a format that it computes."""
+        if day is None or day == self.day or not self.clock_formats:
             return self
         dated = copy.copy(self)
         dated.day = day
@@ -120,10 +130,13 @@ class JinjaTemplate(Template):
     def _render(self, messages: list[dict], generation: bool) -> str:
         from jinja2 import TemplateError
 
+        source, clock = self.source, {}
+        if self.day:  # its clock is the template's own strftime_now, which writes self.day
+            day = datetime.date.fromisoformat(self.day)
+            source, clock = _DATED_CLOCK + source, {"minilora_day": {f: day.strftime(f) for f in self.clock_formats}}
         try:
-            date = {"date_string": f"{datetime.date.fromisoformat(self.day):%d %b %Y}"} if self.day else {}
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.source, tokenize=False,
-                                                      add_generation_prompt=generation, **date)
+            return self.tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                                      add_generation_prompt=generation, **clock)
         except (TemplateError, TypeError, ValueError, KeyError, IndexError) as e:  # raise_exception(...), say
             raise MalformedRow(f"the tokenizer's chat template refuses it ({str(e).splitlines()[0]})",
                                messages) from None

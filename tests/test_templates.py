@@ -482,7 +482,13 @@ def test_a_template_that_writes_the_date_encodes_the_day_it_is_given(monkeypatch
     with pytest.raises(ValueError, match=r"date 2026-12-07, and the run they resume began on 2026-12-08; encode_rows "
                                          r"with template=get_template\('auto', tokenizer\).dated\('2026-12-08'\)"):
         encoded((first, stats), tok, 64, day="2026-12-08")
-    # a template without date_string, and a built-in, write no date to pin: they are themselves
-    qwen = JinjaTemplate(qwen_tokenizer(QWEN25_INSTRUCT))
-    assert qwen.dated("2026-12-07") is qwen
+    # Mistral Small 3 reads the clock whatever it is given; a macro of the template's own reads it too
+    for clock in ['{%- set today = strftime_now("%Y-%m-%d") %}', '{%- macro today() %}{{ strftime_now( "%Y-%m-%d" ) '
+                  '}}{% endmacro %}{%- set today = today() %}']:
+        mistral = JinjaTemplate(qwen_tokenizer(clock + "[{{ today }}]" + CHATML_PLAIN))
+        assert mistral.dated("2024-07-26").render(None, pairs).startswith("[2024-07-26]<|im_start|>user\nHi")
+    # one that computes its format cannot be given a day; one without a clock, and a built-in, write no date
+    for unpinned in [JinjaTemplate(qwen_tokenizer('{{ strftime_now("%Y" + "-%m") }}' + CHATML_PLAIN)),
+                     JinjaTemplate(qwen_tokenizer(QWEN25_INSTRUCT))]:
+        assert unpinned.dated("2026-12-07") is unpinned
     assert LLAMA2.dated("2026-12-07") is LLAMA2 and encode_rows(rows, tok, template="llama3")[1].day == ""
