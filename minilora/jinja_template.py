@@ -99,6 +99,10 @@ class JinjaTemplate(Template):
         read the clock, or reads it in a format that it computes."""
         if day is None or day == self.day or not self.clock_formats:
             return self
+        try:
+            datetime.date.fromisoformat(day)
+        except (TypeError, ValueError):
+            raise ValueError(f"dated({day!r}): pass the day as 'YYYY-MM-DD', e.g. '2026-12-07'") from None
         dated = copy.copy(self)
         dated.day = day
         return dated

@@ -482,6 +482,8 @@ def test_a_template_that_writes_the_date_encodes_the_day_it_is_given(monkeypatch
     with pytest.raises(ValueError, match=r"date 2026-12-07, and the run they resume began on 2026-12-08; encode_rows "
                                          r"with template=get_template\('auto', tokenizer\).dated\('2026-12-08'\)"):
         encoded((first, stats), tok, 64, day="2026-12-08")
+    with pytest.raises(ValueError, match=r"dated\('07/12/2026'\): pass the day as 'YYYY-MM-DD'"):
+        auto.dated("07/12/2026")
     # Mistral Small 3 reads the clock whatever it is given; a macro of the template's own reads it too
     for clock in ['{%- set today = strftime_now("%Y-%m-%d") %}', '{%- macro today() %}{{ strftime_now( "%Y-%m-%d" ) '
                   '}}{% endmacro %}{%- set today = today() %}']:
