@@ -256,15 +256,13 @@ def by_train(base, out, **overrides):
 
 def by_example(base, out, resume=None):
     """examples/train_guanaco.py, which encodes the rows before train() is called."""
+    from test_examples import example
+
     rows = out.parent / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": r}) + "\n" for r in ROWS))
-    spec = importlib.util.spec_from_file_location("train_guanaco", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_guanaco.py"))
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    assert example.main(["--model", str(base), "--dataset", str(rows), "--output-dir", str(out), "--eval-size", "0",
-                         "--lora-r", "4", "--max-steps", "4", "--save-every", "2",
-                         *(["--resume", resume] if resume else [])]) == 0
+    assert example().main(["--model", str(base), "--dataset", str(rows), "--output-dir", str(out), "--eval-size", "0",
+                           "--lora-r", "4", "--max-steps", "4", "--save-every", "2",
+                           *(["--resume", resume] if resume else [])]) == 0
 
 
 @pytest.mark.parametrize("trainer", [by_train, by_example], ids=["train", "example"])
