@@ -128,9 +128,10 @@ def encoded(rows, tokenizer, max_len: int, skip_malformed: bool = False, templat
             ) -> tuple[list[dict], DataStats]:
     """(examples, stats): encode_rows' result as it is (checked against max_len, the template and the day), or rows
     encoded under the template (a name or a Template, as encode_rows takes), dated `day` if it writes the date."""
+    chat = get_template(template, tokenizer)
     if not (isinstance(rows, tuple) and len(rows) == 2 and isinstance(rows[1], DataStats)):
-        return encode_rows(rows, tokenizer, max_len, skip_malformed, get_template(template, tokenizer).dated(day))
-    name = get_template(template, tokenizer).name
+        return encode_rows(rows, tokenizer, max_len, skip_malformed, chat.dated(day))
+    name = chat.name
     if rows[1].template and rows[1].template != name:  # generation would then prompt in another template
         raise ValueError(f"the examples were encoded with template {rows[1].template!r}, and template={template!r} "
                          f"is {name!r} for this tokenizer; pass the template they were encoded with (TrainConfig("

@@ -59,7 +59,7 @@ def train(model, tokenizer, train_rows, cfg: TrainConfig, eval_rows=None) -> lis
     run = claim(cfg.output_dir, cfg.resume, cfg.overwrite, rank)  # this run's directory, or refused
     try:
         with contextlib.ExitStack() as fast:  # a FastPath's running(), entered by _setup (fast_path.py)
-            t = _setup(model, tokenizer, examples, stats.day, cfg, run, fast)
+            t = _setup(model, tokenizer, (examples, stats), cfg, run, fast)
             try:
                 with StopRequest(world) as stop:  # from here a signal stops the run at a step boundary, saved
                     if not t.step:
@@ -149,11 +149,12 @@ class _Training:
     record: dict  # each checkpoint's run.json
 
 
-def _setup(model, tokenizer, examples, day: str, cfg: TrainConfig, run, cleanup: contextlib.ExitStack) -> _Training:
-    """The run's set-up after the data and the directory: the resume check, LoRA and the memory plan, the step
-    (with the plan's FastPath, whose running() `cleanup` enters), the micro-batch stream, optimizer and schedule,
-    the resumed state, the log. day: the date the examples' template wrote (DataStats.day), kept in run.json."""
+def _setup(model, tokenizer, data: tuple, cfg: TrainConfig, run, cleanup: contextlib.ExitStack) -> _Training:
+    """The run's set-up after the data (encoded: examples, DataStats) and the directory: the resume check, LoRA and
+    the memory plan, the step (with the plan's FastPath, whose running() `cleanup` enters), the micro-batch stream,
+    optimizer and schedule, the resumed state, the log."""
     rank, world = rank_and_world()
+    examples, stats = data
     own_adapter = trains_own_adapter(model, cfg.lora())  # the run trains the adapter the model carries
     shape = run_shape(cfg, examples, getattr(model, "name_or_path", None), world)
     changed = check_resume(run, shape, cfg)  # a resumed checkpoint must come from a run of this shape
@@ -184,7 +185,7 @@ def _setup(model, tokenizer, examples, day: str, cfg: TrainConfig, run, cleanup:
     return _Training(model, tokenizer, cfg, run, stepper.device, world, stepper, feed, opt, sched, scaler, log, step,
                      total_steps, plan_line,
                      {"shape": shape, "config": dataclasses.asdict(cfg), "adapter_start": start,
-                      "chat_template": get_template(cfg.template, tokenizer).name, "day": day})
+                      "chat_template": get_template(cfg.template, tokenizer).name, "day": stats.day})
 
 
 def _setup_data(model, tokenizer, train_rows, eval_rows, cfg: TrainConfig):

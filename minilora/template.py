@@ -151,7 +151,7 @@ def encode_rows(rows: Iterable, tokenizer, max_len: int = 1024, skip_malformed: 
     A template that writes the date writes the template's day, else today's, the same in every row (stats.day).
     """
     template = get_template(template, tokenizer)
-    template = template if template.day else template.dated(today())
+    template = template.dated(template.day or today())  # a dated template keeps its day
     examples, stats = [], DataStats(template=template.name, day=template.day or "")
     for i, row in enumerate(rows):
         stats.rows += 1
