@@ -11,9 +11,7 @@ test_train's checkpointing tests), 1e-4 relative per step over a 20-step run (Ad
 amplifies round-off on the smallest gradients), 1e-5 absolute on logits of O(1).
 """
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -24,11 +22,11 @@ from minilora.data import Collator
 from minilora.kernels.layer import unsupported
 from minilora.loss import causal_lm_loss
 from minilora.tiny import instruction_rows
+from test_examples import example
 from test_reference import MAIN, lora_model, reference
 
 ROWS = instruction_rows(16, seed=3)
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(path, **lora):
@@ -118,13 +116,6 @@ def test_fast_decoding_equals_transformers_generate(family_dir):
     fast = [ml.generate(model, tok, p, max_new_tokens=12) for p in prompts]
     ml.prepare_for_training(model, fast=False)
     assert fast == [ml.generate(model, tok, p, max_new_tokens=12) for p in prompts]
-
-
-def example():
-    spec = importlib.util.spec_from_file_location("train_guanaco", os.path.join(ROOT, "examples", "train_guanaco.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_example_trains_each_family(family_dir, tmp_path, capsys):
